@@ -1,0 +1,1 @@
+"""obsdiff.engines: TensorRT engines from ONNX, runners for every backend, latency benchmarks."""

@@ -1,0 +1,163 @@
+"""`obsdiff`: prune, eval, generate, info. Thin commands over the public Python API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from obsdiff.cli_utils import Group, format_table, not_implemented, setup_logging
+
+DEVICE = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto")
+DTYPE = click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+FORCE = click.option("--force", is_flag=True, help="replace an existing output")
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+@click.option("-v", "--verbose", count=True, help="more log output (-vv for debug)")
+@click.version_option(package_name="obsdiff")
+def cli(verbose: int) -> None:
+    """One-shot OBS-Diff pruning of text-to-image diffusion denoisers.
+
+    --model takes a local diffusers pipeline directory or builtin:digits (the embedded model).
+    """
+    setup_logging(verbose)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def info(as_json: bool) -> None:
+    """Library versions, devices and whether sparse tensor cores are usable."""
+    from obsdiff.info import environment_info
+
+    env = environment_info()
+    if as_json:
+        click.echo(json.dumps(env, indent=2))
+        return
+    rows = [[k, v or "not installed"] for k, v in env["libraries"].items()]
+    click.echo(format_table(["library", "version"], rows))
+    click.echo()
+    click.echo(format_table(["device", "detail"], [[d["name"], d["detail"]] for d in env["devices"]]))
+    sparse = env["sparse_tensor_cores"]
+    click.echo(f"\nsparse tensor cores (2:4): {'usable' if sparse['usable'] else 'not usable'} ({sparse['reason']})")
+    if env["onnxruntime_providers"]:
+        click.echo(f"onnxruntime providers: {', '.join(env['onnxruntime_providers'])}")
+    click.echo(f"model families: {', '.join(f'{k} ({v})' for k, v in env['families'].items())}")
+    click.echo(f"builtin models: {', '.join(env['builtin_models'])}")
+
+
+@cli.command()
+@click.option("--model", required=True, help="pipeline directory or builtin:digits")
+@click.option("--prompt", required=True)
+@click.option("--steps", type=click.IntRange(1), default=None, help="denoising steps [model default]")
+@click.option("--guidance", type=float, default=None, help="classifier-free guidance scale [model default]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--height", type=click.IntRange(1), default=None)
+@click.option("--width", type=click.IntRange(1), default=None)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="image file (.png)")
+@FORCE
+@DEVICE
+@DTYPE
+def generate(model, prompt, steps, guidance, seed, height, width, out, force, device, dtype) -> None:
+    """Generate one image."""
+    from PIL import Image
+
+    from obsdiff.artifacts import check_writable, staged_file
+    from obsdiff.evaluate import generate as run
+    from obsdiff.loading import load_pipeline
+
+    check_writable(out, force)
+    loaded = load_pipeline(model, device=device, dtype=dtype)
+    result = run(loaded, [prompt], [seed], steps, guidance, batch_size=1, progress=False,
+                 height=height, width=width)
+    image = (result.images[0] * 255).round().clip(0, 255).astype("uint8")
+    with staged_file(out, force=force) as tmp:
+        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(tmp, format="PNG")
+    click.echo(f"wrote {out} ({image.shape[1]}x{image.shape[0]}, {result.seconds:.2f} s)")
+
+
+@cli.command(name="eval")
+@click.argument("target", required=False)
+@click.option("--model", help="pipeline directory or builtin:digits (instead of TARGET)")
+@click.option("--reference", help="the dense model to compare against (same seeds and prompts)")
+@click.option("--num-images", type=click.IntRange(2), default=200, show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=None, help="denoising steps [model default]")
+@click.option("--guidance", type=float, default=None, help="guidance scale [model default]")
+@click.option("--seed", type=int, default=0, show_default=True, help="image i uses seed SEED+i")
+@click.option("--batch-size", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="text file, one prompt per line [held-out digit prompts / a generic list]")
+@click.option("--clip-model", type=click.Path(path_type=Path), help="local CLIP checkpoint for clip_score")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="output directory (metrics.json, grid.png)")
+@FORCE
+@DEVICE
+@DTYPE
+def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_size, prompts_file, clip_model,
+             out, force, device, dtype) -> None:
+    """Measure image quality of a model, optionally against a reference model."""
+    from obsdiff.artifacts import check_writable
+    from obsdiff.errors import ConfigError
+    from obsdiff.evaluate import EvalConfig, evaluate, save_report
+
+    if (target is None) == (model is None):
+        raise ConfigError("give the model either as an argument or with --model (exactly one)")
+    prompts = read_prompts(prompts_file) if prompts_file else None
+    config = EvalConfig(num_images=num_images, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
+                        prompts=prompts, clip_model=str(clip_model) if clip_model else None)
+    check_writable(out, force)
+    report = evaluate(target or model, reference, config, device=device, dtype=dtype)
+    save_report(report, out, force=force)
+    m = report["metrics"]
+    keys = ["digit_accuracy", "digit_confidence", "fd_real", "psnr_vs_reference", "latent_rel_mse_vs_reference",
+            "fd_reference", "clip_score", "seconds_per_image"]
+    click.echo(format_table(["metric", "value"], [[k, m[k]] for k in keys if k in m]))
+    click.echo(f"wrote {out}/metrics.json and {out}/grid.png")
+
+
+def read_prompts(path: Path) -> tuple[str, ...]:
+    from obsdiff.errors import ConfigError
+
+    if not path.exists():
+        raise ConfigError(f"prompts file {str(path)!r} does not exist")
+    prompts = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if not prompts:
+        raise ConfigError(f"prompts file {str(path)!r} is empty; put one prompt per line")
+    return prompts
+
+
+@cli.command()
+@click.option("--model", required=True, help="pipeline directory or builtin:digits")
+@click.option("--method", type=click.Choice(["obs-diff", "sparsegpt", "wanda", "magnitude"]), default="obs-diff",
+              show_default=True)
+@click.option("--sparsity", type=float, default=None, help="fraction of weights to remove, in (0, 1)")
+@click.option("--sparsity-type", default="unstructured", show_default=True,
+              help="unstructured, 2:4, 4:8 or structured")
+@click.option("--prompts", default="builtin", show_default=True, help="calibration prompts: FILE or builtin")
+@click.option("--num-prompts", type=int, default=None, help="[100; fewer for builtin:digits]")
+@click.option("--steps", type=int, default=None, help="calibration denoising steps [25]")
+@click.option("--guidance", type=float, default=None, help="[7.0]")
+@click.option("--batch-size", type=int, default=None, help="[4]")
+@click.option("--groups", type=int, default=None, help="sequential calibration groups [4]")
+@click.option("--timestep-weighting", default="log_decrease", show_default=True)
+@click.option("--blocks", default=None, help="block range START:END to prune [all]")
+@click.option("--percdamp", type=float, default=0.01, show_default=True)
+@click.option("--block-size", type=int, default=128, show_default=True)
+@click.option("--no-compensate", is_flag=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="run directory")
+@FORCE
+@DEVICE
+@DTYPE
+def prune(**kwargs) -> None:
+    """Prune a denoiser with OBS-Diff (or a baseline) and save a run directory."""
+    not_implemented("obsdiff prune", "the pruning engine issue")
+
+
+def main() -> None:
+    cli(prog_name="obsdiff")
+
+
+if __name__ == "__main__":
+    main()

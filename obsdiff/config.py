@@ -1,0 +1,144 @@
+"""Configurations of a prune: what to remove (`PruneConfig`) and how to calibrate (`CalibConfig`).
+
+Frozen dataclasses validated on construction; CLI flags map 1:1 to fields. `None` calibration fields are
+filled from the model's defaults by `resolve_calib` (smaller for the embedded digits model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from obsdiff.errors import ConfigError
+from obsdiff.hessian import WEIGHTINGS
+
+METHODS = ("obs-diff", "sparsegpt", "wanda", "magnitude")
+SPARSITY_TYPES = ("unstructured", "2:4", "4:8", "structured")
+
+
+def _nm(sparsity_type: str) -> tuple[int, int] | None:
+    from obsdiff.obs import parse_nm
+
+    if sparsity_type in ("unstructured", "structured"):
+        return None
+    try:
+        return parse_nm(sparsity_type)
+    except ValueError as exc:
+        raise ConfigError(f"--sparsity-type {sparsity_type!r}: {exc}; use unstructured, 2:4, 4:8 or N:M") from None
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str = "obs-diff"
+    sparsity: float | None = None
+    sparsity_type: str = "unstructured"
+    percdamp: float = 0.01
+    block_size: int = 128
+    compensate: bool = True
+    blocks: tuple[int, int] | None = None  # [start, end) block indices
+    on_indivisible: str = "error"  # N:M layer whose d_in is not a multiple of M: "error" or "skip"
+    compute_dtype: str = "fp32"  # solver precision: fp32 or fp64
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.sparsity_type == "structured":
+            raise ConfigError("--sparsity-type structured is not implemented yet (structured OBS issue); "
+                              "use unstructured, 2:4 or 4:8")
+        nm = _nm(self.sparsity_type)
+        if nm is None:
+            if self.sparsity is None:
+                raise ConfigError("--sparsity is required for unstructured pruning, e.g. --sparsity 0.5")
+            if not 0 < self.sparsity < 1:
+                raise ConfigError(f"--sparsity {self.sparsity} is outside (0, 1); e.g. 0.5 removes half the weights")
+        else:
+            n, m = nm
+            implied = (m - n) / m
+            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+                raise ConfigError(f"--sparsity {self.sparsity} contradicts --sparsity-type {self.sparsity_type} "
+                                  f"(which removes {implied:g}); drop --sparsity or set it to {implied:g}")
+            if self.block_size % m:
+                raise ConfigError(f"--block-size {self.block_size} must be a multiple of M={m}")
+        if not 0 <= self.percdamp < 1:
+            raise ConfigError(f"--percdamp {self.percdamp} must be in [0, 1), typically 0.01")
+        if self.block_size < 1:
+            raise ConfigError(f"--block-size {self.block_size} must be positive")
+        if self.on_indivisible not in ("error", "skip"):
+            raise ConfigError(f"on_indivisible {self.on_indivisible!r} must be 'error' or 'skip'")
+        if self.compute_dtype not in ("fp32", "fp64"):
+            raise ConfigError(f"compute dtype {self.compute_dtype!r} must be fp32 or fp64")
+        if self.blocks is not None and not (0 <= self.blocks[0] < self.blocks[1]):
+            raise ConfigError(f"--blocks {self.blocks[0]}:{self.blocks[1]} is empty; use START:END with START < END")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return _nm(self.sparsity_type)
+
+    @property
+    def target_sparsity(self) -> float:
+        if self.nm:
+            n, m = self.nm
+            return (m - n) / m
+        return float(self.sparsity)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "magnitude"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PruneConfig:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if d.get("blocks") is not None:
+            d["blocks"] = tuple(d["blocks"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    prompts: str = "builtin"  # "builtin" or a text file, one prompt per line
+    num_prompts: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    batch_size: int | None = None
+    groups: int | None = None
+    timestep_weighting: str = "log_decrease"
+    alpha_min: float = 0.8
+    alpha_max: float = 1.2
+    seed: int = 0
+    max_tokens: int | None = None  # per-call token subsample for the Hessians
+
+    def __post_init__(self):
+        if self.timestep_weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown --timestep-weighting {self.timestep_weighting!r}; "
+                              f"choose one of {', '.join(WEIGHTINGS)}")
+        for name in ("num_prompts", "steps", "batch_size", "groups", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {value} must be at least 1")
+        if not 0 < self.alpha_min <= self.alpha_max:
+            raise ConfigError(f"timestep weights need 0 < a_min <= a_max, got {self.alpha_min}, {self.alpha_max}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CalibConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# METHOD.md's reference settings, and the scaled-down ones for the embedded model (a prune in ~1 min on CPU).
+DEFAULT_CALIB = {"num_prompts": 100, "steps": 25, "guidance": 7.0, "batch_size": 4, "groups": 4}
+DIGITS_CALIB = {"num_prompts": 64, "steps": 20, "guidance": 3.0, "batch_size": 16, "groups": 4}
+
+
+def resolve_calib(calib: CalibConfig, builtin: str | None, method: str) -> CalibConfig:
+    """Fill unset fields with the model's defaults; SparseGPT and Wanda calibrate once, uniformly."""
+    defaults = DIGITS_CALIB if builtin == "digits" else DEFAULT_CALIB
+    calib = replace(calib, **{k: v for k, v in defaults.items() if getattr(calib, k) is None})
+    if method in ("sparsegpt", "wanda"):
+        calib = replace(calib, groups=1, timestep_weighting="uniform")
+    return calib

@@ -1,0 +1,31 @@
+"""Errors the user can act on. The CLI prints them as one line and exits with code 2."""
+
+
+class ObsdiffError(Exception):
+    """Base class: the message is one line that names the bad value and says what to do."""
+
+    exit_code = 2
+
+
+class ModelLoadError(ObsdiffError):
+    """`--model` is not something obsdiff can load (missing path, hub id, not a pipeline, corrupt file)."""
+
+
+class UnsupportedModelError(ObsdiffError):
+    """The pipeline's denoiser belongs to no registered model family."""
+
+
+class ConfigError(ObsdiffError):
+    """An option or a combination of options is invalid."""
+
+
+class MissingDependencyError(ObsdiffError):
+    """An optional package is needed for this command and is not installed."""
+
+
+class OutputExistsError(ObsdiffError):
+    """The output path exists and `--force` was not given."""
+
+
+class NotImplementedYetError(ObsdiffError):
+    """The command is part of the interface but its implementation has not landed yet."""

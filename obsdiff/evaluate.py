@@ -1,0 +1,273 @@
+"""Quality of a (pruned) model: images from fixed seeds and prompts, compared with a reference and real data.
+
+Metrics (keys of `metrics.json`):
+- `digit_accuracy`, `digit_confidence`, `fd_real` (models built on `builtin:digits`): the digit classifier
+  judges each image; `fd_real` is the Frechet distance between classifier features of the generated
+  images and of the held-out real digits (the FID analogue for this model).
+- with a reference model: `psnr_vs_reference`, `latent_rel_mse_vs_reference` (same seed and prompt
+  through both models: how far the trajectory drifted) and `fd_reference` (classifier features for
+  digits, CLIP image features when a CLIP model is given).
+- `clip_score` when `clip_model` points to a local CLIP checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from obsdiff import metrics as M
+from obsdiff.errors import ConfigError, ModelLoadError
+from obsdiff.loading import LoadedModel, load_pipeline
+
+log = logging.getLogger(__name__)
+
+# Used for models that are not builtin:digits when the user gives no prompts file.
+GENERIC_PROMPTS = (
+    "a photo of a cat sitting on a windowsill",
+    "a red sports car on a mountain road",
+    "a bowl of fruit on a wooden table",
+    "a lighthouse at sunset, oil painting",
+    "a astronaut riding a horse",
+    "a cup of coffee with latte art",
+    "a snowy forest at dawn",
+    "a portrait of an old fisherman",
+)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to generate. `None` settings fall back to the model's own generation defaults."""
+
+    num_images: int = 200
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    batch_size: int = 50
+    prompts: tuple[str, ...] | None = None
+    clip_model: str | None = None
+
+    def __post_init__(self):
+        if self.num_images < 2:
+            raise ConfigError(f"--num-images {self.num_images}: need at least 2 images for distribution metrics")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"--steps {self.steps}: must be at least 1")
+        if self.prompts is not None and not self.prompts:
+            raise ConfigError("the prompts list is empty; give at least one prompt")
+
+
+@dataclass
+class Generated:
+    images: np.ndarray  # (N, H, W, C) float32 in [0, 1]
+    latents: np.ndarray  # (N, C, h, w) final latents before VAE decoding
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+
+def _as_loaded(model: str | LoadedModel, device, dtype) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_pipeline(model, device=device, dtype=dtype)
+
+
+def prompts_for(model: LoadedModel, config: EvalConfig) -> tuple[list[str], list[int] | None]:
+    """The evaluation prompts and, for the digits model, the digit each asks for."""
+    n = config.num_images
+    if model.builtin == "digits" and config.prompts is None:
+        from obsdiff.builtin.digits import eval_prompts
+
+        return eval_prompts(n)
+    pool = list(config.prompts or GENERIC_PROMPTS)
+    prompts = [pool[i % len(pool)] for i in range(n)]
+    if model.builtin == "digits":
+        from obsdiff.builtin.digits import digit_of_prompt
+
+        labels = [digit_of_prompt(p) for p in prompts]
+        if all(lbl is not None for lbl in labels):
+            return prompts, labels
+    return prompts, None
+
+
+@torch.no_grad()
+def generate(model: LoadedModel, prompts: list[str], seeds: list[int], steps: int | None = None,
+             guidance: float | None = None, batch_size: int = 50, progress: bool = True,
+             **overrides) -> Generated:
+    """Run the pipeline once per prompt; image i starts from the noise of `seeds[i]` whatever the batch."""
+    pipe = model.pipeline
+    kwargs = dict(model.generation_defaults)
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    device = model.denoiser.device
+    images, latents = [], []
+    t0 = time.perf_counter()
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=f"generate {model.name}", unit="batch", disable=not progress):
+        batch = prompts[start:start + batch_size]
+        gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[start:start + batch_size]]
+        if device.type != "cpu":
+            gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[start:start + batch_size]]
+        z = pipe(prompt=batch, generator=gens, output_type="latent", **kwargs).images
+        latents.append(z.float().cpu().numpy())
+        images.append(decode_latents(pipe, z))
+    seconds = time.perf_counter() - t0
+    return Generated(np.concatenate(images), np.concatenate(latents), seconds, kwargs)
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> np.ndarray:
+    """Final latents -> images (N, H, W, C) in [0, 1], exactly as the pipeline's own decoding."""
+    vae = pipe.vae
+    shift = vae.config.shift_factor or 0.0
+    z = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+    image = vae.decode(z, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="np").astype(np.float32)
+
+
+def _digit_judgement(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Classifier probabilities (N, 10) and features (N, 128) of generated images."""
+    from obsdiff.builtin.digits import load_classifier, to_model_images
+
+    clf = load_classifier()
+    with torch.no_grad():
+        x = to_model_images(images)
+        feats = clf.features(x)
+        probs = torch.softmax(clf.head(feats), dim=1)
+    return probs.numpy(), feats.numpy()
+
+
+def real_digit_features() -> np.ndarray:
+    from obsdiff.builtin.digits import load_classifier, load_real_test, to_model_images
+
+    images, _ = load_real_test()
+    with torch.no_grad():
+        return load_classifier().features(to_model_images(images)).numpy()
+
+
+def digit_metrics(images: np.ndarray, labels: list[int]) -> tuple[dict, np.ndarray]:
+    probs, feats = _digit_judgement(images)
+    y = np.asarray(labels)
+    pred = probs.argmax(1)
+    per_digit = {str(d): float((pred[y == d] == d).mean()) for d in range(10) if (y == d).any()}
+    out = {
+        "digit_accuracy": float((pred == y).mean()),
+        "digit_confidence": float(probs[np.arange(len(y)), y].mean()),
+        "fd_real": M.feature_frechet_distance(feats, real_digit_features()),
+        "per_digit_accuracy": per_digit,
+    }
+    return out, feats
+
+
+def clip_features(images: np.ndarray, prompts: list[str], clip_model: str) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised CLIP image and text embeddings from a local checkpoint directory."""
+    path = Path(clip_model)
+    if not path.is_dir():
+        raise ModelLoadError(f"--clip-model {clip_model!r} is not a directory; pass a local CLIP checkpoint")
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        model = CLIPModel.from_pretrained(str(path), local_files_only=True).eval()
+        processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load a CLIP model and processor from {clip_model!r}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    pixels = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    if pixels.shape[-1] == 1:
+        pixels = pixels.repeat(3, axis=-1)
+    with torch.no_grad():
+        inputs = processor(text=prompts, images=list(pixels), return_tensors="pt", padding=True, truncation=True)
+        img = model.get_image_features(pixel_values=inputs["pixel_values"])
+        txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+    img = getattr(img, "pooler_output", img)
+    txt = getattr(txt, "pooler_output", txt)
+    img = torch.nn.functional.normalize(img, dim=-1)
+    txt = torch.nn.functional.normalize(txt, dim=-1)
+    return img.numpy(), txt.numpy()
+
+
+def clip_score(image_emb: np.ndarray, text_emb: np.ndarray) -> float:
+    """CLIPScore: 100 * max(cos(image, text), 0), averaged over pairs."""
+    return float((100 * np.clip((image_emb * text_emb).sum(-1), 0, None)).mean())
+
+
+def evaluate(model: str | LoadedModel, reference: str | LoadedModel | None = None,
+             config: EvalConfig = EvalConfig(), device: str | None = "cpu", dtype: str = "fp32",
+             progress: bool = True) -> dict:
+    """Generate `config.num_images` images (and the same from `reference`) and measure them.
+
+    Returns a report dict: metrics, per-digit accuracies, settings, timing. The generated images are
+    under the private keys `_images` / `_reference_images` (not written to JSON).
+    """
+    m = _as_loaded(model, device, dtype)
+    ref = _as_loaded(reference, device, dtype) if reference is not None else None
+    prompts, labels = prompts_for(m, config)
+    seeds = [config.seed + i for i in range(len(prompts))]
+    gen = generate(m, prompts, seeds, config.steps, config.guidance, config.batch_size, progress)
+    metrics: dict = {"num_images": len(prompts), "seconds_per_image": gen.seconds / len(prompts)}
+    feats = ref_feats = None
+    if labels is not None:
+        digit, feats = digit_metrics(gen.images, labels)
+        metrics.update(digit)
+    ref_gen = None
+    if ref is not None:
+        ref_gen = generate(ref, prompts, seeds, config.steps, config.guidance, config.batch_size, progress)
+        if ref_gen.images.shape != gen.images.shape:
+            raise ConfigError(f"model and reference produce different image shapes "
+                              f"{gen.images.shape[1:]} vs {ref_gen.images.shape[1:]}; compare models of one base")
+        metrics["psnr_vs_reference"] = M.psnr(gen.images, ref_gen.images)
+        metrics["latent_rel_mse_vs_reference"] = M.relative_mse(gen.latents, ref_gen.latents)
+        metrics["reference_seconds_per_image"] = ref_gen.seconds / len(prompts)
+        if labels is not None:
+            ref_digit, ref_feats = digit_metrics(ref_gen.images, labels)
+            metrics["reference_digit_accuracy"] = ref_digit["digit_accuracy"]
+            metrics["reference_fd_real"] = ref_digit["fd_real"]
+            metrics["fd_reference"] = M.feature_frechet_distance(feats, ref_feats)
+    if config.clip_model:
+        img_emb, txt_emb = clip_features(gen.images, prompts, config.clip_model)
+        metrics["clip_score"] = clip_score(img_emb, txt_emb)
+        if ref_gen is not None:
+            ref_img_emb, ref_txt = clip_features(ref_gen.images, prompts, config.clip_model)
+            metrics["reference_clip_score"] = clip_score(ref_img_emb, ref_txt)
+            if "fd_reference" not in metrics:
+                metrics["fd_reference"] = M.feature_frechet_distance(img_emb, ref_img_emb)
+    from obsdiff.artifacts import machine, versions
+
+    return {
+        "model": m.ref,
+        "reference": ref.ref if ref is not None else None,
+        "family": m.family.name,
+        "config": asdict(config) | {"prompts": None if config.prompts is None else list(config.prompts)},
+        "generation": gen.settings,
+        "metrics": metrics,
+        "prompts": prompts,
+        "seeds": seeds,
+        "versions": versions(),
+        "machine": machine(),
+        "_images": gen.images,
+        "_reference_images": ref_gen.images if ref_gen is not None else None,
+    }
+
+
+def save_report(report: dict, out_dir: str | Path, force: bool = False) -> Path:
+    """Write `metrics.json` and `grid.png` (and `grid_reference.png`) into `out_dir`, atomically."""
+    from PIL import Image
+
+    from obsdiff.artifacts import staged_dir, write_json
+
+    with staged_dir(out_dir, force=force) as tmp:
+        public = {k: v for k, v in report.items() if not k.startswith("_")}
+        write_json(tmp / "metrics.json", public)
+        for key, name in (("_images", "grid.png"), ("_reference_images", "grid_reference.png")):
+            images = report.get(key)
+            if images is None:
+                continue
+            scale = max(1, 64 // images.shape[1])
+            grid = M.image_grid(images[:100], cols=10, scale=scale)
+            Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(tmp / name)
+    return Path(out_dir)

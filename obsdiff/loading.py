@@ -1,0 +1,134 @@
+"""Resolve and load `--model` values: a local diffusers pipeline directory or `builtin:NAME`.
+
+Nothing is fetched from a hub: a hub id gets an error that says how to download it first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from obsdiff.builtin import PREFIX as BUILTIN_PREFIX
+from obsdiff.builtin import builtin_pipeline_dir
+from obsdiff.errors import ConfigError, ModelLoadError
+from obsdiff.models import ModelFamily, family_for_pipeline
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline with what obsdiff knows about it."""
+
+    ref: str  # what the user passed
+    path: Path  # the diffusers pipeline directory
+    pipeline: object
+    family: ModelFamily
+    builtin: str | None = None
+    generation_defaults: dict = field(default_factory=dict)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.family.denoiser(self.pipeline)
+
+    @property
+    def name(self) -> str:
+        return f"{BUILTIN_PREFIX}{self.builtin}" if self.builtin else self.path.name
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16") from None
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} requested but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def resolve_model(ref: str) -> tuple[Path, str | None]:
+    """The pipeline directory behind a `--model` value, and the builtin name if it is one."""
+    if ref.startswith(BUILTIN_PREFIX):
+        name = ref[len(BUILTIN_PREFIX):]
+        return builtin_pipeline_dir(name), name
+    path = Path(ref).expanduser()
+    if not path.exists():
+        looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+        if looks_like_hub_id:
+            raise ModelLoadError(
+                f"{ref!r} is not a local directory; obsdiff does not download from a hub: fetch it first "
+                f"(e.g. `hf download {ref} --local-dir DIR`) and pass --model DIR")
+        raise ModelLoadError(f"model path {ref!r} does not exist; pass a diffusers pipeline directory "
+                             "or builtin:digits")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {ref!r} is a file; pass a diffusers pipeline directory "
+                             "(the folder with model_index.json)")
+    if not (path / "model_index.json").exists():
+        raise ModelLoadError(f"{ref!r} is not a diffusers pipeline directory (no model_index.json); "
+                             "pass the folder that save_pretrained wrote")
+    return path, None
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Silence diffusers' and transformers' loading bars and warnings: noise for obsdiff's users."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        dlog.enable_progress_bar()
+        tlog.enable_progress_bar()
+
+
+def _generation_defaults(builtin: str | None) -> dict:
+    if builtin == "digits":
+        from dataclasses import asdict
+
+        from obsdiff.builtin.digits import GenerationDefaults
+
+        return asdict(GenerationDefaults())
+    return {}
+
+
+def load_pipeline(ref: str, device: str | torch.device | None = "cpu", dtype: str | torch.dtype = "fp32"
+                  ) -> LoadedModel:
+    """Load `ref` as a diffusers pipeline on `device` in `dtype` and find its model family."""
+    path, builtin = resolve_model(ref)
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    from diffusers import DiffusionPipeline
+
+    try:
+        with quiet_libraries():
+            pipe = DiffusionPipeline.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
+    except Exception as exc:  # corrupt weights, missing component folders, wrong class names, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load a diffusers pipeline from {ref!r}: {first}") from exc
+    family = family_for_pipeline(pipe)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    log.info("loaded %s (%s family) on %s", ref, family.name, device)
+    return LoadedModel(ref=ref, path=path, pipeline=pipe, family=family, builtin=builtin,
+                       generation_defaults=_generation_defaults(builtin))

@@ -1,0 +1,113 @@
+"""The model-family registry: everything obsdiff knows about a denoiser architecture is reached here.
+
+A family adapter answers a few questions about a pipeline (which module is the denoiser, which blocks
+it has, which linears of a block may be pruned, which of them read the same input tensor, how to build
+example inputs for export). The pruning core asks these questions and never names an architecture.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from obsdiff.errors import UnsupportedModelError
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+@dataclass(frozen=True)
+class Block:
+    """One repeated unit of the denoiser, addressed by its dotted name inside the denoiser."""
+
+    index: int
+    name: str
+    module: nn.Module
+
+
+class ModelFamily(ABC):
+    """Adapter for one denoiser architecture. Subclasses are registered with `@register_family`."""
+
+    name: str = ""
+    description: str = ""
+    pipeline_classes: tuple[str, ...] = ()
+    denoiser_classes: tuple[str, ...] = ()
+    denoiser_attr: str = "transformer"
+
+    def matches(self, pipeline) -> bool:
+        denoiser = getattr(pipeline, self.denoiser_attr, None)
+        return denoiser is not None and type(denoiser).__name__ in self.denoiser_classes
+
+    def denoiser(self, pipeline) -> nn.Module:
+        return getattr(pipeline, self.denoiser_attr)
+
+    @abstractmethod
+    def blocks(self, denoiser: nn.Module) -> list[Block]:
+        """The prunable blocks in forward order."""
+
+    @abstractmethod
+    def prunable_linears(self, block: Block) -> dict[str, nn.Linear]:
+        """Linears of the block that may be pruned, in forward order, by dotted name in the denoiser."""
+
+    @abstractmethod
+    def shared_input_groups(self, block: Block) -> list[tuple[str, ...]]:
+        """Sets of prunable linears (dotted names) that read the same input tensor: one Hessian each."""
+
+    @abstractmethod
+    def example_inputs(
+        self,
+        denoiser: nn.Module,
+        batch: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        text_len: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Keyword arguments for one denoiser forward, with random values of the right shapes.
+
+        `height`/`width` are in latent pixels; defaults come from the denoiser's config.
+        """
+
+    def summary(self, denoiser: nn.Module) -> dict:
+        blocks = self.blocks(denoiser)
+        n_linear = sum(len(self.prunable_linears(b)) for b in blocks)
+        n_params = sum(p.numel() for p in denoiser.parameters())
+        prunable = sum(m.weight.numel() for b in blocks for m in self.prunable_linears(b).values())
+        return {
+            "family": self.name,
+            "denoiser": type(denoiser).__name__,
+            "blocks": len(blocks),
+            "prunable_linears": n_linear,
+            "parameters": n_params,
+            "prunable_parameters": prunable,
+        }
+
+
+def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
+    FAMILIES[cls.name] = cls()
+    return cls
+
+
+def supported_families() -> str:
+    return ", ".join(f"{f.name} ({'/'.join(f.denoiser_classes)})" for f in FAMILIES.values())
+
+
+def family_for_pipeline(pipeline) -> ModelFamily:
+    """The family adapter for a loaded diffusers pipeline, or an error listing the supported ones."""
+    for family in FAMILIES.values():
+        if family.matches(pipeline):
+            return family
+    denoiser = getattr(pipeline, "transformer", None) or getattr(pipeline, "unet", None)
+    what = type(pipeline).__name__ + (f" with {type(denoiser).__name__}" if denoiser is not None else "")
+    raise UnsupportedModelError(f"unsupported pipeline {what}; supported families: {supported_families()}")
+
+
+def get_family(name: str) -> ModelFamily:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"unknown model family {name!r}; supported families: {supported_families()}"
+        ) from None

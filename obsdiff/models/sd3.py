@@ -1,0 +1,150 @@
+"""SD3 / SD3.5 family: `StableDiffusion3Pipeline` with an MMDiT `SD3Transformer2DModel`.
+
+Each `JointTransformerBlock` has an image stream (`attn.to_*`, `ff`) and a text stream
+(`attn.add_*`, `ff_context`) that share one joint attention. The last block of SD3 is
+`context_pre_only`: it has no `to_add_out` and no `ff_context`. SD3.5 "dual" blocks add a second,
+image-only attention `attn2` fed by its own adaLN output. adaLN linears (`norm1.linear`,
+`norm1_context.linear`), embedders and the final projection are never pruned.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from obsdiff.models.registry import Block, ModelFamily, register_family
+
+# Forward order inside a JointTransformerBlock; each tuple is a set of linears reading one tensor.
+_SD3_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("attn.to_q", "attn.to_k", "attn.to_v"),  # norm1(hidden_states)
+    ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),  # norm1_context(encoder_hidden_states)
+    ("attn.to_out.0",),  # joint attention output, image tokens
+    ("attn.to_add_out",),  # joint attention output, text tokens
+    ("attn2.to_q", "attn2.to_k", "attn2.to_v"),  # SD3.5 dual attention: second adaLN output
+    ("attn2.to_out.0",),
+    ("ff.net.0.proj",),
+    ("ff.net.2",),
+    ("ff_context.net.0.proj",),
+    ("ff_context.net.2",),
+)
+
+
+@register_family
+class SD3Family(ModelFamily):
+    name = "sd3"
+    description = "Stable Diffusion 3 / 3.5 (MMDiT)"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+    denoiser_classes = ("SD3Transformer2DModel",)
+    denoiser_attr = "transformer"
+
+    def blocks(self, denoiser: nn.Module) -> list[Block]:
+        return [
+            Block(i, f"transformer_blocks.{i}", blk) for i, blk in enumerate(denoiser.transformer_blocks)
+        ]
+
+    def shared_input_groups(self, block: Block) -> list[tuple[str, ...]]:
+        present = dict(block.module.named_modules())
+        groups = []
+        for group in _SD3_INPUT_GROUPS:
+            names = tuple(f"{block.name}.{n}" for n in group if isinstance(present.get(n), nn.Linear))
+            if names:
+                groups.append(names)
+        return groups
+
+    def prunable_linears(self, block: Block) -> dict[str, nn.Linear]:
+        modules = dict(block.module.named_modules())
+        prefix = len(block.name) + 1
+        return {n: modules[n[prefix:]] for g in self.shared_input_groups(block) for n in g}
+
+    def example_inputs(
+        self,
+        denoiser: nn.Module,
+        batch: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        text_len: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        cfg = denoiser.config
+        param = next(denoiser.parameters())
+        h = height or cfg.sample_size
+        w = width or cfg.sample_size
+        # SD3 uses 77 CLIP tokens + max_sequence_length T5 tokens; small models pass their own length.
+        n_text = text_len or 77 + 256
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=generator).to(param.device, param.dtype)
+
+        return {
+            "hidden_states": randn(batch, cfg.in_channels, h, w),
+            "encoder_hidden_states": randn(batch, n_text, cfg.joint_attention_dim),
+            "pooled_projections": randn(batch, cfg.pooled_projection_dim),
+            "timestep": (torch.rand(batch, generator=generator) * 1000).to(param.device, param.dtype),
+        }
+
+
+def build_sd3_pipeline(
+    words: list[str],
+    *,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    head_dim: int = 8,
+    sample_size: int = 8,
+    latent_channels: int = 4,
+    image_channels: int = 3,
+    vae_channels: tuple[int, ...] = (8, 16),
+    dual_attention_layers: tuple[int, ...] = (),
+    qk_norm: str | None = None,
+    text=None,
+    shift: float = 3.0,
+    seed: int = 0,
+):
+    """A complete `StableDiffusion3Pipeline` built from configs with random weights (no network).
+
+    Used for the tests' tiny models and as the starting point of the embedded digits model.
+    `sample_size` is the latent size; images are `sample_size * 2 ** (len(vae_channels) - 1)` pixels.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    from obsdiff.models.text import TextStackConfig, build_text_stack
+
+    text = text or TextStackConfig()
+    stack = build_text_stack(words, text, seed=seed)
+    torch.manual_seed(seed)
+    inner = num_heads * head_dim
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=latent_channels,
+        num_layers=num_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=num_heads,
+        joint_attention_dim=text.joint_dim,
+        caption_projection_dim=inner,
+        pooled_projection_dim=text.pooled_dim,
+        out_channels=latent_channels,
+        pos_embed_max_size=max(16, sample_size),
+        dual_attention_layers=dual_attention_layers,
+        qk_norm=qk_norm,
+    )
+    n_levels = len(vae_channels)
+    vae = AutoencoderKL(
+        in_channels=image_channels,
+        out_channels=image_channels,
+        down_block_types=("DownEncoderBlock2D",) * n_levels,
+        up_block_types=("UpDecoderBlock2D",) * n_levels,
+        block_out_channels=vae_channels,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=min(8, vae_channels[0]),
+        sample_size=sample_size * 2 ** (n_levels - 1),
+        scaling_factor=1.0,
+        shift_factor=0.0,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    return StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=scheduler, **stack)

@@ -1,0 +1,82 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from obsdiff.cli import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_info_lists_versions_devices_and_sparse_support():
+    r = run("info")
+    assert r.exit_code == 0, r.output
+    for word in ("torch", "diffusers", "onnxruntime", "tensorrt", "cpu", "sparse tensor cores", "sd3"):
+        assert word in r.output
+    env = json.loads(run("info", "--json").output)
+    assert env["sparse_tensor_cores"]["usable"] in (True, False)
+    assert env["libraries"]["torch"]
+
+
+@pytest.mark.parametrize("model", ["org/some-model", "/no/such/dir", "builtin:nope", "."])
+def test_bad_model_is_one_line_and_exit_2(model, tmp_path):
+    r = run("generate", "--model", model, "--prompt", "x", "--out", str(tmp_path / "x.png"))
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_prune_is_listed_but_not_implemented(tmp_path):
+    assert "--sparsity-type" in run("prune", "--help").output
+    r = run("prune", "--model", "builtin:digits", "--out", str(tmp_path / "run"))
+    assert r.exit_code == 2 and "not implemented yet" in r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_generate_writes_one_image_and_respects_force(tiny_sd3_dir, tmp_path):
+    out = tmp_path / "img.png"
+    args = ["generate", "--model", str(tiny_sd3_dir), "--prompt", "a red cat", "--steps", "2",
+            "--height", "16", "--width", "16", "--out", str(out)]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert Image.open(out).size == (16, 16)
+    before = out.read_bytes()
+    r = run(*args)
+    assert r.exit_code == 2 and "--force" in r.output
+    assert out.read_bytes() == before
+    assert run(*args, "--force", "--seed", "3").exit_code == 0
+    assert out.read_bytes() != before  # another seed, another image, written in place
+    assert [p.name for p in tmp_path.iterdir()] == ["img.png"]  # no temporary files left behind
+
+
+def test_eval_against_itself_has_zero_drift(tiny_sd3_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n\na photo of a cat\n")
+    out = tmp_path / "eval"
+    r = run("eval", str(tiny_sd3_dir), "--reference", str(tiny_sd3_dir), "--num-images", "4", "--steps", "2",
+            "--batch-size", "3", "--prompts", str(prompts), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "metrics.json").read_text())
+    m = report["metrics"]
+    assert m["latent_rel_mse_vs_reference"] == pytest.approx(0.0, abs=1e-10)
+    assert m["psnr_vs_reference"] == pytest.approx(100.0)
+    assert report["prompts"] == ["a red cat", "a photo of a cat"] * 2
+    assert "digit_accuracy" not in m  # only for builtin:digits
+    assert (out / "grid.png").exists() and (out / "grid_reference.png").exists()
+
+
+def test_eval_bad_inputs(tiny_sd3_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    r = run("eval", str(tiny_sd3_dir), "--prompts", str(empty), "--out", str(tmp_path / "e"))
+    assert r.exit_code == 2 and "empty" in r.output
+    r = run("eval", "--out", str(tmp_path / "e"))
+    assert r.exit_code == 2 and "exactly one" in r.output
+    (tmp_path / "exists").mkdir()
+    r = run("eval", str(tiny_sd3_dir), "--num-images", "2", "--out", str(tmp_path / "exists"))
+    assert r.exit_code == 2 and "already exists" in r.output
+    assert not (tmp_path / "e").exists()
