@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from obsdiff.cli_utils import Group, format_table, not_implemented, setup_logging
+from obsdiff.cli_utils import Group, format_table, setup_logging
 
 DEVICE = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto")
 DTYPE = click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
@@ -89,8 +89,8 @@ def generate(model, prompt, steps, guidance, seed, height, width, out, force, de
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path),
               help="text file, one prompt per line [held-out digit prompts / a generic list]")
 @click.option("--clip-model", type=click.Path(path_type=Path), help="local CLIP checkpoint for clip_score")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="output directory (metrics.json, grid.png)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="output directory (metrics.json, grid.png) [RUN/eval for a run directory]")
 @FORCE
 @DEVICE
 @DTYPE
@@ -106,8 +106,15 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
     prompts = read_prompts(prompts_file) if prompts_file else None
     config = EvalConfig(num_images=num_images, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                         prompts=prompts, clip_model=str(clip_model) if clip_model else None)
+    target = target or model
+    if out is None:
+        from obsdiff.io import is_run_dir
+
+        if not is_run_dir(target):
+            raise ConfigError("--out is required unless the model is a run directory (then RUN/eval)")
+        out = Path(target) / "eval"
     check_writable(out, force)
-    report = evaluate(target or model, reference, config, device=device, dtype=dtype)
+    report = evaluate(target, reference, config, device=device, dtype=dtype)
     save_report(report, out, force=force)
     m = report["metrics"]
     keys = ["digit_accuracy", "digit_confidence", "fd_real", "psnr_vs_reference", "latent_rel_mse_vs_reference",
@@ -129,30 +136,75 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 
 @cli.command()
 @click.option("--model", required=True, help="pipeline directory or builtin:digits")
-@click.option("--method", type=click.Choice(["obs-diff", "sparsegpt", "wanda", "magnitude"]), default="obs-diff",
-              show_default=True)
+@click.option("--method", default="obs-diff", show_default=True, help="obs-diff, sparsegpt, wanda or magnitude")
 @click.option("--sparsity", type=float, default=None, help="fraction of weights to remove, in (0, 1)")
-@click.option("--sparsity-type", default="unstructured", show_default=True,
-              help="unstructured, 2:4, 4:8 or structured")
+@click.option("--sparsity-type", default="unstructured", show_default=True, help="unstructured, 2:4, 4:8 (any N:M)")
 @click.option("--prompts", default="builtin", show_default=True, help="calibration prompts: FILE or builtin")
-@click.option("--num-prompts", type=int, default=None, help="[100; fewer for builtin:digits]")
-@click.option("--steps", type=int, default=None, help="calibration denoising steps [25]")
-@click.option("--guidance", type=float, default=None, help="[7.0]")
-@click.option("--batch-size", type=int, default=None, help="[4]")
+@click.option("--num-prompts", type=int, default=None, help="calibration prompts [100; 64 for builtin:digits]")
+@click.option("--steps", type=int, default=None, help="calibration denoising steps [25; 20 for builtin:digits]")
+@click.option("--guidance", type=float, default=None, help="guidance scale [7.0; 3.0 for builtin:digits]")
+@click.option("--batch-size", type=int, default=None, help="prompts per pipeline call [4; 16 for builtin:digits]")
 @click.option("--groups", type=int, default=None, help="sequential calibration groups [4]")
-@click.option("--timestep-weighting", default="log_decrease", show_default=True)
-@click.option("--blocks", default=None, help="block range START:END to prune [all]")
-@click.option("--percdamp", type=float, default=0.01, show_default=True)
-@click.option("--block-size", type=int, default=128, show_default=True)
-@click.option("--no-compensate", is_flag=True)
+@click.option("--timestep-weighting", default="log_decrease", show_default=True,
+              help="log_decrease, log_increase, linear_decrease, linear_increase or uniform")
+@click.option("--blocks", default=None, help="block range START:END to prune (END exclusive) [all]")
+@click.option("--percdamp", type=float, default=0.01, show_default=True, help="Hessian damping, x mean(diag H)")
+@click.option("--block-size", type=int, default=128, show_default=True, help="OBS lazy-update column block")
+@click.option("--no-compensate", is_flag=True, help="prune without OBS weight updates (ablation)")
+@click.option("--skip-indivisible", is_flag=True, help="N:M: skip layers whose width is not a multiple of M")
+@click.option("--max-tokens", type=int, default=None, help="subsample at most this many tokens per call")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="run directory")
 @FORCE
 @DEVICE
 @DTYPE
-def prune(**kwargs) -> None:
+def prune(model, method, sparsity, sparsity_type, prompts, num_prompts, steps, guidance, batch_size, groups,
+          timestep_weighting, blocks, percdamp, block_size, no_compensate, skip_indivisible, max_tokens, seed, out,
+          force, device, dtype) -> None:
     """Prune a denoiser with OBS-Diff (or a baseline) and save a run directory."""
-    not_implemented("obsdiff prune", "the pruning engine issue")
+    from obsdiff.artifacts import check_writable
+    from obsdiff.config import CalibConfig, PruneConfig
+    from obsdiff.io import save_run
+    from obsdiff.loading import load_pipeline
+    from obsdiff.prune import prune_
+
+    # Validate everything before the (slow) model load, so bad input fails at once and writes nothing.
+    pcfg = PruneConfig(method=method, sparsity=sparsity, sparsity_type=sparsity_type, percdamp=percdamp,
+                       block_size=block_size, compensate=not no_compensate, blocks=parse_span(blocks),
+                       on_indivisible="skip" if skip_indivisible else "error")
+    ccfg = CalibConfig(prompts=prompts, num_prompts=num_prompts, steps=steps, guidance=guidance,
+                       batch_size=batch_size, groups=groups, timestep_weighting=timestep_weighting, seed=seed,
+                       max_tokens=max_tokens)
+    if prompts != "builtin":
+        read_prompts(Path(prompts))
+    check_writable(out, force)
+    loaded = load_pipeline(model, device=device, dtype=dtype)
+    report = prune_(loaded, pcfg, ccfg)
+    save_run(loaded, report.to_dict(), out, force=force)
+    done = report.pruned_layers
+    errs = [r.error for r in done if r.error is not None]
+    errs0 = [r.error_no_compensation for r in done if r.error_no_compensation is not None]
+    rows = [["layers pruned", len(done)], ["layers skipped", len(report.layers) - len(done)],
+            ["sparsity (pruned layers)", report.sparsity],
+            ["mean rel. error, mask only", sum(errs0) / len(errs0) if errs0 else None],
+            ["mean rel. error, after OBS", sum(errs) / len(errs) if errs else None],
+            ["calibration groups", len(report.groups)],
+            ["peak Hessian memory (MiB)", report.peak_hessian_bytes / 2**20],
+            ["total seconds", report.total_seconds]]
+    click.echo(format_table(["prune", "value"], rows))
+    click.echo(f"wrote {out} (evaluate: obsdiff eval {out} --reference {model})")
+
+
+def parse_span(text: str | None) -> tuple[int, int] | None:
+    from obsdiff.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        start, end = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--blocks {text!r} must look like START:END, e.g. 0:24") from None
+    return start, end
 
 
 def main() -> None:

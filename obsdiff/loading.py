@@ -33,6 +33,7 @@ class LoadedModel:
     family: ModelFamily
     builtin: str | None = None
     generation_defaults: dict = field(default_factory=dict)
+    run: dict | None = None  # the run record when `ref` is a pruned run directory
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -40,6 +41,8 @@ class LoadedModel:
 
     @property
     def name(self) -> str:
+        if self.run is not None:
+            return Path(self.ref).name
         return f"{BUILTIN_PREFIX}{self.builtin}" if self.builtin else self.path.name
 
 
@@ -114,7 +117,23 @@ def _generation_defaults(builtin: str | None) -> dict:
 
 def load_pipeline(ref: str, device: str | torch.device | None = "cpu", dtype: str | torch.dtype = "fp32"
                   ) -> LoadedModel:
-    """Load `ref` as a diffusers pipeline on `device` in `dtype` and find its model family."""
+    """Load `ref` as a diffusers pipeline on `device` in `dtype` and find its model family.
+
+    `ref` may also be a run directory written by `obsdiff prune`: its base model is loaded and the
+    pruned denoiser weights replace the base ones.
+    """
+    from obsdiff import io
+
+    if Path(ref).expanduser().is_dir() and io.is_run_dir(Path(ref).expanduser()):
+        run_path = Path(ref).expanduser()
+        record = io.read_run(run_path)
+        base = load_pipeline(record["base_model"], device=device, dtype=dtype)
+        if record.get("family") not in (None, base.family.name):
+            raise ModelLoadError(f"run {ref!r} was made for the {record['family']} family but its base "
+                                 f"{record['base_model']!r} is {base.family.name}")
+        io.load_run_weights(base.denoiser, run_path, record)
+        base.ref, base.run = ref, record
+        return base
     path, builtin = resolve_model(ref)
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     device = resolve_device(device) if not isinstance(device, torch.device) else device

@@ -70,6 +70,15 @@ class ModelFamily(ABC):
         `height`/`width` are in latent pixels; defaults come from the denoiser's config.
         """
 
+    @abstractmethod
+    def encode_prompts(self, pipeline, prompts: list[str], guidance_scale: float,
+                       max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Encode prompts once; returns the embedding keyword arguments of the pipeline call.
+
+        Calibration calls the pipeline with these instead of text, so text encoders run once per prompt
+        rather than once per pass. With guidance > 1 the negative (empty-prompt) embeddings are included.
+        """
+
     def summary(self, denoiser: nn.Module) -> dict:
         blocks = self.blocks(denoiser)
         n_linear = sum(len(self.prunable_linears(b)) for b in blocks)

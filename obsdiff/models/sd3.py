@@ -82,6 +82,18 @@ class SD3Family(ModelFamily):
             "timestep": (torch.rand(batch, generator=generator) * 1000).to(param.device, param.dtype),
         }
 
+    def encode_prompts(self, pipeline, prompts: list[str], guidance_scale: float,
+                       max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
+        cfg = guidance_scale > 1.0
+        extra = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        with torch.no_grad():
+            emb, neg, pooled, neg_pooled = pipeline.encode_prompt(
+                prompts, None, None, do_classifier_free_guidance=cfg, **extra)
+        out = {"prompt_embeds": emb, "pooled_prompt_embeds": pooled}
+        if cfg:
+            out |= {"negative_prompt_embeds": neg, "negative_pooled_prompt_embeds": neg_pooled}
+        return out
+
 
 def build_sd3_pipeline(
     words: list[str],

@@ -1,0 +1,92 @@
+"""Run directories: a pruned denoiser plus the report that made it.
+
+    runs/NAME/obsdiff.json                                  report, configs, base model, weight hash
+    runs/NAME/denoiser/config.json                          the base denoiser's config, unchanged
+    runs/NAME/denoiser/diffusion_pytorch_model.safetensors  pruned weights, same shapes as the base
+
+Loading builds the base pipeline and loads the pruned weights strictly (every key, every shape).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from obsdiff.artifacts import machine, sha256_file, staged_dir, versions, write_json
+from obsdiff.errors import ModelLoadError
+
+RUN_FILE = "obsdiff.json"
+DENOISER_DIR = "denoiser"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / RUN_FILE).is_file()
+
+
+def base_reference(model) -> str:
+    """How a run refers to its base model: `builtin:NAME`, or the absolute pipeline directory."""
+    return f"builtin:{model.builtin}" if model.builtin else str(model.path.resolve())
+
+
+def save_run(model, report: dict, out: str | Path, force: bool = False) -> Path:
+    """Write the pruned denoiser of `model` and `report` as a run directory (atomically)."""
+    out = Path(out)
+    with staged_dir(out, force=force) as tmp:
+        model.denoiser.save_pretrained(tmp / DENOISER_DIR, safe_serialization=True)
+        weights = tmp / DENOISER_DIR / WEIGHTS_FILE
+        if not weights.exists():
+            raise ModelLoadError(f"the denoiser was saved in shards; runs expect one {WEIGHTS_FILE}")
+        record = {
+            "format": FORMAT_VERSION,
+            "base_model": base_reference(model),
+            "family": model.family.name,
+            "denoiser_file": f"{DENOISER_DIR}/{WEIGHTS_FILE}",
+            "denoiser_sha256": sha256_file(weights),
+            **report,
+            "versions": versions(),
+            "machine": machine(),
+        }
+        write_json(tmp / RUN_FILE, record)
+    return out
+
+
+def read_run(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        record = json.loads((path / RUN_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path / RUN_FILE} is unreadable ({exc}); the run directory is damaged") from None
+    for key in ("base_model", "denoiser_file"):
+        if key not in record:
+            raise ModelLoadError(f"{path / RUN_FILE} has no {key!r}; it was not written by obsdiff prune")
+    return record
+
+
+def load_run_weights(denoiser, path: str | Path, record: dict) -> None:
+    """Load a run's pruned weights into the base denoiser, strictly, after checking their hash."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = Path(path) / record["denoiser_file"]
+    if not weights.is_file():
+        raise ModelLoadError(f"run {str(path)!r} lacks its weights {record['denoiser_file']}; re-run obsdiff prune")
+    if record.get("denoiser_sha256") and sha256_file(weights) != record["denoiser_sha256"]:
+        raise ModelLoadError(f"{weights} does not match the hash in {RUN_FILE}: the file is corrupt or was "
+                             "replaced; re-run obsdiff prune")
+    try:
+        state = load_file(str(weights), device=str(denoiser.device))
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"{weights} is not a readable safetensors file ({exc})") from None
+    expected = denoiser.state_dict()
+    bad = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        raise ModelLoadError(f"run {str(path)!r} does not fit its base model: {bad[0]} has shape "
+                             f"{tuple(state[bad[0]].shape)}, the base has {tuple(expected[bad[0]].shape)}")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise ModelLoadError(f"run {str(path)!r} does not fit its base model ({what}); was the base changed?")
+    denoiser.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)

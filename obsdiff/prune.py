@@ -1,0 +1,225 @@
+"""The orchestrator: group-wise sequential calibration and layer-wise OBS (METHOD.md sections 1-3, 6).
+
+The prunable linears of the selected blocks are grouped into *units* (linears that read one input
+tensor and so share one Hessian), listed in forward order and split into G contiguous groups. For each
+group in turn: calibrate the current model (earlier groups already pruned, later ones still dense),
+accumulating Hessians only for this group's units; prune its layers; free the Hessians.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from obsdiff import obs
+from obsdiff.calibrate import calibration_prompts, encode_batches, run_pass
+from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
+from obsdiff.errors import ConfigError, ObsdiffError
+from obsdiff.hessian import HessianAccumulator, timestep_weights
+from obsdiff.hooks import HessianHooks, StepCounter
+from obsdiff.loading import LoadedModel
+from obsdiff.models import Block
+
+log = logging.getLogger(__name__)
+
+Unit = tuple[str, ...]  # linears (dotted names in the denoiser) that read one input tensor
+
+
+class PruneError(ObsdiffError):
+    """A layer could not be pruned (indefinite Hessian after all damping, non-finite result)."""
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float  # achieved fraction of zero weights
+    error_no_compensation: float | None  # relative output error with the mask alone
+    error: float | None  # relative output error after OBS compensation (what is kept)
+    percdamp: float | None  # damping actually used (escalated if the Cholesky factorisation failed)
+    seconds: float
+    skipped: str | None = None
+
+
+@dataclass
+class GroupRecord:
+    index: int
+    units: list[list[str]]
+    calib_seconds: float
+    prune_seconds: float
+    hessian_bytes: int
+    calib_calls: int
+
+
+@dataclass
+class PruneReport:
+    prune: dict
+    calib: dict
+    family: str
+    base_model: str
+    layers: list[LayerRecord] = field(default_factory=list)
+    groups: list[GroupRecord] = field(default_factory=list)
+    encode_seconds: float = 0.0
+    total_seconds: float = 0.0
+    peak_hessian_bytes: int = 0
+
+    @property
+    def pruned_layers(self) -> list[LayerRecord]:
+        return [r for r in self.layers if r.skipped is None]
+
+    @property
+    def sparsity(self) -> float:
+        """Zero fraction over all pruned linears' weights."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.pruned_layers)
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.pruned_layers)
+        return zeros / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sparsity"] = self.sparsity
+        return d
+
+
+def select_blocks(blocks: list[Block], span: tuple[int, int] | None) -> list[Block]:
+    if span is None:
+        return blocks
+    start, end = span
+    if end > len(blocks):
+        raise ConfigError(f"--blocks {start}:{end} is outside the model, which has {len(blocks)} blocks "
+                          f"(valid: 0:{len(blocks)})")
+    return blocks[start:end]
+
+
+def plan_units(model: LoadedModel, cfg: PruneConfig) -> tuple[list[Unit], dict[str, str]]:
+    """Units to prune in forward order, and the layers skipped (name -> reason)."""
+    fam, denoiser = model.family, model.denoiser
+    modules = dict(denoiser.named_modules())
+    units, skipped = [], {}
+    for block in select_blocks(fam.blocks(denoiser), cfg.blocks):
+        for unit in fam.shared_input_groups(block):
+            if cfg.nm is not None:
+                m = cfg.nm[1]
+                d_in = modules[unit[0]].in_features
+                if d_in % m:
+                    reason = f"input width {d_in} is not a multiple of M={m}"
+                    if cfg.on_indivisible == "error":
+                        raise ConfigError(f"layer {unit[0]}: {reason}; use another pattern or skip such layers")
+                    skipped.update({name: reason for name in unit})
+                    continue
+            units.append(unit)
+    if not units:
+        why = f" ({len(skipped)} skipped: {next(iter(skipped.values()))})" if skipped else ""
+        raise ConfigError(f"no prunable layers selected{why}; check --blocks and --sparsity-type")
+    return units, skipped
+
+
+def split_groups(units: list[Unit], groups: int) -> list[list[Unit]]:
+    """G contiguous groups of (nearly) equal size; G is capped at the number of units."""
+    g = min(groups, len(units))
+    base, extra = divmod(len(units), g)
+    out, start = [], 0
+    for i in range(g):
+        size = base + (1 if i < extra else 0)
+        out.append(units[start:start + size])
+        start += size
+    return out
+
+
+def prune_layer(W: torch.Tensor, H: torch.Tensor | None, cfg: PruneConfig) -> tuple[torch.Tensor, float | None]:
+    """Pruned weight (compute dtype) for one linear, and the damping used (OBS methods only)."""
+    dtype = torch.float64 if cfg.compute_dtype == "fp64" else torch.float32
+    W = W.detach().to(dtype)
+    sparsity = None if cfg.nm else cfg.sparsity
+    if cfg.method in ("obs-diff", "sparsegpt"):
+        res = obs.obs_prune(W, H.to(dtype), sparsity, cfg.nm, cfg.block_size, cfg.percdamp, cfg.compensate)
+        return res.weight, res.damp
+    if cfg.method == "wanda":
+        mask = obs.wanda_mask(W, torch.diag(H), sparsity, cfg.nm)
+    else:
+        mask = obs.magnitude_mask(W, sparsity, cfg.nm)
+    return W.masked_fill(mask, 0.0), None
+
+
+def _solve_unit(unit: Unit, modules: dict[str, nn.Module], H: torch.Tensor | None, cfg: PruneConfig
+                ) -> list[LayerRecord]:
+    records = []
+    for name in unit:
+        lin = modules[name]
+        t0 = time.perf_counter()
+        W = lin.weight.detach()
+        try:
+            W_new, damp = prune_layer(W, H, cfg)
+        except obs.CholeskyError as exc:
+            raise PruneError(f"layer {name}: {exc}; raise --percdamp or use more calibration prompts") from None
+        if not torch.isfinite(W_new).all():
+            raise PruneError(f"layer {name}: pruning produced non-finite weights; raise --percdamp or use fp64")
+        err0 = err = None
+        if H is not None:
+            err0 = obs.reconstruction_error(W, W.masked_fill(W_new == 0, 0.0), H)
+            err = obs.reconstruction_error(W, W_new, H)
+        lin.weight.data.copy_(W_new.to(lin.weight.dtype))
+        achieved = float((lin.weight == 0).float().mean())
+        records.append(LayerRecord(name, tuple(W.shape), achieved, err0, err, damp, time.perf_counter() - t0))
+    return records
+
+
+def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = None,
+           progress: bool = True) -> PruneReport:
+    """Prune `model`'s denoiser in place and return the report. Shapes never change.
+
+    Calibration settings left unset take the model's defaults (`config.resolve_calib`); SparseGPT and
+    Wanda calibrate once with uniform step weights.
+    """
+    t_start = time.perf_counter()
+    calib = resolve_calib(calib or CalibConfig(), model.builtin, prune.method)
+    denoiser = model.denoiser
+    modules = dict(denoiser.named_modules())
+    units, skipped = plan_units(model, prune)
+    report = PruneReport(prune=prune.to_dict(), calib=calib.to_dict(), family=model.family.name,
+                         base_model=model.ref)
+    for name, reason in skipped.items():
+        w = modules[name].weight
+        report.layers.append(LayerRecord(name, tuple(w.shape), float((w == 0).float().mean()), None, None, None,
+                                         0.0, skipped=reason))
+        log.warning("skipping %s: %s", name, reason)
+
+    if not prune.needs_calibration:
+        for unit in tqdm(units, desc="prune layers", unit="unit", disable=not progress):
+            report.layers.extend(_solve_unit(unit, modules, None, prune))
+        report.total_seconds = time.perf_counter() - t_start
+        return report
+
+    t0 = time.perf_counter()
+    batches = encode_batches(model, calibration_prompts(calib, model.builtin), calib)
+    report.encode_seconds = time.perf_counter() - t0
+    weights = timestep_weights(calib.timestep_weighting, calib.steps, calib.alpha_min, calib.alpha_max)
+    counter = StepCounter()
+    hess_dtype = torch.float64 if prune.compute_dtype == "fp64" else torch.float32
+    chunks = split_groups(units, calib.groups)
+    for g, chunk in enumerate(tqdm(chunks, desc="groups", unit="group", disable=not progress)):
+        accs = {unit: HessianAccumulator(modules[unit[0]].in_features, denoiser.device, hess_dtype,
+                                         calib.max_tokens, seed=calib.seed + i) for i, unit in enumerate(chunk)}
+        t0 = time.perf_counter()
+        with HessianHooks(counter, weights) as hooks:
+            for unit, acc in accs.items():
+                hooks.watch(modules[unit[0]], acc)  # the unit's linears share this input: hook one
+            run_pass(model, batches, calib, counter, desc=f"calibrate group {g + 1}/{len(chunks)}",
+                     progress=progress)
+        t_calib = time.perf_counter() - t0
+        hessian_bytes = sum(a.nbytes for a in accs.values())
+        t0 = time.perf_counter()
+        for unit in tqdm(chunk, desc=f"prune group {g + 1}/{len(chunks)}", unit="unit", leave=False,
+                         disable=not progress):
+            report.layers.extend(_solve_unit(unit, modules, accs[unit].H, prune))
+        calls = max(a.calls for a in accs.values())
+        report.groups.append(GroupRecord(g, [list(u) for u in chunk], t_calib, time.perf_counter() - t0,
+                                         hessian_bytes, calls))
+        report.peak_hessian_bytes = max(report.peak_hessian_bytes, hessian_bytes)
+        del accs
+    report.total_seconds = time.perf_counter() - t_start
+    return report

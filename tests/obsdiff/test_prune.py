@@ -1,0 +1,154 @@
+"""The pruning engine end to end on tiny random SD3 pipelines."""
+
+import pytest
+import torch
+
+import obsdiff.prune as P
+from obsdiff.calibrate import encode_batches, run_pass
+from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
+from obsdiff.hessian import HessianAccumulator, timestep_weights
+from obsdiff.hooks import HessianHooks, StepCounter
+from obsdiff.io import save_run
+from obsdiff.loading import load_pipeline
+
+CALIB = CalibConfig(num_prompts=4, steps=3, guidance=2.0, batch_size=2, groups=2)
+
+
+@pytest.fixture
+def model(tiny_sd3_dir):
+    return load_pipeline(str(tiny_sd3_dir))
+
+
+def no_hooks_left(module):
+    return all(not m._forward_pre_hooks and not m._forward_hooks for m in module.modules())
+
+
+def pruned_weights(model, report):
+    mods = dict(model.denoiser.named_modules())
+    return {r.name: mods[r.name].weight.detach() for r in report.pruned_layers}
+
+
+def test_unstructured_prune_is_exact_and_reduces_error(model):
+    report = P.prune_(model, PruneConfig(sparsity=0.5), CALIB, progress=False)
+    weights = pruned_weights(model, report)
+    assert len(weights) == 21  # 12 linears in block 0, 9 in the context_pre_only last block
+    for name, w in weights.items():
+        assert int((w == 0).sum()) == round(0.5 * w.numel()), name
+    for r in report.pruned_layers:
+        assert r.error <= r.error_no_compensation + 1e-9, r.name
+        assert r.percdamp == 0.01
+    assert len(report.groups) == 2 and report.peak_hessian_bytes > 0
+    assert report.groups[0].calib_calls == 2 * 3  # 2 batches x 3 steps: prompts encoded once, no re-encoding
+    assert no_hooks_left(model.denoiser)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_nm_pattern_on_every_pruned_weight(model, pattern):
+    n, m = map(int, pattern.split(":"))
+    report = P.prune_(model, PruneConfig(sparsity_type=pattern), CALIB, progress=False)
+    for name, w in pruned_weights(model, report).items():
+        groups = (w != 0).reshape(w.shape[0], -1, m).sum(-1)
+        assert bool((groups <= n).all()), name
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+def test_baselines(model, method):
+    report = P.prune_(model, PruneConfig(method=method, sparsity=0.5), CALIB, progress=False)
+    sparsity = [r.sparsity for r in report.pruned_layers]
+    assert min(sparsity) >= 0.5 - 1e-9 and max(sparsity) <= 0.5 + 1e-9
+    if method == "sparsegpt":
+        assert report.calib["groups"] == 1 and report.calib["timestep_weighting"] == "uniform"
+    if method == "magnitude":
+        assert report.groups == [] and all(r.error is None for r in report.layers)
+
+
+def test_blocks_range_leaves_other_blocks_dense(model):
+    before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    report = P.prune_(model, PruneConfig(sparsity=0.5, blocks=(1, 2)), CALIB, progress=False)
+    assert all(r.name.startswith("transformer_blocks.1.") for r in report.layers)
+    after = model.denoiser.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("transformer_blocks.0."))
+
+
+def _dense_hessian(model, unit, calib):
+    """The Hessian of `unit` from one calibration pass over the unpruned model."""
+    calib = resolve_calib(calib, None, "obs-diff")
+    batches = encode_batches(model, P.calibration_prompts(calib, None), calib)
+    counter = StepCounter()
+    mod = dict(model.denoiser.named_modules())[unit[0]]
+    acc = HessianAccumulator(mod.in_features)
+    with HessianHooks(counter, timestep_weights(calib.timestep_weighting, calib.steps)) as hooks:
+        hooks.watch(mod, acc)
+        run_pass(model, batches, calib, counter, progress=False)
+    return acc.H
+
+
+@pytest.mark.parametrize("groups, differs", [(1, False), (2, True)])
+def test_later_groups_see_the_already_pruned_model(tiny_sd3_dir, monkeypatch, groups, differs):
+    model = load_pipeline(str(tiny_sd3_dir))
+    calib = CalibConfig(num_prompts=4, steps=3, guidance=2.0, batch_size=2, groups=groups)
+    last_unit = P.plan_units(model, PruneConfig(sparsity=0.5))[0][-1]
+    dense_H = _dense_hessian(model, last_unit, calib)
+    seen = {}
+    real_solve = P._solve_unit
+
+    def spy(unit, modules, H, cfg):
+        seen[unit] = H.clone()
+        return real_solve(unit, modules, H, cfg)
+
+    monkeypatch.setattr(P, "_solve_unit", spy)
+    P.prune_(load_pipeline(str(tiny_sd3_dir)), PruneConfig(sparsity=0.7), calib, progress=False)
+    same = torch.allclose(seen[last_unit], dense_H, rtol=1e-5, atol=1e-7)
+    assert same != differs
+
+
+def test_timestep_weighting_changes_the_hessian(tiny_sd3_dir):
+    model = load_pipeline(str(tiny_sd3_dir))
+    unit = P.plan_units(model, PruneConfig(sparsity=0.5))[0][0]
+    h_log = _dense_hessian(model, unit, CALIB)
+    h_uni = _dense_hessian(model, unit, CalibConfig(**{**CALIB.to_dict(), "timestep_weighting": "uniform"}))
+    assert not torch.allclose(h_log, h_uni, rtol=1e-4)
+
+
+def test_hooks_are_removed_when_pruning_fails(model, monkeypatch):
+    def boom(*args, **kwargs):
+        raise P.PruneError("layer x: synthetic failure")
+
+    monkeypatch.setattr(P, "_solve_unit", boom)
+    with pytest.raises(P.PruneError):
+        P.prune_(model, PruneConfig(sparsity=0.5), CALIB, progress=False)
+    assert no_hooks_left(model.denoiser)
+
+    def fail_in_pass(*args, **kwargs):
+        raise RuntimeError("calibration died")
+
+    monkeypatch.setattr(P, "run_pass", fail_in_pass)
+    with pytest.raises(RuntimeError):
+        P.prune_(model, PruneConfig(sparsity=0.5), CALIB, progress=False)
+    assert no_hooks_left(model.denoiser)
+
+
+def test_non_finite_result_names_the_layer(model, monkeypatch):
+    monkeypatch.setattr(P, "prune_layer", lambda W, H, cfg: (torch.full_like(W, float("nan")), 0.01))
+    with pytest.raises(P.PruneError, match=r"layer transformer_blocks\.0\.attn\.to_q: .*non-finite"):
+        P.prune_(model, PruneConfig(sparsity=0.5), CALIB, progress=False)
+
+
+def test_saved_run_reloads_to_identical_outputs(model, tmp_path):
+    report = P.prune_(model, PruneConfig(sparsity_type="2:4"), CALIB, progress=False)
+    run = save_run(model, report.to_dict(), tmp_path / "run")
+    inputs = model.family.example_inputs(model.denoiser, batch=2, text_len=16,
+                                         generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.denoiser(**inputs, return_dict=False)[0]
+        reloaded = load_pipeline(str(run))
+        got = reloaded.denoiser(**inputs, return_dict=False)[0]
+    assert torch.equal(expected, got)
+    assert reloaded.run["prune"]["sparsity_type"] == "2:4" and reloaded.name == "run"
+
+
+def test_split_groups_is_contiguous_and_balanced():
+    units = [(str(i),) for i in range(10)]
+    chunks = P.split_groups(units, 4)
+    assert [len(c) for c in chunks] == [3, 3, 2, 2] and sum(chunks, []) == units
+    assert len(P.split_groups(units, 50)) == 10

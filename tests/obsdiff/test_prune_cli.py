@@ -1,0 +1,106 @@
+"""`obsdiff prune` from the command line: a real run, reloading it, and one-line errors for bad input."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from obsdiff.cli import cli
+
+FAST = ["--num-prompts", "4", "--steps", "3", "--batch-size", "2", "--groups", "2", "--guidance", "2.0"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tiny_sd3_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "r24"
+    r = run("prune", "--model", tiny_sd3_dir, "--sparsity-type", "2:4", *FAST, "--out", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_run_directory_contents(pruned_run, tiny_sd3_dir):
+    record = json.loads((pruned_run / "obsdiff.json").read_text())
+    assert record["base_model"] == str(tiny_sd3_dir.resolve())
+    assert record["prune"]["method"] == "obs-diff" and record["calib"]["timestep_weighting"] == "log_decrease"
+    layer = record["layers"][0]
+    for key in ("name", "shape", "sparsity", "error_no_compensation", "error", "percdamp", "seconds"):
+        assert key in layer
+    for key in ("calib_seconds", "prune_seconds", "hessian_bytes"):
+        assert key in record["groups"][0]
+    assert record["total_seconds"] > 0 and record["peak_hessian_bytes"] > 0 and record["versions"]["torch"]
+    assert (pruned_run / "denoiser" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_generate_and_eval_take_a_run(pruned_run, tiny_sd3_dir, tmp_path):
+    r = run("generate", "--model", pruned_run, "--prompt", "a red cat", "--steps", "2", "--out", tmp_path / "x.png")
+    assert r.exit_code == 0, r.output
+    r = run("eval", pruned_run, "--reference", tiny_sd3_dir, "--num-images", "2", "--steps", "2")
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((pruned_run / "eval" / "metrics.json").read_text())["metrics"]
+    assert metrics["latent_rel_mse_vs_reference"] > 0  # the pruned model differs from its base
+
+
+def test_corrupt_run_weights_are_refused(pruned_run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(pruned_run, broken)
+    weights = broken / "denoiser" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    r = run("generate", "--model", broken, "--prompt", "x", "--out", tmp_path / "x.png")
+    assert r.exit_code == 2 and "does not match the hash" in r.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sparsity", "1.5"], "outside (0, 1)"),
+        (["--sparsity", "0"], "outside (0, 1)"),
+        ([], "--sparsity is required"),
+        (["--sparsity-type", "2:4", "--sparsity", "0.3"], "contradicts"),
+        (["--sparsity-type", "4:4"], "0 < N < M"),
+        (["--sparsity-type", "4:2"], "0 < N < M"),
+        (["--sparsity-type", "zigzag"], "N:M pattern"),
+        (["--method", "optimal", "--sparsity", "0.5"], "unknown method"),
+        (["--sparsity", "0.5", "--timestep-weighting", "cosine"], "unknown --timestep-weighting"),
+        (["--sparsity", "0.5", "--blocks", "0:99"], "outside the model, which has 2 blocks"),
+        (["--sparsity", "0.5", "--blocks", "3:1"], "is empty"),
+        (["--sparsity", "0.5", "--blocks", "a-b"], "START:END"),
+        (["--sparsity-type", "3:7", "--block-size", "7"], "not a multiple of M=7"),
+        (["--sparsity", "0.5", "--groups", "0"], "at least 1"),
+        (["--sparsity-type", "structured", "--sparsity", "0.3"], "not implemented yet"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_nothing_written(tiny_sd3_dir, tmp_path, args, message):
+    out = tmp_path / "run"
+    r = run("prune", "--model", tiny_sd3_dir, *FAST, *args, "--out", out)
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_empty_prompts_file_and_existing_out(tiny_sd3_dir, tmp_path):
+    empty = tmp_path / "p.txt"
+    empty.write_text("\n  \n")
+    r = run("prune", "--model", tiny_sd3_dir, "--sparsity", "0.5", "--prompts", empty, "--out", tmp_path / "r")
+    assert r.exit_code == 2 and "empty" in r.output and not (tmp_path / "r").exists()
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "keep.txt").write_text("mine")
+    r = run("prune", "--model", tiny_sd3_dir, "--sparsity", "0.5", "--out", tmp_path / "exists")
+    assert r.exit_code == 2 and "--force" in r.output
+    assert (tmp_path / "exists" / "keep.txt").read_text() == "mine"
+
+
+def test_skip_indivisible_records_skipped_layers(tiny_sd3_dir, tmp_path):
+    out = tmp_path / "r"
+    r = run("prune", "--model", tiny_sd3_dir, "--sparsity-type", "3:7", "--block-size", "7",
+            "--skip-indivisible", *FAST, "--out", out)
+    # every tiny layer has width 16 or 64: nothing divisible by 7, so nothing is left to prune
+    assert r.exit_code == 2 and "no prunable layers" in r.output
