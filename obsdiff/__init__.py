@@ -1,3 +1,35 @@
-"""obsdiff: one-shot OBS-Diff pruning of text-to-image diffusion denoisers, and deployment tooling."""
+"""obsdiff: one-shot OBS-Diff pruning of text-to-image diffusion denoisers, and deployment tooling.
+
+The public API is importable from the package root; heavy modules load on first use:
+
+    import obsdiff
+    model = obsdiff.load_pipeline("builtin:digits")
+    report = obsdiff.prune_(model, obsdiff.PruneConfig(sparsity=0.5), obsdiff.CalibConfig())
+    obsdiff.save_run(model, report.to_dict(), "runs/digits-50")
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
+
+_API = {
+    "load_pipeline": "obsdiff.loading",
+    "LoadedModel": "obsdiff.loading",
+    "PruneConfig": "obsdiff.config",
+    "CalibConfig": "obsdiff.config",
+    "prune_": "obsdiff.prune",
+    "PruneReport": "obsdiff.prune",
+    "save_run": "obsdiff.io",
+    "EvalConfig": "obsdiff.evaluate",
+    "evaluate": "obsdiff.evaluate",
+    "save_report": "obsdiff.evaluate",
+    "ObsdiffError": "obsdiff.errors",
+}
+
+__all__ = [*_API, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(import_module(_API[name]), name)
+    raise AttributeError(f"module 'obsdiff' has no attribute {name!r}")

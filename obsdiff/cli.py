@@ -138,7 +138,16 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 @click.option("--model", required=True, help="pipeline directory or builtin:digits")
 @click.option("--method", default="obs-diff", show_default=True, help="obs-diff, sparsegpt, wanda or magnitude")
 @click.option("--sparsity", type=float, default=None, help="fraction of weights to remove, in (0, 1)")
-@click.option("--sparsity-type", default="unstructured", show_default=True, help="unstructured, 2:4, 4:8 (any N:M)")
+@click.option("--sparsity-type", default="unstructured", show_default=True,
+              help="unstructured, 2:4, 4:8 (any N:M) or structured (heads and FFN neurons, physically removed)")
+@click.option("--head-ratio", type=float, default=None, help="structured: fraction of heads per block [--sparsity]")
+@click.option("--ffn-ratio", type=float, default=None, help="structured: fraction of FFN neurons [--sparsity]")
+@click.option("--structure-cost", type=click.Choice(["exact", "diag"]), default="exact", show_default=True,
+              help="structured: exact block OBS cost, or the reference diagonal approximation")
+@click.option("--joint-scoring", type=click.Choice(["sum", "rrf"]), default="sum", show_default=True,
+              help="structured MMDiT heads: sum both streams' costs, or reference reciprocal-rank fusion")
+@click.option("--ffn-per-round", type=int, default=64, show_default=True,
+              help="structured: FFN neurons removed per greedy round")
 @click.option("--prompts", default="builtin", show_default=True, help="calibration prompts: FILE or builtin")
 @click.option("--num-prompts", type=int, default=None, help="calibration prompts [100; 64 for builtin:digits]")
 @click.option("--steps", type=int, default=None, help="calibration denoising steps [25; 20 for builtin:digits]")
@@ -153,14 +162,17 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 @click.option("--no-compensate", is_flag=True, help="prune without OBS weight updates (ablation)")
 @click.option("--skip-indivisible", is_flag=True, help="N:M: skip layers whose width is not a multiple of M")
 @click.option("--max-tokens", type=int, default=None, help="subsample at most this many tokens per call")
+@click.option("--solver-precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
+              help="precision of Hessians and the OBS solver")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="run directory")
 @FORCE
 @DEVICE
 @DTYPE
-def prune(model, method, sparsity, sparsity_type, prompts, num_prompts, steps, guidance, batch_size, groups,
-          timestep_weighting, blocks, percdamp, block_size, no_compensate, skip_indivisible, max_tokens, seed, out,
-          force, device, dtype) -> None:
+def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structure_cost, joint_scoring,
+          ffn_per_round, prompts, num_prompts, steps, guidance, batch_size, groups,
+          timestep_weighting, blocks, percdamp, block_size, no_compensate, skip_indivisible, max_tokens,
+          solver_precision, seed, out, force, device, dtype) -> None:
     """Prune a denoiser with OBS-Diff (or a baseline) and save a run directory."""
     from obsdiff.artifacts import check_writable
     from obsdiff.config import CalibConfig, PruneConfig
@@ -171,7 +183,9 @@ def prune(model, method, sparsity, sparsity_type, prompts, num_prompts, steps, g
     # Validate everything before the (slow) model load, so bad input fails at once and writes nothing.
     pcfg = PruneConfig(method=method, sparsity=sparsity, sparsity_type=sparsity_type, percdamp=percdamp,
                        block_size=block_size, compensate=not no_compensate, blocks=parse_span(blocks),
-                       on_indivisible="skip" if skip_indivisible else "error")
+                       on_indivisible="skip" if skip_indivisible else "error", compute_dtype=solver_precision,
+                       head_ratio=head_ratio, ffn_ratio=ffn_ratio, structure_cost=structure_cost,
+                       joint_scoring=joint_scoring, ffn_per_round=ffn_per_round)
     ccfg = CalibConfig(prompts=prompts, num_prompts=num_prompts, steps=steps, guidance=guidance,
                        batch_size=batch_size, groups=groups, timestep_weighting=timestep_weighting, seed=seed,
                        max_tokens=max_tokens)
@@ -189,9 +203,13 @@ def prune(model, method, sparsity, sparsity_type, prompts, num_prompts, steps, g
             ["mean rel. error, mask only", sum(errs0) / len(errs0) if errs0 else None],
             ["mean rel. error, after OBS", sum(errs) / len(errs) if errs else None],
             ["calibration groups", len(report.groups)],
+            *([["parameters, pruned / dense", report.model_stats["parameter_ratio"]],
+               ["FLOPs per forward, pruned / dense", report.model_stats["flop_ratio"]]] if report.model_stats else []),
             ["peak Hessian memory (MiB)", report.peak_hessian_bytes / 2**20],
             ["total seconds", report.total_seconds]]
     click.echo(format_table(["prune", "value"], rows))
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"wrote {out} (evaluate: obsdiff eval {out} --reference {model})")
 
 

@@ -37,13 +37,21 @@ class PruneConfig:
     blocks: tuple[int, int] | None = None  # [start, end) block indices
     on_indivisible: str = "error"  # N:M layer whose d_in is not a multiple of M: "error" or "skip"
     compute_dtype: str = "fp32"  # solver precision: fp32 or fp64
+    # structured only: fractions of heads / FFN neurons removed per block (default: `sparsity` for both)
+    head_ratio: float | None = None
+    ffn_ratio: float | None = None
+    structure_cost: str = "exact"  # "exact" block OBS cost or the reference "diag" approximation
+    joint_scoring: str = "sum"  # MMDiT joint heads: "sum" of both streams' costs or reference "rrf"
+    ffn_per_round: int = 64  # FFN neurons removed per greedy round (heads: one per round)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.sparsity_type == "structured":
-            raise ConfigError("--sparsity-type structured is not implemented yet (structured OBS issue); "
-                              "use unstructured, 2:4 or 4:8")
+            self._check_structured()
+            return
+        if self.head_ratio is not None or self.ffn_ratio is not None:
+            raise ConfigError("--head-ratio / --ffn-ratio apply to --sparsity-type structured only")
         nm = _nm(self.sparsity_type)
         if nm is None:
             if self.sparsity is None:
@@ -69,12 +77,45 @@ class PruneConfig:
         if self.blocks is not None and not (0 <= self.blocks[0] < self.blocks[1]):
             raise ConfigError(f"--blocks {self.blocks[0]}:{self.blocks[1]} is empty; use START:END with START < END")
 
+    def _check_structured(self) -> None:
+        if self.method == "wanda":
+            raise ConfigError("wanda has no structured variant; use obs-diff, sparsegpt or magnitude (L1)")
+        if self.sparsity is not None and not 0 < self.sparsity < 1:
+            raise ConfigError(f"--sparsity {self.sparsity} is outside (0, 1); e.g. 0.25 removes a quarter of the "
+                              "heads and FFN neurons of each block")
+        for flag, value in (("--head-ratio", self.head_ratio), ("--ffn-ratio", self.ffn_ratio)):
+            if value is not None and not 0 <= value < 1:
+                raise ConfigError(f"{flag} {value} must be in [0, 1): at least one head and one neuron remain")
+        if self.sparsity is None and (self.head_ratio is None or self.ffn_ratio is None):
+            raise ConfigError("structured pruning needs --sparsity, or both --head-ratio and --ffn-ratio")
+        if self.structure_cost not in ("exact", "diag"):
+            raise ConfigError(f"structure cost {self.structure_cost!r} must be exact or diag")
+        if self.joint_scoring not in ("sum", "rrf"):
+            raise ConfigError(f"joint scoring {self.joint_scoring!r} must be sum or rrf")
+        if self.ffn_per_round < 1:
+            raise ConfigError(f"--ffn-per-round {self.ffn_per_round} must be at least 1")
+        if self.compute_dtype not in ("fp32", "fp64"):
+            raise ConfigError(f"compute dtype {self.compute_dtype!r} must be fp32 or fp64")
+        if self.blocks is not None and not (0 <= self.blocks[0] < self.blocks[1]):
+            raise ConfigError(f"--blocks {self.blocks[0]}:{self.blocks[1]} is empty; use START:END with START < END")
+
+    @property
+    def structured(self) -> bool:
+        return self.sparsity_type == "structured"
+
+    def ratio(self, kind: str) -> float:
+        """Fraction of structures of `kind` ("heads" or "ffn") to remove in each block."""
+        explicit = self.head_ratio if kind == "heads" else self.ffn_ratio
+        return float(self.sparsity if explicit is None else explicit)
+
     @property
     def nm(self) -> tuple[int, int] | None:
         return _nm(self.sparsity_type)
 
     @property
     def target_sparsity(self) -> float:
+        if self.structured:
+            return float(self.sparsity if self.sparsity is not None else max(self.head_ratio, self.ffn_ratio))
         if self.nm:
             n, m = self.nm
             return (m - n) / m

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from obsdiff import metrics as M
 from obsdiff.errors import ConfigError, ModelLoadError
-from obsdiff.loading import LoadedModel, load_pipeline
+from obsdiff.loading import LoadedModel, as_loaded, load_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,10 @@ class Generated:
     settings: dict = field(default_factory=dict)
 
 
-def _as_loaded(model: str | LoadedModel, device, dtype) -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load_pipeline(model, device=device, dtype=dtype)
+def _as_loaded(model, device, dtype) -> LoadedModel:
+    if isinstance(model, str | Path):
+        return load_pipeline(str(model), device=device, dtype=dtype)
+    return as_loaded(model)
 
 
 def prompts_for(model: LoadedModel, config: EvalConfig) -> tuple[list[str], list[int] | None]:
@@ -164,8 +166,8 @@ def digit_metrics(images: np.ndarray, labels: list[int]) -> tuple[dict, np.ndarr
     return out, feats
 
 
-def clip_features(images: np.ndarray, prompts: list[str], clip_model: str) -> tuple[np.ndarray, np.ndarray]:
-    """L2-normalised CLIP image and text embeddings from a local checkpoint directory."""
+def load_clip(clip_model: str):
+    """A local CLIP checkpoint directory -> (CLIPModel, CLIPProcessor)."""
     path = Path(clip_model)
     if not path.is_dir():
         raise ModelLoadError(f"--clip-model {clip_model!r} is not a directory; pass a local CLIP checkpoint")
@@ -177,6 +179,12 @@ def clip_features(images: np.ndarray, prompts: list[str], clip_model: str) -> tu
     except Exception as exc:
         raise ModelLoadError(f"could not load a CLIP model and processor from {clip_model!r}: "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    return model, processor
+
+
+def clip_features(images: np.ndarray, prompts: list[str], clip) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised CLIP image and text embeddings; `clip` is what `load_clip` returns."""
+    model, processor = clip
     pixels = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
     if pixels.shape[-1] == 1:
         pixels = pixels.repeat(3, axis=-1)
@@ -204,6 +212,7 @@ def evaluate(model: str | LoadedModel, reference: str | LoadedModel | None = Non
     Returns a report dict: metrics, per-digit accuracies, settings, timing. The generated images are
     under the private keys `_images` / `_reference_images` (not written to JSON).
     """
+    clip = load_clip(config.clip_model) if config.clip_model else None  # fail before generating anything
     m = _as_loaded(model, device, dtype)
     ref = _as_loaded(reference, device, dtype) if reference is not None else None
     prompts, labels = prompts_for(m, config)
@@ -228,11 +237,11 @@ def evaluate(model: str | LoadedModel, reference: str | LoadedModel | None = Non
             metrics["reference_digit_accuracy"] = ref_digit["digit_accuracy"]
             metrics["reference_fd_real"] = ref_digit["fd_real"]
             metrics["fd_reference"] = M.feature_frechet_distance(feats, ref_feats)
-    if config.clip_model:
-        img_emb, txt_emb = clip_features(gen.images, prompts, config.clip_model)
+    if clip is not None:
+        img_emb, txt_emb = clip_features(gen.images, prompts, clip)
         metrics["clip_score"] = clip_score(img_emb, txt_emb)
         if ref_gen is not None:
-            ref_img_emb, ref_txt = clip_features(ref_gen.images, prompts, config.clip_model)
+            ref_img_emb, ref_txt = clip_features(ref_gen.images, prompts, clip)
             metrics["reference_clip_score"] = clip_score(ref_img_emb, ref_txt)
             if "fd_reference" not in metrics:
                 metrics["fd_reference"] = M.feature_frechet_distance(img_emb, ref_img_emb)

@@ -125,29 +125,59 @@ def load_pipeline(ref: str, device: str | torch.device | None = "cpu", dtype: st
     from obsdiff import io
 
     if Path(ref).expanduser().is_dir() and io.is_run_dir(Path(ref).expanduser()):
-        run_path = Path(ref).expanduser()
-        record = io.read_run(run_path)
-        base = load_pipeline(record["base_model"], device=device, dtype=dtype)
-        if record.get("family") not in (None, base.family.name):
-            raise ModelLoadError(f"run {ref!r} was made for the {record['family']} family but its base "
-                                 f"{record['base_model']!r} is {base.family.name}")
-        io.load_run_weights(base.denoiser, run_path, record)
-        base.ref, base.run = ref, record
-        return base
+        return _load_run(ref, device, dtype)
     path, builtin = resolve_model(ref)
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     device = resolve_device(device) if not isinstance(device, torch.device) else device
-    from diffusers import DiffusionPipeline
-
-    try:
-        with quiet_libraries():
-            pipe = DiffusionPipeline.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
-    except Exception as exc:  # corrupt weights, missing component folders, wrong class names, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not load a diffusers pipeline from {ref!r}: {first}") from exc
+    pipe = _from_pretrained(path, ref, torch_dtype)
     family = family_for_pipeline(pipe)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     log.info("loaded %s (%s family) on %s", ref, family.name, device)
     return LoadedModel(ref=ref, path=path, pipeline=pipe, family=family, builtin=builtin,
                        generation_defaults=_generation_defaults(builtin))
+
+
+def as_loaded(pipeline) -> LoadedModel:
+    """Wrap an in-memory diffusers pipeline (or pass a `LoadedModel` through) for the obsdiff API."""
+    if isinstance(pipeline, LoadedModel):
+        return pipeline
+    family = family_for_pipeline(pipeline)
+    origin = getattr(getattr(pipeline, "config", None), "_name_or_path", None) or "."
+    return LoadedModel(ref=str(origin), path=Path(origin), pipeline=pipeline, family=family)
+
+
+def _from_pretrained(path: Path, ref: str, torch_dtype: torch.dtype, **components):
+    from diffusers import DiffusionPipeline
+
+    try:
+        with quiet_libraries():
+            return DiffusionPipeline.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True,
+                                                     **components)
+    except Exception as exc:  # corrupt weights, missing component folders, wrong class names, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load a diffusers pipeline from {ref!r}: {first}") from exc
+
+
+def _load_run(ref: str, device, dtype) -> LoadedModel:
+    """A run directory: its base pipeline with the pruned (possibly shrunk) denoiser in place."""
+    from obsdiff import io
+    from obsdiff.models import get_family
+
+    run_path = Path(ref).expanduser()
+    record = io.read_run(run_path)
+    base_path, builtin = resolve_model(record["base_model"])
+    family = get_family(record.get("family", "sd3"))
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    io.check_base_matches(run_path, base_path / family.denoiser_attr, record["base_model"])
+    denoiser = io.build_run_denoiser(run_path, record, family, torch_dtype)
+    pipe = _from_pretrained(base_path, record["base_model"], torch_dtype, **{family.denoiser_attr: denoiser})
+    loaded_family = family_for_pipeline(pipe)
+    if loaded_family.name != family.name:
+        raise ModelLoadError(f"run {ref!r} was made for the {family.name} family but its base "
+                             f"{record['base_model']!r} is {loaded_family.name}")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedModel(ref=ref, path=base_path, pipeline=pipe, family=family, builtin=builtin,
+                       generation_defaults=_generation_defaults(builtin), run=record)

@@ -22,7 +22,7 @@ from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
 from obsdiff.errors import ConfigError, ObsdiffError
 from obsdiff.hessian import HessianAccumulator, timestep_weights
 from obsdiff.hooks import HessianHooks, StepCounter
-from obsdiff.loading import LoadedModel
+from obsdiff.loading import LoadedModel, as_loaded
 from obsdiff.models import Block
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,17 @@ class PruneReport:
     encode_seconds: float = 0.0
     total_seconds: float = 0.0
     peak_hessian_bytes: int = 0
+    structures: list[dict] = field(default_factory=list)  # structured: per group kept/removed
+    shrink_plan: list[dict] | None = None  # structured: what `shrink.replay_plan_` needs to rebuild the model
+    model_stats: dict = field(default_factory=dict)  # structured: parameters and FLOPs before/after
+    warnings: list[str] = field(default_factory=list)
+
+    def add_group(self, index: int, units: list[list[str]], calib_seconds: float, prune_seconds: float,
+                  accs: dict[str, HessianAccumulator]) -> None:
+        hessian_bytes = sum(a.nbytes for a in accs.values())
+        calls = max((a.calls for a in accs.values()), default=0)
+        self.groups.append(GroupRecord(index, units, calib_seconds, prune_seconds, hessian_bytes, calls))
+        self.peak_hessian_bytes = max(self.peak_hessian_bytes, hessian_bytes)
 
     @property
     def pruned_layers(self) -> list[LayerRecord]:
@@ -172,11 +183,18 @@ def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = N
            progress: bool = True) -> PruneReport:
     """Prune `model`'s denoiser in place and return the report. Shapes never change.
 
+    `model` is a `LoadedModel` (from `load_pipeline`) or an in-memory diffusers pipeline.
+
     Calibration settings left unset take the model's defaults (`config.resolve_calib`); SparseGPT and
     Wanda calibrate once with uniform step weights.
     """
     t_start = time.perf_counter()
+    model = as_loaded(model)
     calib = resolve_calib(calib or CalibConfig(), model.builtin, prune.method)
+    if prune.structured:
+        from obsdiff.structured import prune_structured_
+
+        return prune_structured_(model, prune, calib, progress, t_start)
     denoiser = model.denoiser
     modules = dict(denoiser.named_modules())
     units, skipped = plan_units(model, prune)
@@ -194,32 +212,43 @@ def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = N
         report.total_seconds = time.perf_counter() - t_start
         return report
 
-    t0 = time.perf_counter()
-    batches = encode_batches(model, calibration_prompts(calib, model.builtin), calib)
-    report.encode_seconds = time.perf_counter() - t0
-    weights = timestep_weights(calib.timestep_weighting, calib.steps, calib.alpha_min, calib.alpha_max)
-    counter = StepCounter()
-    hess_dtype = torch.float64 if prune.compute_dtype == "fp64" else torch.float32
+    calibrator = Calibrator(model, prune, calib, progress)
+    report.encode_seconds = calibrator.encode_seconds
     chunks = split_groups(units, calib.groups)
     for g, chunk in enumerate(tqdm(chunks, desc="groups", unit="group", disable=not progress)):
-        accs = {unit: HessianAccumulator(modules[unit[0]].in_features, denoiser.device, hess_dtype,
-                                         calib.max_tokens, seed=calib.seed + i) for i, unit in enumerate(chunk)}
-        t0 = time.perf_counter()
-        with HessianHooks(counter, weights) as hooks:
-            for unit, acc in accs.items():
-                hooks.watch(modules[unit[0]], acc)  # the unit's linears share this input: hook one
-            run_pass(model, batches, calib, counter, desc=f"calibrate group {g + 1}/{len(chunks)}",
-                     progress=progress)
-        t_calib = time.perf_counter() - t0
-        hessian_bytes = sum(a.nbytes for a in accs.values())
+        # the unit's linears share one input: hook (and accumulate for) its first linear only
+        accs, t_calib = calibrator.hessians([unit[0] for unit in chunk], f"calibrate group {g + 1}/{len(chunks)}")
         t0 = time.perf_counter()
         for unit in tqdm(chunk, desc=f"prune group {g + 1}/{len(chunks)}", unit="unit", leave=False,
                          disable=not progress):
-            report.layers.extend(_solve_unit(unit, modules, accs[unit].H, prune))
-        calls = max(a.calls for a in accs.values())
-        report.groups.append(GroupRecord(g, [list(u) for u in chunk], t_calib, time.perf_counter() - t0,
-                                         hessian_bytes, calls))
-        report.peak_hessian_bytes = max(report.peak_hessian_bytes, hessian_bytes)
+            report.layers.extend(_solve_unit(unit, modules, accs[unit[0]].H, prune))
+        report.add_group(g, [list(u) for u in chunk], t_calib, time.perf_counter() - t0, accs)
         del accs
     report.total_seconds = time.perf_counter() - t_start
     return report
+
+
+class Calibrator:
+    """Encodes the calibration prompts once, then runs hooked passes that fill Hessians for given linears."""
+
+    def __init__(self, model: LoadedModel, prune: PruneConfig, calib: CalibConfig, progress: bool = True):
+        t0 = time.perf_counter()
+        self.model, self.calib, self.progress = model, calib, progress
+        self.batches = encode_batches(model, calibration_prompts(calib, model.builtin), calib)
+        self.encode_seconds = time.perf_counter() - t0
+        self.weights = timestep_weights(calib.timestep_weighting, calib.steps, calib.alpha_min, calib.alpha_max)
+        self.dtype = torch.float64 if prune.compute_dtype == "fp64" else torch.float32
+        self.modules = dict(model.denoiser.named_modules())
+
+    def hessians(self, linears: list[str], desc: str) -> tuple[dict[str, HessianAccumulator], float]:
+        """One pass over the current model; returns an accumulator per linear (by name) and the seconds."""
+        t0 = time.perf_counter()
+        counter = StepCounter()
+        device = self.model.denoiser.device
+        accs = {name: HessianAccumulator(self.modules[name].in_features, device, self.dtype, self.calib.max_tokens,
+                                         seed=self.calib.seed + i) for i, name in enumerate(linears)}
+        with HessianHooks(counter, self.weights) as hooks:
+            for name, acc in accs.items():
+                hooks.watch(self.modules[name], acc)
+            run_pass(self.model, self.batches, self.calib, counter, desc=desc, progress=self.progress)
+        return accs, time.perf_counter() - t0

@@ -15,6 +15,28 @@ def tiny_sd3(**kwargs):
     return build_sd3_pipeline(WORDS, **(defaults | kwargs))
 
 
+FLUX_MSL = 16  # the tiny T5 tokenizer's model_max_length
+
+
+def tiny_flux(**kwargs):
+    defaults = dict(num_layers=2, num_single_layers=2, num_heads=2, head_dim=8, sample_size=8,
+                    max_sequence_length=FLUX_MSL, seed=0)
+    from obsdiff.models.flux import build_flux_pipeline
+
+    pipe = build_flux_pipeline(WORDS, **(defaults | kwargs))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl(**kwargs):
+    defaults = dict(block_out_channels=(32, 64), layers_per_block=1, num_heads=2, sample_size=8, seed=0)
+    from obsdiff.models.sdxl import build_sdxl_pipeline
+
+    pipe = build_sdxl_pipeline(WORDS, **(defaults | kwargs))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def tiny_sd3_dir(tmp_path_factory):
     """A tiny random SD3 pipeline saved with save_pretrained (the layout users have on disk)."""

@@ -27,6 +27,36 @@ class Block:
     module: nn.Module
 
 
+@dataclass(frozen=True)
+class Slice:
+    """Where structure 0 of a group starts inside one linear (rows or columns, see `StructureGroup`)."""
+
+    linear: str  # dotted name in the denoiser
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class StructureGroup:
+    """A set of removable structures of one kind in a block: the heads of an attention, or FFN neurons.
+
+    Structure i owns, in every `readers` linear, the input columns
+    `[offset + i * size, offset + (i + 1) * size)` (the side OBS scores and compensates: attention output
+    projections, FFN down projections), and in every `writers` linear the same range of output rows and
+    bias entries (q/k/v projections, FFN up projections; GEGLU lists its up projection twice, at offsets 0
+    and inner). Removing structure i deletes all of those rows and columns. `attention` names the
+    attention module whose `heads` / `inner_dim` must follow the number of kept heads.
+    Offsets are in the dense layout: shrinking applies all groups of a linear at once.
+    """
+
+    kind: str  # "heads" or "ffn"
+    name: str  # unique within the denoiser, e.g. "transformer_blocks.3.attn"
+    count: int  # structures in the dense model
+    size: int  # rows/columns per structure: head_dim for heads, 1 for neurons
+    readers: tuple[Slice, ...]
+    writers: tuple[Slice, ...]
+    attention: str | None = None
+
+
 class ModelFamily(ABC):
     """Adapter for one denoiser architecture. Subclasses are registered with `@register_family`."""
 
@@ -78,6 +108,17 @@ class ModelFamily(ABC):
         Calibration calls the pipeline with these instead of text, so text encoders run once per prompt
         rather than once per pass. With guidance > 1 the negative (empty-prompt) embeddings are included.
         """
+
+    def text_len(self, pipeline, max_sequence_length: int | None = None) -> int | None:
+        """Text tokens the denoiser sees per image at generation time (None: `example_inputs` default)."""
+        return None
+
+    def structure_groups(self, block: Block) -> list[StructureGroup]:
+        """Heads and FFN neurons of the block that can be removed physically (structured pruning).
+
+        Families without structure knowledge return [] and structured pruning refuses them.
+        """
+        return []
 
     def summary(self, denoiser: nn.Module) -> dict:
         blocks = self.blocks(denoiser)

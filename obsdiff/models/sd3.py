@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from obsdiff.models.registry import Block, ModelFamily, register_family
+from obsdiff.models.registry import Block, ModelFamily, Slice, StructureGroup, register_family
 
 # Forward order inside a JointTransformerBlock; each tuple is a set of linears reading one tensor.
 _SD3_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
@@ -81,6 +81,41 @@ class SD3Family(ModelFamily):
             "pooled_projections": randn(batch, cfg.pooled_projection_dim),
             "timestep": (torch.rand(batch, generator=generator) * 1000).to(param.device, param.dtype),
         }
+
+    def text_len(self, pipeline, max_sequence_length: int | None = None) -> int | None:
+        clip = pipeline.tokenizer.model_max_length if getattr(pipeline, "tokenizer", None) is not None else 77
+        return clip + (max_sequence_length or 256)  # CLIP tokens, then T5 tokens
+
+    def structure_groups(self, block: Block) -> list[StructureGroup]:
+        """Joint heads (image and text streams share them), the image FFN, the text FFN.
+
+        In the context_pre_only last block the text stream's attention output is discarded, so its
+        add_q/k/v rows still belong to the heads (q and k feed the joint softmax) but there is no
+        to_add_out reader and no text FFN. SD3.5's dual attention `attn2` has heads of its own.
+        """
+        mods = dict(block.module.named_modules())
+        p = block.name + "."
+        groups = []
+        for attn_name in ("attn", "attn2"):
+            attn = mods.get(attn_name)
+            if attn is None:
+                continue
+            head_dim = attn.to_q.out_features // attn.heads
+            readers = [Slice(p + f"{attn_name}.to_out.0")]
+            writers = [Slice(p + f"{attn_name}.to_{x}") for x in "qkv"]
+            if getattr(attn, "add_q_proj", None) is not None:
+                writers += [Slice(p + f"{attn_name}.add_{x}_proj") for x in "qkv"]
+            if getattr(attn, "to_add_out", None) is not None:
+                readers.append(Slice(p + f"{attn_name}.to_add_out"))
+            groups.append(StructureGroup("heads", p + attn_name, attn.heads, head_dim, tuple(readers),
+                                         tuple(writers), attention=p + attn_name))
+        for ff_name in ("ff", "ff_context"):
+            ff = mods.get(ff_name)
+            if ff is None:
+                continue
+            groups.append(StructureGroup("ffn", p + ff_name, ff.net[0].proj.out_features, 1,
+                                         (Slice(p + f"{ff_name}.net.2"),), (Slice(p + f"{ff_name}.net.0.proj"),)))
+        return groups
 
     def encode_prompts(self, pipeline, prompts: list[str], guidance_scale: float,
                        max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:

@@ -81,9 +81,11 @@ class TextStackConfig:
         return self.t5_d_model
 
 
-def clip_text_encoder(vocab_size: int, hidden: int, projection: int, cfg: TextStackConfig, seed: int):
+def clip_text_encoder(vocab_size: int, hidden: int, projection: int, cfg: TextStackConfig, seed: int,
+                      with_projection: bool = True):
+    """A tiny CLIP text encoder: `CLIPTextModelWithProjection` (SD3, SDXL's second) or `CLIPTextModel`."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=vocab_size,
@@ -98,7 +100,7 @@ def clip_text_encoder(vocab_size: int, hidden: int, projection: int, cfg: TextSt
         pad_token_id=1,
     )
     torch.manual_seed(seed)
-    return CLIPTextModelWithProjection(config).eval()
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 
 def t5_text_encoder(vocab_size: int, cfg: TextStackConfig, seed: int):

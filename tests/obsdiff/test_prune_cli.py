@@ -74,7 +74,11 @@ def test_corrupt_run_weights_are_refused(pruned_run, tmp_path):
         (["--sparsity", "0.5", "--blocks", "a-b"], "START:END"),
         (["--sparsity-type", "3:7", "--block-size", "7"], "not a multiple of M=7"),
         (["--sparsity", "0.5", "--groups", "0"], "at least 1"),
-        (["--sparsity-type", "structured", "--sparsity", "0.3"], "not implemented yet"),
+        (["--sparsity-type", "structured", "--head-ratio", "1.0", "--ffn-ratio", "0.2"], "at least one head"),
+        (["--sparsity-type", "structured"], "needs --sparsity, or both"),
+        (["--sparsity-type", "structured", "--sparsity", "0.3", "--method", "wanda"], "no structured variant"),
+        (["--sparsity", "0.5", "--head-ratio", "0.3"], "structured only"),
+        (["--sparsity-type", "structured", "--head-ratio", "0.1", "--ffn-ratio", "0"], "remove no structure"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(tiny_sd3_dir, tmp_path, args, message):

@@ -1,0 +1,257 @@
+"""Flux family: `FluxPipeline` with a `FluxTransformer2DModel` (MMDiT double blocks, then single blocks).
+
+Double blocks (`transformer_blocks.*`, `FluxTransformerBlock`) have the SD3 layout: an image stream
+(`attn.to_*`, `ff`) and a text stream (`attn.add_*`, `ff_context`) sharing one joint attention, with
+gelu-tanh feed-forwards (`ff.net.0.proj` is a plain up projection, not a gated one).
+
+Single blocks (`single_transformer_blocks.*`, `FluxSingleTransformerBlock`) run on the concatenated text
+and image tokens: one adaLN output feeds both `attn.to_q/k/v` and the MLP up projection `proj_mlp`, and
+`proj_out` reads `cat(attention output [dim], gelu(proj_mlp) [mlp_width])`. So attention heads own
+proj_out's first `dim` columns and MLP neurons the columns after them.
+
+adaLN linears (`norm1.linear`, `norm1_context.linear`, `norm.linear`), embedders, `norm_out` and the
+model's final `proj_out` are never pruned. The rotary embedding is computed in float64 on CPU (cast back
+to float32 before use), which matters for export, not for pruning.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from obsdiff.models.registry import Block, ModelFamily, Slice, StructureGroup, register_family
+
+# Forward order inside a FluxTransformerBlock; each tuple is a set of linears reading one tensor.
+_DOUBLE_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("attn.to_q", "attn.to_k", "attn.to_v"),  # norm1(hidden_states)
+    ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),  # norm1_context(encoder_hidden_states)
+    ("attn.to_out.0",),  # joint attention output, image tokens
+    ("attn.to_add_out",),  # joint attention output, text tokens
+    ("ff.net.0.proj",),
+    ("ff.net.2",),
+    ("ff_context.net.0.proj",),
+    ("ff_context.net.2",),
+)
+
+# FluxSingleTransformerBlock: q/k/v and the MLP up projection all read norm(hidden_states).
+_SINGLE_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    ("proj_out",),  # cat(attention output, gelu(proj_mlp output))
+)
+
+# What `FluxPipeline` uses when the caller gives no size: 128 latent pixels (1024 px images), 512 T5 tokens.
+_DEFAULT_LATENT_SIZE = 128
+_DEFAULT_TEXT_LEN = 512
+
+
+def _present(block: Block, groups: tuple[tuple[str, ...], ...]) -> list[tuple[str, ...]]:
+    modules = dict(block.module.named_modules())
+    out = []
+    for group in groups:
+        names = tuple(f"{block.name}.{n}" for n in group if isinstance(modules.get(n), nn.Linear))
+        if names:
+            out.append(names)
+    return out
+
+
+def _is_single(block: Block) -> bool:
+    return block.name.startswith("single_transformer_blocks.")
+
+
+@register_family
+class FluxFamily(ModelFamily):
+    name = "flux"
+    description = "Flux (MMDiT double + single blocks)"
+    pipeline_classes = ("FluxPipeline",)
+    denoiser_classes = ("FluxTransformer2DModel",)
+    denoiser_attr = "transformer"
+
+    def blocks(self, denoiser: nn.Module) -> list[Block]:
+        names = [f"transformer_blocks.{i}" for i in range(len(denoiser.transformer_blocks))]
+        names += [f"single_transformer_blocks.{j}" for j in range(len(denoiser.single_transformer_blocks))]
+        modules = list(denoiser.transformer_blocks) + list(denoiser.single_transformer_blocks)
+        return [Block(i, name, module) for i, (name, module) in enumerate(zip(names, modules, strict=True))]
+
+    def shared_input_groups(self, block: Block) -> list[tuple[str, ...]]:
+        return _present(block, _SINGLE_INPUT_GROUPS if _is_single(block) else _DOUBLE_INPUT_GROUPS)
+
+    def prunable_linears(self, block: Block) -> dict[str, nn.Linear]:
+        modules = dict(block.module.named_modules())
+        prefix = len(block.name) + 1
+        return {n: modules[n[prefix:]] for g in self.shared_input_groups(block) for n in g}
+
+    def example_inputs(
+        self,
+        denoiser: nn.Module,
+        batch: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        text_len: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One forward's keyword arguments, shaped as `FluxPipeline` builds them.
+
+        `height`/`width` are the unpacked latent size (even numbers); the config has no sample size, so
+        they default to the pipeline's 128 (1024 px images), and `text_len` to its 512 T5 tokens: tiny
+        models should pass small values. Latents are packed into 2x2 patches: `hidden_states` is
+        (batch, (h/2)*(w/2), in_channels). Position ids are 2-D (tokens, 3) as diffusers 0.42 expects:
+        zeros for text, (0, row, col) for image patches. `timestep` is in [0, 1) (the pipeline passes
+        t / 1000); `guidance` is given only to guidance-distilled models (`guidance_embeds`).
+        """
+        cfg = denoiser.config
+        param = next(denoiser.parameters())
+        h = height or _DEFAULT_LATENT_SIZE
+        w = width or _DEFAULT_LATENT_SIZE
+        n_text = text_len or _DEFAULT_TEXT_LEN
+
+        def to(x: torch.Tensor) -> torch.Tensor:
+            return x.to(param.device, param.dtype)
+
+        def randn(*shape):
+            return to(torch.randn(*shape, generator=generator))
+
+        img_ids = torch.zeros(h // 2, w // 2, 3)
+        img_ids[..., 1] += torch.arange(h // 2)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2)[None, :]
+        inputs = {
+            "hidden_states": randn(batch, (h // 2) * (w // 2), cfg.in_channels),
+            "encoder_hidden_states": randn(batch, n_text, cfg.joint_attention_dim),
+            "pooled_projections": randn(batch, cfg.pooled_projection_dim),
+            "timestep": to(torch.rand(batch, generator=generator)),
+            "img_ids": to(img_ids.reshape(-1, 3)),
+            "txt_ids": to(torch.zeros(n_text, 3)),
+        }
+        if cfg.guidance_embeds:
+            inputs["guidance"] = to(1.0 + 4.0 * torch.rand(batch, generator=generator))
+        return inputs
+
+    def structure_groups(self, block: Block) -> list[StructureGroup]:
+        """Double blocks: joint heads, image FFN, text FFN (as SD3). Single blocks: heads and MLP neurons.
+
+        In a single block both structures are read by the one `proj_out`: heads own its columns
+        [h * head_dim, (h + 1) * head_dim) and q/k/v rows; neuron j owns column dim + j and row j of
+        `proj_mlp` (gelu-tanh(0) = 0, so a zero row silences the neuron).
+        """
+        mods = dict(block.module.named_modules())
+        p = block.name + "."
+        attn = mods["attn"]
+        head_dim = attn.head_dim
+        writers = [Slice(p + f"attn.to_{x}") for x in "qkv"]
+        if _is_single(block):
+            dim = attn.heads * head_dim
+            return [
+                StructureGroup("heads", p + "attn", attn.heads, head_dim, (Slice(p + "proj_out", 0),),
+                               tuple(writers), attention=p + "attn"),
+                StructureGroup("ffn", p + "proj_mlp", mods["proj_mlp"].out_features, 1,
+                               (Slice(p + "proj_out", dim),), (Slice(p + "proj_mlp", 0),)),
+            ]
+        readers = [Slice(p + "attn.to_out.0")]
+        if getattr(attn, "add_q_proj", None) is not None:
+            writers += [Slice(p + f"attn.add_{x}_proj") for x in "qkv"]
+        if getattr(attn, "to_add_out", None) is not None:
+            readers.append(Slice(p + "attn.to_add_out"))
+        groups = [StructureGroup("heads", p + "attn", attn.heads, head_dim, tuple(readers), tuple(writers),
+                                 attention=p + "attn")]
+        for ff_name in ("ff", "ff_context"):
+            ff = mods.get(ff_name)
+            if ff is None:
+                continue
+            groups.append(StructureGroup("ffn", p + ff_name, ff.net[0].proj.out_features, 1,
+                                         (Slice(p + f"{ff_name}.net.2"),), (Slice(p + f"{ff_name}.net.0.proj"),)))
+        return groups
+
+    def encode_prompts(self, pipeline, prompts: list[str], guidance_scale: float,
+                       max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
+        """T5 sequence embeddings and the pooled CLIP embedding.
+
+        Flux-dev embeds the guidance scale in the transformer (`guidance_embeds`) and Flux-schnell ignores
+        it: there is no classifier-free guidance and so no negative embeddings, whatever `guidance_scale`.
+        """
+        extra = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        with torch.no_grad():
+            emb, pooled, _text_ids = pipeline.encode_prompt(prompt=prompts, prompt_2=None, **extra)
+        return {"prompt_embeds": emb, "pooled_prompt_embeds": pooled}
+
+
+
+
+def build_flux_pipeline(
+    words: list[str],
+    *,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    num_heads: int = 2,
+    head_dim: int = 8,
+    axes_dims_rope: tuple[int, int, int] | None = None,
+    sample_size: int = 8,
+    latent_channels: int = 16,
+    image_channels: int = 3,
+    vae_channels: tuple[int, ...] = (8, 16),
+    guidance_embeds: bool = False,
+    max_sequence_length: int = 16,
+    text=None,
+    seed: int = 0,
+):
+    """A complete `FluxPipeline` built from configs with random weights (no network).
+
+    `sample_size` is the (unpacked, even) latent size; images are `sample_size * 2 ** (len(vae_channels) - 1)`
+    pixels. The pipeline object's `default_sample_size` is set so that a call without height/width uses
+    that size (FluxPipeline otherwise defaults to 128 latent pixels whatever the model); it is not saved
+    by `save_pretrained`. The transformer packs 2x2 latent patches: `in_channels = 4 * latent_channels`.
+    `sum(axes_dims_rope)` must equal `head_dim`; by default the three rotary axes split it
+    about evenly, each an even width.
+    The T5 tokenizer's `model_max_length` is `max_sequence_length`: pass that value when encoding
+    (FluxPipeline pads T5 to 512 tokens otherwise). CLIP's width sets `pooled_projection_dim` and T5's
+    width `joint_attention_dim` (`text`: a `TextStackConfig`; only the first CLIP width is used).
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from obsdiff.models.text import TextStackConfig, clip_text_encoder, clip_tokenizer, t5_text_encoder, t5_tokenizer
+
+    text = text or TextStackConfig()
+    if axes_dims_rope is None:
+        k = 2 * (head_dim // 6)
+        axes_dims_rope = (head_dim - 2 * k, k, k)
+    if sum(axes_dims_rope) != head_dim:
+        raise ValueError(f"sum(axes_dims_rope) = {sum(axes_dims_rope)} must equal head_dim = {head_dim}")
+    tokenizer = clip_tokenizer(words, text.max_length)
+    tokenizer_2 = t5_tokenizer(words, max_sequence_length)
+    text_encoder = clip_text_encoder(len(tokenizer), text.clip_hidden[0], text.clip_hidden[0], text, seed + 1,
+                                     with_projection=False)
+    text_encoder_2 = t5_text_encoder(len(tokenizer_2), text, seed + 3)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=num_heads,
+        joint_attention_dim=text.t5_d_model,
+        pooled_projection_dim=text.clip_hidden[0],
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=tuple(axes_dims_rope),
+    )
+    n_levels = len(vae_channels)
+    vae = AutoencoderKL(
+        in_channels=image_channels,
+        out_channels=image_channels,
+        down_block_types=("DownEncoderBlock2D",) * n_levels,
+        up_block_types=("UpDecoderBlock2D",) * n_levels,
+        block_out_channels=vae_channels,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=min(8, vae_channels[0]),
+        sample_size=sample_size * 2 ** (n_levels - 1),
+        scaling_factor=1.0,
+        shift_factor=0.0,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    # Flux's own scheduler config: the shift follows the image token count.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.default_sample_size = sample_size  # height = default_sample_size * vae_scale_factor
+    return pipe

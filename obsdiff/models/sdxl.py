@@ -1,0 +1,237 @@
+"""SDXL family: `StableDiffusionXLPipeline` with a `UNet2DConditionModel` (text_time added conditioning).
+
+Only the UNet's transformer blocks (`BasicTransformerBlock`, inside each `Transformer2DModel` of the
+cross-attention down, mid and up blocks) are pruned: self-attention `attn1`, cross-attention `attn2`
+(its k/v read the concatenated CLIP text states, of width `cross_attention_dim`) and a GEGLU feed-forward
+whose `ff.net.0.proj` outputs 2 x inner features, value first and gate second (`GEGLU.forward`:
+`hidden, gate = proj(x).chunk(2)`; `hidden * gelu(gate)`), so neuron i is rows i and i + inner.
+Convolutions (ResNets, samplers), `proj_in`/`proj_out` of the Transformer2DModels, the time and added
+embeddings, and norms are never pruned.
+
+A UNet2DConditionModel without `addition_embed_type="text_time"` (SD 1.x/2.x) is not this family: its
+pipeline encodes prompts differently.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from obsdiff.models.registry import Block, ModelFamily, Slice, StructureGroup, register_family
+
+# SDXL's micro-conditioning: original size, crop top-left, target size (2 numbers each).
+_N_TIME_IDS = 6
+_GATED_ACTIVATIONS = ("GEGLU", "SwiGLU")  # proj outputs (value, gate): one neuron owns two rows
+
+
+def _attention_groups(attn: nn.Module, name: str) -> list[tuple[str, ...]]:
+    """q/k/v of a self-attention read one tensor; a cross-attention's q reads the image, k/v the text."""
+    if getattr(attn, "is_cross_attention", False):
+        groups = [(f"{name}.to_q",), (f"{name}.to_k", f"{name}.to_v")]
+    else:
+        groups = [(f"{name}.to_q", f"{name}.to_k", f"{name}.to_v")]
+    return groups + [(f"{name}.to_out.0",)]
+
+
+@register_family
+class SDXLFamily(ModelFamily):
+    name = "sdxl"
+    description = "Stable Diffusion XL (UNet)"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
+    denoiser_classes = ("UNet2DConditionModel",)
+    denoiser_attr = "unet"
+
+    def matches(self, pipeline) -> bool:
+        if not super().matches(pipeline):
+            return False
+        return getattr(self.denoiser(pipeline).config, "addition_embed_type", None) == "text_time"
+
+    def blocks(self, denoiser: nn.Module) -> list[Block]:
+        """Every BasicTransformerBlock in forward order: down blocks, the mid block, up blocks.
+
+        (`named_modules()` alone would list the mid block last: the UNet registers it after `up_blocks`.)
+        """
+        parts = [("down_blocks", denoiser.down_blocks), ("mid_block", denoiser.mid_block),
+                 ("up_blocks", denoiser.up_blocks)]
+        names = []
+        for prefix, part in parts:
+            if part is None:
+                continue
+            names += [f"{prefix}.{n}" for n, m in part.named_modules() if type(m).__name__ == "BasicTransformerBlock"]
+        modules = dict(denoiser.named_modules())
+        return [Block(i, name, modules[name]) for i, name in enumerate(names)]
+
+    def shared_input_groups(self, block: Block) -> list[tuple[str, ...]]:
+        mods = dict(block.module.named_modules())
+        groups: list[tuple[str, ...]] = []
+        for attn_name in ("attn1", "attn2"):
+            attn = mods.get(attn_name)
+            if attn is not None:
+                groups += _attention_groups(attn, attn_name)
+        groups += [("ff.net.0.proj",), ("ff.net.2",)]
+        out = []
+        for group in groups:
+            names = tuple(f"{block.name}.{n}" for n in group if isinstance(mods.get(n), nn.Linear))
+            if names:
+                out.append(names)
+        return out
+
+    def prunable_linears(self, block: Block) -> dict[str, nn.Linear]:
+        modules = dict(block.module.named_modules())
+        prefix = len(block.name) + 1
+        return {n: modules[n[prefix:]] for g in self.shared_input_groups(block) for n in g}
+
+    def example_inputs(
+        self,
+        denoiser: nn.Module,
+        batch: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        text_len: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`sample`, `timestep`, `encoder_hidden_states` and the nested `added_cond_kwargs` of SDXL.
+
+        `text_len` defaults to CLIP's 77 tokens. `time_ids` are (original h, w, crop top, left, target h, w)
+        in pixels as the pipeline makes them, assuming the usual 8x VAE; `text_embeds` has the width the
+        added embedding expects after the 6 time ids.
+        """
+        cfg = denoiser.config
+        param = next(denoiser.parameters())
+        sample_size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        h = height or sample_size
+        w = width or sample_size
+        n_text = text_len or 77
+
+        def to(x: torch.Tensor) -> torch.Tensor:
+            return x.to(param.device, param.dtype)
+
+        def randn(*shape):
+            return to(torch.randn(*shape, generator=generator))
+
+        text_embeds_dim = cfg.projection_class_embeddings_input_dim - _N_TIME_IDS * cfg.addition_time_embed_dim
+        time_ids = torch.tensor([[8 * h, 8 * w, 0, 0, 8 * h, 8 * w]], dtype=torch.float32).repeat(batch, 1)
+        return {
+            "sample": randn(batch, cfg.in_channels, h, w),
+            "timestep": to(torch.rand(batch, generator=generator) * 1000),
+            "encoder_hidden_states": randn(batch, n_text, cfg.cross_attention_dim),
+            "added_cond_kwargs": {"text_embeds": randn(batch, text_embeds_dim), "time_ids": to(time_ids)},
+        }
+
+    def structure_groups(self, block: Block) -> list[StructureGroup]:
+        """Heads of attn1 and of attn2 (each its own group), and the feed-forward neurons.
+
+        For GEGLU, neuron i is value row i and gate row inner + i of `ff.net.0.proj`: both must go.
+        """
+        mods = dict(block.module.named_modules())
+        p = block.name + "."
+        groups = []
+        for attn_name in ("attn1", "attn2"):
+            attn = mods.get(attn_name)
+            if attn is None:
+                continue
+            head_dim = attn.to_q.out_features // attn.heads
+            groups.append(StructureGroup(
+                "heads", p + attn_name, attn.heads, head_dim, (Slice(p + f"{attn_name}.to_out.0"),),
+                tuple(Slice(p + f"{attn_name}.to_{x}") for x in "qkv"), attention=p + attn_name))
+        ff = mods.get("ff")
+        if ff is not None:
+            inner = ff.net[2].in_features
+            writers = (Slice(p + "ff.net.0.proj", 0),)
+            if type(ff.net[0]).__name__ in _GATED_ACTIVATIONS:
+                writers += (Slice(p + "ff.net.0.proj", inner),)
+            groups.append(StructureGroup("ffn", p + "ff", inner, 1, (Slice(p + "ff.net.2"),), writers))
+        return groups
+
+    def encode_prompts(self, pipeline, prompts: list[str], guidance_scale: float,
+                       max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Both CLIP encoders' penultimate states (concatenated) and the second encoder's pooled projection.
+
+        With guidance > 1 the negative embeddings are included: zeros when the pipeline's
+        `force_zeros_for_empty_prompt` is set (SDXL base), the encoded empty prompt otherwise.
+        CLIP has a fixed length, so `max_sequence_length` is ignored.
+        """
+        cfg = guidance_scale > 1.0
+        with torch.no_grad():
+            emb, neg, pooled, neg_pooled = pipeline.encode_prompt(prompt=prompts, do_classifier_free_guidance=cfg)
+        out = {"prompt_embeds": emb, "pooled_prompt_embeds": pooled}
+        if cfg:
+            out |= {"negative_prompt_embeds": neg, "negative_pooled_prompt_embeds": neg_pooled}
+        return out
+
+
+
+
+def build_sdxl_pipeline(
+    words: list[str],
+    *,
+    block_out_channels: tuple[int, int] = (32, 64),
+    layers_per_block: int = 1,
+    transformer_layers_per_block: int | tuple[int, ...] = 1,
+    num_heads: int = 2,
+    sample_size: int = 8,
+    latent_channels: int = 4,
+    image_channels: int = 3,
+    vae_channels: tuple[int, ...] = (8, 16),
+    addition_time_embed_dim: int = 8,
+    text=None,
+    seed: int = 0,
+):
+    """A complete `StableDiffusionXLPipeline` built from configs with random weights (no network).
+
+    The UNet has SDXL's shape in miniature: a plain `DownBlock2D` then a `CrossAttnDownBlock2D`, a
+    cross-attention mid block, and the mirrored up blocks; `num_heads` heads per attention (the UNet's
+    `attention_head_dim` is, confusingly, a head count). `cross_attention_dim` is the sum of the two CLIP
+    widths (their penultimate states are concatenated), and the added embedding reads the second
+    encoder's projection plus 6 time ids of `addition_time_embed_dim` each. `sample_size` is the latent
+    size; images are `sample_size * 2 ** (len(vae_channels) - 1)` pixels. `text`: a `TextStackConfig`
+    (its T5 fields are unused).
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from obsdiff.models.text import TextStackConfig, clip_text_encoder, clip_tokenizer
+
+    text = text or TextStackConfig()
+    tokenizer = clip_tokenizer(words, text.max_length)
+    tokenizer_2 = clip_tokenizer(words, text.max_length)
+    text_encoder = clip_text_encoder(len(tokenizer), text.clip_hidden[0], text.clip_hidden[0], text, seed + 1,
+                                     with_projection=False)
+    text_encoder_2 = clip_text_encoder(len(tokenizer_2), text.clip_hidden[1], text.clip_projection[1], text, seed + 2)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        transformer_layers_per_block=transformer_layers_per_block,
+        attention_head_dim=num_heads,
+        use_linear_projection=True,
+        cross_attention_dim=sum(text.clip_hidden),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=addition_time_embed_dim,
+        projection_class_embeddings_input_dim=text.clip_projection[1] + _N_TIME_IDS * addition_time_embed_dim,
+        norm_num_groups=min(32, block_out_channels[0]),
+    )
+    n_levels = len(vae_channels)
+    vae = AutoencoderKL(
+        in_channels=image_channels,
+        out_channels=image_channels,
+        down_block_types=("DownEncoderBlock2D",) * n_levels,
+        up_block_types=("UpDecoderBlock2D",) * n_levels,
+        block_out_channels=vae_channels,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=min(8, vae_channels[0]),
+        sample_size=sample_size * 2 ** (n_levels - 1),
+        scaling_factor=1.0,
+    )
+    # SDXL base's scheduler config.
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     add_watermarker=False)

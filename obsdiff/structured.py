@@ -1,0 +1,149 @@
+"""Structured OBS-Diff: remove attention heads and FFN neurons, then shrink the model (METHOD.md 4-6).
+
+The family's structure groups of the selected blocks are split into G contiguous calibration groups.
+For each: calibrate the current model (earlier groups already pruned) with Hessians for this group's
+reader linears only, remove structures greedily with the block OBS update, and zero the writers' rows
+of removed structures so later passes see the pruned model. Finally every linear is sliced once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from obsdiff import obs
+from obsdiff.config import CalibConfig, PruneConfig
+from obsdiff.errors import ConfigError
+from obsdiff.flops import forward_flops, parameter_count
+from obsdiff.loading import LoadedModel
+from obsdiff.models import StructureGroup
+from obsdiff.prune import Calibrator, LayerRecord, PruneError, PruneReport, select_blocks, split_groups
+from obsdiff.shrink import plan_to_json, removed_indices, shrink_, structure_columns
+
+log = logging.getLogger(__name__)
+
+
+def plan_structures(model: LoadedModel, cfg: PruneConfig) -> tuple[list[tuple[StructureGroup, int]], list[str]]:
+    """(group, number to remove) in forward order, and warnings for ratios that round to nothing."""
+    fam, denoiser = model.family, model.denoiser
+    groups = [g for b in select_blocks(fam.blocks(denoiser), cfg.blocks) for g in fam.structure_groups(b)]
+    if not groups:
+        raise ConfigError(f"the {fam.name} family defines no heads or FFN groups to remove; "
+                          "use --sparsity-type unstructured or 2:4")
+    planned, warnings = [], []
+    for g in groups:
+        ratio = cfg.ratio(g.kind)
+        n = min(round(ratio * g.count), g.count - 1)  # at least one head / neuron always remains
+        if ratio > 0 and n == 0:
+            warnings.append(f"{g.name}: ratio {ratio:g} of {g.count} {g.kind} rounds to zero; nothing removed")
+        planned.append((g, n))
+    if not any(n for _, n in planned):
+        raise ConfigError("the requested ratios remove no structure at all; raise --sparsity / --head-ratio")
+    return planned, warnings
+
+
+def model_stats(model: LoadedModel) -> dict:
+    d = model.denoiser
+    msl = model.generation_defaults.get("max_sequence_length")
+    inputs = model.family.example_inputs(d, batch=1, text_len=model.family.text_len(model.pipeline, msl),
+                                         generator=torch.Generator().manual_seed(0))
+    return {"parameters": parameter_count(d), "flops_per_forward": forward_flops(d, inputs)}
+
+
+def _zero_writers_(modules: dict, group: StructureGroup, removed: list[int]) -> None:
+    keep = [i for i in range(group.count) if i not in set(removed)]
+    for s in group.writers:
+        rows = removed_indices(group, s.offset, keep)
+        lin = modules[s.linear]
+        with torch.no_grad():
+            lin.weight[rows] = 0
+            if lin.bias is not None:
+                lin.bias[rows] = 0
+
+
+def prune_structured_(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, progress: bool,
+                      t_start: float) -> PruneReport:
+    denoiser = model.denoiser
+    modules = dict(denoiser.named_modules())
+    planned, warnings = plan_structures(model, cfg)
+    for w in warnings:
+        log.warning(w)
+    report = PruneReport(prune=cfg.to_dict(), calib=calib.to_dict(), family=model.family.name,
+                         base_model=model.ref, warnings=warnings)
+    before = model_stats(model)
+    active = [(g, n) for g, n in planned if n > 0]
+    calibrator = Calibrator(model, cfg, calib, progress) if cfg.needs_calibration else None
+    report.encode_seconds = calibrator.encode_seconds if calibrator else 0.0
+    removed_cols: dict[str, set[int]] = {}  # per reader linear, over all groups: never revived by a later update
+    originals: dict[str, torch.Tensor] = {}
+    hessians: dict[str, torch.Tensor] = {}
+    kept: dict[str, list[int]] = {}
+    chunks = split_groups(active, calib.groups if calibrator else 1)
+    for gi, chunk in enumerate(tqdm(chunks, desc="groups", unit="group", disable=not progress)):
+        readers = list(dict.fromkeys(s.linear for g, _ in chunk for s in g.readers))
+        accs, t_calib = ({}, 0.0)
+        if calibrator:
+            accs, t_calib = calibrator.hessians(readers, f"calibrate group {gi + 1}/{len(chunks)}")
+        t0 = time.perf_counter()
+        states: dict[str, obs.ReaderState] = {}
+        for name in readers:
+            W = modules[name].weight.detach()
+            originals.setdefault(name, W.clone())
+            if name in accs:
+                hessians[name] = accs[name].H
+                gone = torch.zeros(W.shape[1], dtype=torch.bool, device=W.device)
+                gone[list(removed_cols.get(name, ()))] = True
+                try:
+                    states[name] = obs.ReaderState.create(W, accs[name].H, cfg.percdamp, gone)
+                except obs.CholeskyError as exc:
+                    raise PruneError(f"layer {name}: {exc}; raise --percdamp or use more calibration prompts") from None
+        for group, n in tqdm(chunk, desc=f"remove structures {gi + 1}/{len(chunks)}", unit="group", leave=False,
+                             disable=not progress):
+            t1 = time.perf_counter()
+            cols = [structure_columns(group, s.offset, denoiser.device) for s in group.readers]
+            if cfg.method == "magnitude":
+                gone = obs.magnitude_structures([modules[s.linear].weight.detach() for s in group.readers], cols, n)
+            else:
+                per_round = 1 if group.kind == "heads" else cfg.ffn_per_round
+                gone = obs.remove_structures_([states[s.linear] for s in group.readers], cols, n, per_round,
+                                              cfg.structure_cost, cfg.joint_scoring, cfg.compensate)
+            kept[group.name] = [i for i in range(group.count) if i not in set(gone)]
+            for s, c in zip(group.readers, cols, strict=True):
+                removed_cols.setdefault(s.linear, set()).update(c[gone].flatten().tolist())
+            _zero_writers_(modules, group, gone)
+            report.structures.append({"name": group.name, "kind": group.kind, "count": group.count,
+                                      "kept": len(kept[group.name]), "removed": gone,
+                                      "seconds": time.perf_counter() - t1})
+        for name in readers:
+            lin = modules[name]
+            W_new = states[name].W if name in states else lin.weight.detach().float()
+            W_new = W_new.clone()
+            W_new[:, sorted(removed_cols[name])] = 0
+            if not torch.isfinite(W_new).all():
+                raise PruneError(f"layer {name}: structured pruning produced non-finite weights; raise --percdamp")
+            with torch.no_grad():
+                lin.weight.copy_(W_new.to(lin.weight.dtype))
+        report.add_group(gi, [[g.name] for g, _ in chunk], t_calib, time.perf_counter() - t0, accs)
+        del accs, states
+
+    for name, W0 in originals.items():
+        W = modules[name].weight.detach()
+        H = hessians.get(name)
+        masked = W0.clone()
+        masked[:, sorted(removed_cols[name])] = 0
+        report.layers.append(LayerRecord(
+            name, tuple(W.shape), len(removed_cols[name]) / W.shape[1],
+            obs.reconstruction_error(W0, masked, H) if H is not None else None,
+            obs.reconstruction_error(W0, W, H) if H is not None else None,
+            None, 0.0))
+    shrink_(denoiser, [g for g, _ in active], kept)
+    after = model_stats(model)
+    report.model_stats = {"before": before, "after": after,
+                          "parameter_ratio": after["parameters"] / before["parameters"],
+                          "flop_ratio": after["flops_per_forward"] / before["flops_per_forward"]}
+    report.shrink_plan = plan_to_json([g for g, _ in active], kept)
+    report.total_seconds = time.perf_counter() - t_start
+    return report
