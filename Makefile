@@ -1,4 +1,4 @@
-# make demo: generate and evaluate images from the embedded builtin:digits model
+# make demo: generate from the embedded builtin:digits model, prune it 2:4 with OBS-Diff, evaluate both
 # make test: ruff + pytest
 # Both create the virtual environment on first use (about 2 minutes, 1.7 GB).
 
@@ -24,7 +24,10 @@ demo: $(STAMP)
 	$(VENV)/bin/obsdiff info
 	$(VENV)/bin/obsdiff generate --model builtin:digits --prompt "a handwritten digit seven" --seed 0 \
 		--out runs/demo/seven.png --force
-	$(VENV)/bin/obsdiff eval --model builtin:digits --num-images 200 --out runs/demo/eval --force
+	$(VENV)/bin/obsdiff eval --model builtin:digits --num-images 200 --out runs/demo/dense-eval --force
+	$(VENV)/bin/obsdiff prune --model builtin:digits --method obs-diff --sparsity-type 2:4 \
+		--out runs/demo/digits-2of4 --force
+	$(VENV)/bin/obsdiff eval runs/demo/digits-2of4 --reference builtin:digits --num-images 200 --force
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -22,9 +22,12 @@ def cli(verbose: int) -> None:
 @cli.command()
 @click.argument("model_or_run")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--component", type=click.Choice(["transformer", "vae-decoder", "text-encoders", "all"]),
-              default="transformer", show_default=True)
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--component", default="transformer", show_default=True,
+              help="transformer (the denoiser, also for UNets), vae-decoder, text-encoders or all")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="exported precision (bf16 needs --opset 22); timesteps and position ids stay fp32")
+@click.option("--component-dtype", multiple=True, metavar="COMPONENT=DTYPE",
+              help="force one component's precision, e.g. vae-decoder=fp16 (kept fp32 by default when fp16 is asked)")
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--batch", default="1:2:8", show_default=True, help="dynamic batch MIN:OPT:MAX")
 @click.option("--height", default=None, help="latent-pixel height MIN:OPT:MAX [model default]")
@@ -32,10 +35,28 @@ def cli(verbose: int) -> None:
 @click.option("--text-len", default=None, help="text tokens MIN:OPT:MAX [model default]")
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True)
 @click.option("--linear-as-gemm", is_flag=True, help="export transformer linears as Gemm with named weights")
+@click.option("--external-data", is_flag=True, help="weights in <component>.onnx.data [only above 2 GB]")
+@click.option("--device", default="cpu", show_default=True, help="where the model runs while exporting")
 @FORCE
-def onnx(**kwargs) -> None:
+def onnx(model_or_run: str, out: Path, force: bool, **kwargs) -> None:
     """Export a model or pruned run to ONNX, with parity and N:M checks."""
-    not_implemented("obsdiff-export onnx", "the ONNX export issue")
+    from obsdiff.cli_utils import format_table
+
+    from .onnx_export import ExportConfig, export_onnx
+
+    config = ExportConfig(component=kwargs["component"], dtype=kwargs["dtype"], opset=kwargs["opset"],
+                          batch=kwargs["batch"], height=kwargs["height"], width=kwargs["width"],
+                          text_len=kwargs["text_len"], exporter=kwargs["exporter"],
+                          linear_as_gemm=kwargs["linear_as_gemm"], external_data=kwargs["external_data"],
+                          component_dtypes=tuple(kwargs["component_dtype"]), device=kwargs["device"])
+    report = export_onnx(model_or_run, out, config, force=force)
+    rows = []
+    for name, c in report["components"].items():
+        failed_or_run = {k: v for k, v in c["checks"].items() if v != "skipped"}
+        rows.append([name, c["file"], c["bytes"] / 2**20, c["dtype"], c["export_seconds"],
+                     ", ".join(f"{k} {v}" for k, v in failed_or_run.items())])
+    click.echo(format_table(["component", "file", "MiB", "dtype", "export s", "checks"], rows))
+    click.echo(f"wrote {out} (sidecars: <component>.json; serve with obsdiff-export triton {out} --out REPO)")
 
 
 @cli.command(name="build-engine")
@@ -79,9 +100,14 @@ def bench(**kwargs) -> None:
 @click.argument("export_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="model repository")
 @FORCE
-def triton(**kwargs) -> None:
+def triton(export_dir: Path, out: Path, force: bool) -> None:
     """Write a Triton Inference Server model repository for exported components."""
-    not_implemented("obsdiff-export triton", "the ONNX export issue")
+    from .triton import write_triton_repository
+
+    models = write_triton_repository(export_dir, out, force=force)
+    for m in models:
+        click.echo(f"{m['name']}: {m['platform']}, max_batch_size {m['max_batch_size']}")
+    click.echo(f"wrote {out} (tritonserver --model-repository {out})")
 
 
 def main() -> None:

@@ -148,6 +148,9 @@ def read_prompts(path: Path) -> tuple[str, ...]:
               help="structured MMDiT heads: sum both streams' costs, or reference reciprocal-rank fusion")
 @click.option("--ffn-per-round", type=int, default=64, show_default=True,
               help="structured: FFN neurons removed per greedy round")
+@click.option("--allocation", type=click.Choice(["uniform", "sensitivity"]), default="uniform", show_default=True,
+              help="structured: same ratio in every block, or per-block counts from OBS cost curves "
+                   "(same parameter budget)")
 @click.option("--prompts", default="builtin", show_default=True, help="calibration prompts: FILE or builtin")
 @click.option("--num-prompts", type=int, default=None, help="calibration prompts [100; 64 for builtin:digits]")
 @click.option("--steps", type=int, default=None, help="calibration denoising steps [25; 20 for builtin:digits]")
@@ -170,7 +173,7 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 @DEVICE
 @DTYPE
 def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structure_cost, joint_scoring,
-          ffn_per_round, prompts, num_prompts, steps, guidance, batch_size, groups,
+          ffn_per_round, allocation, prompts, num_prompts, steps, guidance, batch_size, groups,
           timestep_weighting, blocks, percdamp, block_size, no_compensate, skip_indivisible, max_tokens,
           solver_precision, seed, out, force, device, dtype) -> None:
     """Prune a denoiser with OBS-Diff (or a baseline) and save a run directory."""
@@ -185,7 +188,7 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
                        block_size=block_size, compensate=not no_compensate, blocks=parse_span(blocks),
                        on_indivisible="skip" if skip_indivisible else "error", compute_dtype=solver_precision,
                        head_ratio=head_ratio, ffn_ratio=ffn_ratio, structure_cost=structure_cost,
-                       joint_scoring=joint_scoring, ffn_per_round=ffn_per_round)
+                       joint_scoring=joint_scoring, ffn_per_round=ffn_per_round, allocation=allocation)
     ccfg = CalibConfig(prompts=prompts, num_prompts=num_prompts, steps=steps, guidance=guidance,
                        batch_size=batch_size, groups=groups, timestep_weighting=timestep_weighting, seed=seed,
                        max_tokens=max_tokens)

@@ -43,6 +43,7 @@ class PruneConfig:
     structure_cost: str = "exact"  # "exact" block OBS cost or the reference "diag" approximation
     joint_scoring: str = "sum"  # MMDiT joint heads: "sum" of both streams' costs or reference "rrf"
     ffn_per_round: int = 64  # FFN neurons removed per greedy round (heads: one per round)
+    allocation: str = "uniform"  # structured: "uniform" ratio per block, or "sensitivity" (same parameter budget)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -92,6 +93,8 @@ class PruneConfig:
             raise ConfigError(f"structure cost {self.structure_cost!r} must be exact or diag")
         if self.joint_scoring not in ("sum", "rrf"):
             raise ConfigError(f"joint scoring {self.joint_scoring!r} must be sum or rrf")
+        if self.allocation not in ("uniform", "sensitivity"):
+            raise ConfigError(f"--allocation {self.allocation!r} must be uniform or sensitivity")
         if self.ffn_per_round < 1:
             raise ConfigError(f"--ffn-per-round {self.ffn_per_round} must be at least 1")
         if self.compute_dtype not in ("fp32", "fp64"):

@@ -215,6 +215,9 @@ def structure_costs(W: torch.Tensor, Hi: torch.Tensor, cols: torch.Tensor, appro
     implementation's approximation, `sum w^2 / diag(chol(Hi_GG))^2`, which ignores the coupling of the
     columns inside a structure.
     """
+    if cols.shape[1] == 1:  # single columns (FFN neurons): both formulas are w^2 / Hi_jj, no batched solve
+        j = cols[:, 0]
+        return (W[:, j] ** 2).sum(0) / torch.diagonal(Hi)[j]
     Wg = W[:, cols].permute(1, 2, 0)  # (count, size, d_out)
     Hgg = Hi[cols[:, :, None], cols[:, None, :]]  # (count, size, size)
     if approx == "exact":
@@ -244,16 +247,18 @@ def fuse_costs(costs: list[torch.Tensor], how: str = "sum", rrf_k: int = 60) -> 
 
 
 def remove_structures_(readers: list[ReaderState], cols: list[torch.Tensor], n_remove: int, per_round: int = 1,
-                       approx: str = "exact", fuse: str = "sum", compensate: bool = True) -> list[int]:
+                       approx: str = "exact", fuse: str = "sum", compensate: bool = True,
+                       exclude: torch.Tensor | None = None) -> list[int]:
     """Greedy structured OBS with recomputation; mutates the readers. Returns removed structure indices.
 
     Each round recomputes every reader's inverse Hessian, scores the remaining structures (one cost per
     reader, fused), removes the `per_round` cheapest with the exact joint update, and drops their columns
-    from the problem. `cols[r]` is (count, size): structure columns in reader r.
+    from the problem. `cols[r]` is (count, size): structure columns in reader r. `exclude` marks structures
+    removed earlier (never chosen again).
     """
     count = cols[0].shape[0]
     removed: list[int] = []
-    gone = torch.zeros(count, dtype=torch.bool, device=cols[0].device)
+    gone = torch.zeros(count, dtype=torch.bool, device=cols[0].device) if exclude is None else exclude.clone()
     while len(removed) < n_remove:
         inverses = [r.inverse() for r in readers]
         costs = [structure_costs(r.W, Hi, c, approx).masked_fill(gone, float("inf"))

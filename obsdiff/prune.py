@@ -71,6 +71,7 @@ class PruneReport:
     shrink_plan: list[dict] | None = None  # structured: what `shrink.replay_plan_` needs to rebuild the model
     model_stats: dict = field(default_factory=dict)  # structured: parameters and FLOPs before/after
     warnings: list[str] = field(default_factory=list)
+    allocation: dict | None = None  # structured, --allocation sensitivity: per-group counts and seconds
 
     def add_group(self, index: int, units: list[list[str]], calib_seconds: float, prune_seconds: float,
                   accs: dict[str, HessianAccumulator]) -> None:

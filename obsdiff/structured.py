@@ -45,6 +45,97 @@ def plan_structures(model: LoadedModel, cfg: PruneConfig) -> tuple[list[tuple[St
     return planned, warnings
 
 
+def cost_curve(readers: list[obs.ReaderState], cols: list[torch.Tensor], max_remove: int, per_round: int,
+               cfg: PruneConfig) -> list[float]:
+    """Relative output error after removing 0, 1, ..., max_remove structures greedily (on copies).
+
+    The error is `tr(dW H dW^T) / tr(W H W^T)` summed over the group's readers, measured after each greedy
+    round and interpolated linearly in between.
+    """
+    states = [obs.ReaderState(r.W.clone(), r.H.clone(), r.damp) for r in readers]
+    norms = [max(float(((r.W @ r.H) * r.W).sum()), 1e-30) for r in readers]
+    gone = torch.zeros(cols[0].shape[0], dtype=torch.bool, device=cols[0].device)
+    points = {0: 0.0}
+    while int(gone.sum()) < max_remove:
+        k = min(per_round, max_remove - int(gone.sum()))
+        removed = obs.remove_structures_(states, cols, k, k, cfg.structure_cost, cfg.joint_scoring,
+                                         cfg.compensate, exclude=gone)
+        gone[removed] = True
+        points[int(gone.sum())] = sum(float((((s.W - r.W) @ r.H) * (s.W - r.W)).sum()) / n
+                                      for s, r, n in zip(states, readers, norms, strict=True))
+    xs = sorted(points)
+    curve = []
+    for n in range(max_remove + 1):
+        lo = max(x for x in xs if x <= n)
+        hi = min(x for x in xs if x >= n)
+        t = 0.0 if hi == lo else (n - lo) / (hi - lo)
+        curve.append(points[lo] + t * (points[hi] - points[lo]))
+    return curve
+
+
+def allocate(curves: dict[str, list[float]], unit_params: dict[str, int], budget: int) -> dict[str, int]:
+    """Spend a parameter `budget` on removals with the smallest marginal relative error per parameter.
+
+    A greedy knapsack over the groups' cost curves; stops before exceeding the budget.
+    """
+    import heapq
+
+    taken = dict.fromkeys(curves, 0)
+    heap = [((c[1] - c[0]) / unit_params[name], name) for name, c in curves.items() if len(c) > 1]
+    heapq.heapify(heap)
+    spent = 0
+    while heap:
+        _, name = heapq.heappop(heap)
+        if spent + unit_params[name] > budget:
+            continue
+        spent += unit_params[name]
+        taken[name] += 1
+        c, k = curves[name], taken[name]
+        if k + 1 < len(c):
+            heapq.heappush(heap, ((c[k + 1] - c[k]) / unit_params[name], name))
+    return taken
+
+
+def structure_params(group: StructureGroup, modules: dict) -> int:
+    """Parameters one structure of the group carries (writer rows with bias, reader columns)."""
+    n = 0
+    for s in group.writers:
+        lin = modules[s.linear]
+        n += group.size * (lin.in_features + (1 if lin.bias is not None else 0))
+    for s in group.readers:
+        n += group.size * modules[s.linear].out_features
+    return n
+
+
+def sensitivity_allocation(planned: list[tuple[StructureGroup, int]], cfg: PruneConfig, calibrator,
+                           modules: dict, groups: int, progress: bool) -> list[tuple[StructureGroup, int]]:
+    """Non-uniform per-block counts with the uniform plan's parameter budget, per structure kind.
+
+    Each group's OBS cost curve is measured on the dense model (up to twice its uniform count) and the
+    budget goes where the marginal relative output error per removed parameter is smallest.
+    """
+    curves, unit = {}, {}
+    chunks = split_groups(planned, groups)
+    for i, chunk in enumerate(chunks):
+        readers = list(dict.fromkeys(s.linear for g, _ in chunk for s in g.readers))
+        accs, _ = calibrator.hessians(readers, f"sensitivity {i + 1}/{len(chunks)}")
+        states = {name: obs.ReaderState.create(modules[name].weight.detach(), accs[name].H, cfg.percdamp)
+                  for name in readers}
+        for g, n in chunk:
+            per_round = 1 if g.kind == "heads" else cfg.ffn_per_round
+            max_remove = min(g.count - 1, max(2 * n, n + 1))
+            cols = [structure_columns(g, s.offset, states[s.linear].W.device) for s in g.readers]
+            curves[g.name] = cost_curve([states[s.linear] for s in g.readers], cols, max_remove, per_round, cfg)
+            unit[g.name] = structure_params(g, modules)
+        del accs, states
+    counts = {}
+    for kind in {g.kind for g, _ in planned}:
+        members = [(g, n) for g, n in planned if g.kind == kind]
+        budget = sum(n * unit[g.name] for g, n in members)
+        counts |= allocate({g.name: curves[g.name] for g, _ in members}, unit, budget)
+    return [(g, counts[g.name]) for g, _ in planned]
+
+
 def model_stats(model: LoadedModel) -> dict:
     d = model.denoiser
     msl = model.generation_defaults.get("max_sequence_length")
@@ -74,9 +165,15 @@ def prune_structured_(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, 
     report = PruneReport(prune=cfg.to_dict(), calib=calib.to_dict(), family=model.family.name,
                          base_model=model.ref, warnings=warnings)
     before = model_stats(model)
-    active = [(g, n) for g, n in planned if n > 0]
     calibrator = Calibrator(model, cfg, calib, progress) if cfg.needs_calibration else None
     report.encode_seconds = calibrator.encode_seconds if calibrator else 0.0
+    if cfg.allocation == "sensitivity":
+        if calibrator is None:
+            raise ConfigError("--allocation sensitivity needs Hessians; use it with obs-diff or sparsegpt")
+        t0 = time.perf_counter()
+        planned = sensitivity_allocation(planned, cfg, calibrator, modules, calib.groups, progress)
+        report.allocation = {"seconds": time.perf_counter() - t0, "removed": {g.name: n for g, n in planned}}
+    active = [(g, n) for g, n in planned if n > 0]
     removed_cols: dict[str, set[int]] = {}  # per reader linear, over all groups: never revived by a later update
     originals: dict[str, torch.Tensor] = {}
     hessians: dict[str, torch.Tensor] = {}

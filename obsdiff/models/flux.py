@@ -16,10 +16,23 @@ to float32 before use), which matters for export, not for pruning.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
-from obsdiff.models.registry import Block, ModelFamily, Slice, StructureGroup, register_family
+from obsdiff.models.registry import (
+    Block,
+    ModelFamily,
+    OnnxDim,
+    OnnxInput,
+    OnnxIO,
+    Slice,
+    StructureGroup,
+    default_range,
+    range_dim,
+    register_family,
+)
 
 # Forward order inside a FluxTransformerBlock; each tuple is a set of linears reading one tensor.
 _DOUBLE_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
@@ -159,6 +172,60 @@ class FluxFamily(ModelFamily):
             groups.append(StructureGroup("ffn", p + ff_name, ff.net[0].proj.out_features, 1,
                                          (Slice(p + f"{ff_name}.net.2"),), (Slice(p + f"{ff_name}.net.0.proj"),)))
         return groups
+
+    def onnx_default_ranges(self, pipeline, max_sequence_length: int | None = None) -> dict[str, tuple[int, int, int]]:
+        """Around the pipeline's default latent size and its T5 length (capped by the tokenizer's maximum)."""
+        size = getattr(pipeline, "default_sample_size", None) or _DEFAULT_LATENT_SIZE
+        tokenizer = getattr(pipeline, "tokenizer_2", None)
+        n_text = max_sequence_length or min(_DEFAULT_TEXT_LEN,
+                                            getattr(tokenizer, "model_max_length", None) or _DEFAULT_TEXT_LEN)
+        return {"height": default_range(size, 2), "width": default_range(size, 2), "text": default_range(n_text)}
+
+    def onnx_io(self, denoiser: nn.Module, ranges: dict[str, tuple[int, int, int]]) -> OnnxIO:
+        """TensorRT demo names: hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
+        txt_ids (and guidance for guidance-distilled models) -> latent.
+
+        The image sequence is (height/2) * (width/2) packed tokens: its profile is derived from the
+        height/width ranges. Ids, timestep and guidance stay float32 in every precision.
+        """
+        cfg = denoiser.config
+        b = range_dim("batch", ranges["batch"])
+        h = range_dim("height", ranges["height"], 2)
+        w = range_dim("width", ranges["width"], 2)
+        tok = OnnxDim("image_tokens", *((hh // 2) * (ww // 2) for hh, ww in zip(h.values(), w.values(), strict=True)))
+        t = range_dim("text", ranges["text"], what="--text-len")
+        inputs = [
+            OnnxInput("hidden_states", "hidden_states", (b, tok, cfg.in_channels)),
+            OnnxInput("encoder_hidden_states", "encoder_hidden_states", (b, t, cfg.joint_attention_dim)),
+            OnnxInput("pooled_projections", "pooled_projections", (b, cfg.pooled_projection_dim)),
+            OnnxInput("timestep", "timestep", (b,), "float32"),
+            OnnxInput("img_ids", "img_ids", (tok, 3), "float32"),
+            OnnxInput("txt_ids", "txt_ids", (t, 3), "float32"),
+        ]
+        if cfg.guidance_embeds:
+            inputs.append(OnnxInput("guidance", "guidance", (b,), "float32"))
+        return OnnxIO(tuple(inputs), ranges=(b, h, w, t))
+
+    @contextlib.contextmanager
+    def onnx_export_context(self, denoiser: nn.Module):
+        """Compute the rotary embedding in float32 while exporting: diffusers uses float64 on CPU, which
+        TensorRT cannot run. Positions are small integers, so float32 phases differ by ~1e-7 relative."""
+        from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+        pos_embed = denoiser.pos_embed
+
+        def forward_fp32(ids: torch.Tensor):
+            pos = ids.float()
+            pairs = [get_1d_rotary_pos_embed(dim, pos[:, i], theta=pos_embed.theta, repeat_interleave_real=True,
+                                             use_real=True, freqs_dtype=torch.float32)
+                     for i, dim in enumerate(pos_embed.axes_dim)]
+            return torch.cat([c for c, _ in pairs], dim=-1), torch.cat([s for _, s in pairs], dim=-1)
+
+        pos_embed.forward = forward_fp32
+        try:
+            yield
+        finally:
+            del pos_embed.forward
 
     def encode_prompts(self, pipeline, prompts: list[str], guidance_scale: float,
                        max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:

@@ -7,13 +7,14 @@ example inputs for export). The pruning core asks these questions and never name
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from obsdiff.errors import UnsupportedModelError
+from obsdiff.errors import ConfigError, UnsupportedModelError
 
 FAMILIES: dict[str, ModelFamily] = {}
 
@@ -55,6 +56,82 @@ class StructureGroup:
     readers: tuple[Slice, ...]
     writers: tuple[Slice, ...]
     attention: str | None = None
+
+
+@dataclass(frozen=True)
+class OnnxDim:
+    """A dynamic dimension of an exported graph with its TensorRT optimization profile.
+
+    Every value in [min, max] that is a multiple of `multiple` is valid; `opt` is the shape the engine is
+    tuned for. Inputs that share a dimension share the same `OnnxDim` (same name).
+    """
+
+    name: str
+    min: int
+    opt: int
+    max: int
+    multiple: int = 1
+
+    @property
+    def static(self) -> bool:
+        return self.min == self.max
+
+    def values(self) -> tuple[int, int, int]:
+        return self.min, self.opt, self.max
+
+
+@dataclass(frozen=True)
+class OnnxInput:
+    """One input of the exported graph and the forward keyword argument it feeds.
+
+    `kwarg` is a keyword of the denoiser's forward (dotted for nested dicts, e.g.
+    `added_cond_kwargs.time_ids`); `dtype` is "model" (the exported precision) or a fixed torch dtype
+    name ("float32" for timesteps and position ids, which lose too much in half precision).
+    """
+
+    name: str
+    kwarg: str
+    shape: tuple[OnnxDim | int, ...]
+    dtype: str = "model"
+
+
+@dataclass(frozen=True)
+class OnnxIO:
+    """The denoiser's ONNX signature: inputs in graph order and the output name(s).
+
+    `ranges` are the user-level dimensions (batch, height, width, text) that `example_inputs` takes:
+    inputs are made at points of these ranges (the graph's own dims may be derived from them, like
+    Flux's packed image tokens).
+    """
+
+    inputs: tuple[OnnxInput, ...]
+    outputs: tuple[str, ...] = ("latent",)
+    ranges: tuple[OnnxDim, ...] = ()
+
+    def dims(self) -> dict[str, OnnxDim]:
+        return {d.name: d for i in self.inputs for d in i.shape if isinstance(d, OnnxDim)}
+
+
+def range_dim(name: str, values: tuple[int, int, int], multiple: int = 1, limit: int | None = None,
+              what: str = "") -> OnnxDim:
+    """An `OnnxDim` from a user's MIN:OPT:MAX, checked against the model's constraints (one-line errors)."""
+    lo, opt, hi = values
+    flag = what or f"--{name.replace('_', '-')}"
+    if not 1 <= lo <= opt <= hi:
+        raise ConfigError(f"{flag} {lo}:{opt}:{hi} must satisfy 1 <= MIN <= OPT <= MAX")
+    bad = [v for v in values if v % multiple]
+    if bad:
+        raise ConfigError(f"{flag} {lo}:{opt}:{hi}: {bad[0]} is not a multiple of {multiple}, which this model needs")
+    if limit is not None and hi > limit:
+        raise ConfigError(f"{flag} {lo}:{opt}:{hi}: MAX {hi} exceeds this model's limit of {limit}")
+    return OnnxDim(name, lo, opt, hi, multiple)
+
+
+def default_range(opt: int, multiple: int = 1, limit: int | None = None) -> tuple[int, int, int]:
+    """Half to twice `opt`, on multiples of `multiple`, capped by `limit`: the default export profile."""
+    lo = max(multiple, (opt // 2) // multiple * multiple)
+    hi = 2 * opt if limit is None else max(opt, min(2 * opt, limit // multiple * multiple))
+    return lo, opt, hi
 
 
 class ModelFamily(ABC):
@@ -119,6 +196,29 @@ class ModelFamily(ABC):
         Families without structure knowledge return [] and structured pruning refuses them.
         """
         return []
+
+    def onnx_default_ranges(self, pipeline, max_sequence_length: int | None = None) -> dict[str, tuple[int, int, int]]:
+        """Default (min, opt, max) of `height`, `width` (latent pixels) and `text` (tokens) for export.
+
+        `max_sequence_length`: the T5 length the pipeline is used with (None: the family's default).
+        """
+        raise UnsupportedModelError(f"the {self.name} family has no ONNX export description")
+
+    def onnx_io(self, denoiser: nn.Module, ranges: dict[str, tuple[int, int, int]]) -> OnnxIO:
+        """The denoiser's ONNX inputs/outputs (TensorRT demo names) for `ranges` of batch, height, width, text.
+
+        Values are checked against the model's constraints (patch multiples, position table size).
+        """
+        raise UnsupportedModelError(f"the {self.name} family has no ONNX export description")
+
+    def onnx_export_context(self, denoiser: nn.Module) -> contextlib.AbstractContextManager:
+        """Temporary changes that make the denoiser's graph exportable (e.g. no float64); none by default."""
+        return contextlib.nullcontext()
+
+    def onnx_text_encoders(self, pipeline) -> list[tuple[str, str]]:
+        """(text encoder, tokenizer) attribute names of the pipeline's encoders that are present."""
+        pairs = [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3")]
+        return [(e, t) for e, t in pairs if getattr(pipeline, e, None) is not None]
 
     def summary(self, denoiser: nn.Module) -> dict:
         blocks = self.blocks(denoiser)

@@ -12,7 +12,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from obsdiff.models.registry import Block, ModelFamily, Slice, StructureGroup, register_family
+from obsdiff.models.registry import (
+    Block,
+    ModelFamily,
+    OnnxInput,
+    OnnxIO,
+    Slice,
+    StructureGroup,
+    default_range,
+    range_dim,
+    register_family,
+)
 
 # Forward order inside a JointTransformerBlock; each tuple is a set of linears reading one tensor.
 _SD3_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
@@ -27,6 +37,11 @@ _SD3_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
     ("ff_context.net.0.proj",),
     ("ff_context.net.2",),
 )
+
+
+def _position_limit(cfg) -> int | None:
+    """The largest latent height/width the cropped sin-cos position table covers (None: computed on the fly)."""
+    return cfg.pos_embed_max_size * cfg.patch_size if cfg.pos_embed_max_size else None
 
 
 @register_family
@@ -116,6 +131,29 @@ class SD3Family(ModelFamily):
             groups.append(StructureGroup("ffn", p + ff_name, ff.net[0].proj.out_features, 1,
                                          (Slice(p + f"{ff_name}.net.2"),), (Slice(p + f"{ff_name}.net.0.proj"),)))
         return groups
+
+    def onnx_default_ranges(self, pipeline, max_sequence_length: int | None = None) -> dict[str, tuple[int, int, int]]:
+        """Half to twice the config's sample size (within the position table) and the pipeline's text length."""
+        cfg = self.denoiser(pipeline).config
+        size = default_range(cfg.sample_size, cfg.patch_size, _position_limit(cfg))
+        return {"height": size, "width": size, "text": default_range(self.text_len(pipeline, max_sequence_length))}
+
+    def onnx_io(self, denoiser: nn.Module, ranges: dict[str, tuple[int, int, int]]) -> OnnxIO:
+        """TensorRT demo names: hidden_states, encoder_hidden_states, pooled_projections, timestep -> latent.
+
+        Latent height/width must be multiples of the patch size and fit the cropped position table.
+        """
+        cfg = denoiser.config
+        b = range_dim("batch", ranges["batch"])
+        h = range_dim("height", ranges["height"], cfg.patch_size, _position_limit(cfg))
+        w = range_dim("width", ranges["width"], cfg.patch_size, _position_limit(cfg))
+        t = range_dim("text", ranges["text"], what="--text-len")
+        return OnnxIO((
+            OnnxInput("hidden_states", "hidden_states", (b, cfg.in_channels, h, w)),
+            OnnxInput("encoder_hidden_states", "encoder_hidden_states", (b, t, cfg.joint_attention_dim)),
+            OnnxInput("pooled_projections", "pooled_projections", (b, cfg.pooled_projection_dim)),
+            OnnxInput("timestep", "timestep", (b,), "float32"),
+        ), ranges=(b, h, w, t))
 
     def encode_prompts(self, pipeline, prompts: list[str], guidance_scale: float,
                        max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:

@@ -17,7 +17,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from obsdiff.models.registry import Block, ModelFamily, Slice, StructureGroup, register_family
+from obsdiff.models.registry import (
+    Block,
+    ModelFamily,
+    OnnxInput,
+    OnnxIO,
+    Slice,
+    StructureGroup,
+    default_range,
+    range_dim,
+    register_family,
+)
 
 # SDXL's micro-conditioning: original size, crop top-left, target size (2 numbers each).
 _N_TIME_IDS = 6
@@ -31,6 +41,11 @@ def _attention_groups(attn: nn.Module, name: str) -> list[tuple[str, ...]]:
     else:
         groups = [(f"{name}.to_q", f"{name}.to_k", f"{name}.to_v")]
     return groups + [(f"{name}.to_out.0",)]
+
+
+def _downsampling(unet: nn.Module) -> int:
+    """The UNet's total down-sampling factor: latent sizes must be multiples of it."""
+    return 2 ** (len(unet.config.block_out_channels) - 1)
 
 
 @register_family
@@ -142,6 +157,35 @@ class SDXLFamily(ModelFamily):
                 writers += (Slice(p + "ff.net.0.proj", inner),)
             groups.append(StructureGroup("ffn", p + "ff", inner, 1, (Slice(p + "ff.net.2"),), writers))
         return groups
+
+    def onnx_default_ranges(self, pipeline, max_sequence_length: int | None = None) -> dict[str, tuple[int, int, int]]:
+        """Around the UNet's sample size (multiples of its down-sampling factor); CLIP's fixed text length."""
+        unet = self.denoiser(pipeline)
+        size = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
+        tokenizer = getattr(pipeline, "tokenizer", None)
+        n_text = getattr(tokenizer, "model_max_length", 77)
+        return {"height": default_range(size, _downsampling(unet)), "width": default_range(size, _downsampling(unet)),
+                "text": (n_text, n_text, n_text)}
+
+    def onnx_io(self, denoiser: nn.Module, ranges: dict[str, tuple[int, int, int]]) -> OnnxIO:
+        """TensorRT demo names: sample, timestep, encoder_hidden_states, text_embeds, time_ids -> latent.
+
+        Latent height/width must be multiples of the UNet's down-sampling factor (otherwise the up blocks
+        take a data-dependent path). timestep and time_ids stay float32 in every precision.
+        """
+        cfg = denoiser.config
+        b = range_dim("batch", ranges["batch"])
+        h = range_dim("height", ranges["height"], _downsampling(denoiser))
+        w = range_dim("width", ranges["width"], _downsampling(denoiser))
+        t = range_dim("text", ranges["text"], what="--text-len")
+        text_embeds_dim = cfg.projection_class_embeddings_input_dim - _N_TIME_IDS * cfg.addition_time_embed_dim
+        return OnnxIO((
+            OnnxInput("sample", "sample", (b, cfg.in_channels, h, w)),
+            OnnxInput("timestep", "timestep", (b,), "float32"),
+            OnnxInput("encoder_hidden_states", "encoder_hidden_states", (b, t, cfg.cross_attention_dim)),
+            OnnxInput("text_embeds", "added_cond_kwargs.text_embeds", (b, text_embeds_dim)),
+            OnnxInput("time_ids", "added_cond_kwargs.time_ids", (b, _N_TIME_IDS), "float32"),
+        ), ranges=(b, h, w, t))
 
     def encode_prompts(self, pipeline, prompts: list[str], guidance_scale: float,
                        max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:

@@ -202,3 +202,37 @@ def test_structured_prune_other_families(name):
     with torch.no_grad():
         out = fam.denoiser(pipe)(**_inputs(name, fam, fam.denoiser(pipe)), return_dict=False)[0]
     assert torch.isfinite(out).all()
+
+
+def test_allocate_spends_the_budget_where_it_is_cheapest():
+    from obsdiff.structured import allocate
+
+    curves = {"a": [0.0, 0.1, 0.5, 2.0], "b": [0.0, 0.01, 0.02, 0.03], "c": [0.0, 1.0]}
+    taken = allocate(curves, {"a": 1, "b": 1, "c": 1}, budget=4)
+    assert taken == {"a": 1, "b": 3, "c": 0}
+    taken = allocate(curves, {"a": 1, "b": 2, "c": 1}, budget=4)  # b's structures cost twice the parameters
+    assert sum(taken[k] * w for k, w in {"a": 1, "b": 2, "c": 1}.items()) <= 4
+
+
+def test_cost_curve_is_increasing_from_zero():
+    from obsdiff.structured import cost_curve
+
+    W, H = problem(d_out=4, d_in=16, seed=3)
+    state = obs.ReaderState.create(W, H, 0.01)
+    curve = cost_curve([state], [torch.arange(16).view(16, 1)], 8, 3, PruneConfig(sparsity_type="structured",
+                                                                                sparsity=0.3))
+    assert curve[0] == 0 and len(curve) == 9
+    assert all(b >= a - 1e-12 for a, b in zip(curve, curve[1:], strict=False))
+    assert torch.equal(state.W, obs.ReaderState.create(W, H, 0.01).W)  # computed on copies
+
+
+def test_sensitivity_allocation_keeps_the_parameter_budget(tiny_sd3_dir):
+    uniform = load_pipeline(str(tiny_sd3_dir))
+    r_uni = prune_(uniform, PruneConfig(sparsity_type="structured", sparsity=0.4), CALIB, progress=False)
+    sens = load_pipeline(str(tiny_sd3_dir))
+    r_sens = prune_(sens, PruneConfig(sparsity_type="structured", sparsity=0.4, allocation="sensitivity"), CALIB,
+                    progress=False)
+    assert r_sens.allocation and set(r_sens.allocation["removed"]) == {s["name"] for s in r_uni.structures}
+    p_uni = r_uni.model_stats["after"]["parameters"]
+    p_sens = r_sens.model_stats["after"]["parameters"]
+    assert p_sens >= p_uni and p_sens - p_uni < 0.02 * p_uni  # same budget, up to one structure

@@ -1,0 +1,323 @@
+"""Checks run on every exported graph; each returns a record with `status` passed / failed / skipped.
+
+1. `check_model`: the ONNX checker (path based, so external data works) and strict shape inference.
+2. `check_no_float64`: no DOUBLE tensor, value, constant or Cast target (TensorRT has no FP64).
+3. `check_parity`: onnxruntime against PyTorch on fresh inputs at shapes other than the export's.
+4. `check_pruned_weights`: every pruned linear of a run is found in the graph with the same values and,
+   for N:M runs, the pattern holds along the GEMM reduction dimension; `polygraphy_sparsity` cross-checks.
+5. `check_structured_shapes`: shrunk linears have their shrunk shapes in the graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import graph as G
+
+log = logging.getLogger(__name__)
+
+# Robust relative error (max |onnx - torch| / max |torch|) allowed per exported precision.
+TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def check_model(path: str | Path) -> tuple[dict, object | None]:
+    """The ONNX checker and strict shape inference; returns the record and the inferred graph (no weights)."""
+    onnx = G.require("onnx")
+    path = Path(path)
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx raises several unrelated classes
+        return {"status": "failed", "reason": f"onnx.checker: {_first_line(exc)}"}, None
+    with tempfile.TemporaryDirectory() as tmp:
+        inferred = Path(tmp) / "inferred.onnx"
+        try:
+            onnx.shape_inference.infer_shapes_path(str(path), str(inferred), check_type=True, strict_mode=True)
+        except Exception as exc:
+            return {"status": "failed", "reason": f"shape inference: {_first_line(exc)}"}, None
+        model = onnx.load(str(inferred), load_external_data=False)
+    outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    return {"status": "passed", "checker": "ok", "shape_inference": "ok (strict)", "inferred_outputs": outputs,
+            "nodes": len(model.graph.node), "value_infos": len(model.graph.value_info)}, model
+
+
+def check_no_float64(inferred_model) -> dict:
+    uses = G.float64_uses(inferred_model)
+    if uses:
+        return {"status": "failed", "count": len(uses), "examples": uses[:5],
+                "reason": f"{len(uses)} float64 tensors or casts remain (first: {uses[0]}); TensorRT has no FP64"}
+    return {"status": "passed", "count": 0}
+
+
+# ----------------------------------------------------------------------------------------------- parity
+
+
+_ORT_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _providers() -> list[str]:
+    ort = G.require("onnxruntime")
+    available = ort.get_available_providers()
+    return ["CPUExecutionProvider"] + [p for p in ("CUDAExecutionProvider",) if p in available]
+
+
+def _session(path: Path, provider: str, dtype: str, tmp: Path):
+    """An onnxruntime session, or one on an fp32-retyped copy where the runtime lacks half kernels."""
+    onnx = G.require("onnx")
+    ort = G.require("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, torch.get_num_threads())
+    opts.log_severity_level = 3
+    native_error = None
+    if dtype != "bf16":  # no bf16 numpy feeds, and ORT CPU has no bf16 Conv/MatMul kernels
+        try:
+            return ort.InferenceSession(str(path), opts, providers=[provider]), "native"
+        except Exception as exc:  # NOT_IMPLEMENTED kernels, type errors
+            native_error = _first_line(exc)
+    elem = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}.get(dtype)
+    if elem is None:
+        raise RuntimeError(native_error)
+    copy_path = tmp / f"upcast_{provider}.onnx"
+    if not copy_path.exists():
+        G.save_graph(G.upcast_copy(onnx.load(str(path)), elem), copy_path, external_data=True)
+    mode = f"{dtype} graph retyped to fp32 (onnxruntime {provider} has no {dtype} kernels" + (
+        f": {native_error})" if native_error else ")") + "; checks structure and weights, not half arithmetic"
+    return ort.InferenceSession(str(copy_path), opts, providers=[provider]), mode
+
+
+def compare(ref: np.ndarray, out: np.ndarray) -> dict:
+    ref = ref.astype(np.float64)
+    out = out.astype(np.float64)
+    if ref.shape != out.shape:
+        return {"shape_torch": list(ref.shape), "shape_onnx": list(out.shape), "max_abs": None, "max_rel": None}
+    finite = bool(np.isfinite(out).all() or np.array_equal(np.isfinite(out), np.isfinite(ref)))
+    diff = np.abs(out - ref)
+    scale = float(np.abs(ref[np.isfinite(ref)]).max()) if np.isfinite(ref).any() else 0.0
+    max_abs = float(np.nanmax(diff)) if diff.size else 0.0
+    return {"shape": list(ref.shape), "max_abs": max_abs, "max_rel": max_abs / max(scale, 1e-12),
+            "ref_max_abs": scale, "finite": finite}
+
+
+def check_parity(path: str | Path, reference: Callable[[Sequence[torch.Tensor]], tuple[list[np.ndarray], str]],
+                 cases: list[tuple[dict, tuple[torch.Tensor, ...]]], dtype: str, tolerance: float | None = None,
+                 output_names: Sequence[str] = ()) -> dict:
+    """Run the graph with onnxruntime (CPU, and CUDA when available) and PyTorch on the same `cases`.
+
+    `cases`: (point, positional inputs) pairs; `reference(inputs)` returns the torch outputs as numpy and
+    a description of how they were computed. Passes when every output's max |diff| / max |ref| is within
+    `tolerance` (by precision: `TOLERANCES`) and ORT's outputs are finite where torch's are.
+    """
+    tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
+    path = Path(path)
+    refs, ref_mode = [], None
+    for _, args in cases:
+        outs, ref_mode = reference(args)
+        refs.append(outs)
+    runs, worst, worst_abs, failures = [], 0.0, 0.0, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for provider in _providers():
+            try:
+                sess, mode = _session(path, provider, dtype, Path(tmp))
+            except Exception as exc:
+                failures.append(f"{provider} cannot load the graph: {_first_line(exc)}")
+                continue
+            inputs = sess.get_inputs()
+            for (point, args), ref in zip(cases, refs, strict=True):
+                feed = {i.name: _to_numpy(a).astype(_ORT_NUMPY.get(i.type, np.float32))
+                        for i, a in zip(inputs, args, strict=True)}
+                try:
+                    outs = sess.run(None, feed)
+                except Exception as exc:
+                    failures.append(f"{provider} fails at {point}: {_first_line(exc)}")
+                    continue
+                names = list(output_names) or [o.name for o in sess.get_outputs()]
+                per_output = {n: compare(r, o) for n, r, o in zip(names, ref, outs, strict=True)}
+                runs.append({"provider": provider, "mode": mode, "point": point, "outputs": per_output})
+                for n, c in per_output.items():
+                    if c["max_rel"] is None:
+                        failures.append(f"{n} has shape {c['shape_onnx']} in onnx, {c['shape_torch']} in torch")
+                        continue
+                    worst, worst_abs = max(worst, c["max_rel"]), max(worst_abs, c["max_abs"])
+                    if not c["finite"]:
+                        failures.append(f"{n} is not finite in onnxruntime ({provider}) at {point}")
+                    elif c["max_rel"] > tolerance:
+                        failures.append(f"{n} max relative error {c['max_rel']:.3g} > {tolerance:g} ({provider}, "
+                                        f"{point})")
+    record = {"status": "failed" if failures else "passed", "tolerance_rel": tolerance, "max_rel": worst,
+              "max_abs": worst_abs, "reference": ref_mode, "points": [p for p, _ in cases], "runs": runs}
+    if failures:
+        record["reason"] = failures[0] + (f" (+{len(failures) - 1} more)" if len(failures) > 1 else "")
+    return record
+
+
+# ----------------------------------------------------------------------------------- pruned weights
+
+
+def _find_weights(model, base_dir: Path, prefix: str, weights: dict[str, torch.Tensor]) -> dict:
+    """Locate each torch weight (by linear module path) in the graph: name scopes first, then by value.
+
+    Returns {module: (WeightRef | None, array in torch layout (out, in) or None)}.
+    """
+    refs = G.linear_weights(model, prefix)
+    wanted = {refs[m].initializer for m in weights if m in refs}
+    arrays = G.initializer_arrays(model, wanted, base_dir)
+    found = {}
+    for module in weights:
+        ref = refs.get(module)
+        if ref is not None and ref.initializer in arrays:
+            arr = arrays[ref.initializer]
+            found[module] = (ref, arr if ref.out_in else arr.T)
+        else:
+            found[module] = (None, None)
+    missing = [m for m, (ref, _) in found.items() if ref is None]
+    if missing:  # metadata lost (another exporter, a graph pass): match by exact value
+        found |= _match_by_value(model, base_dir, {m: weights[m] for m in missing})
+    return found
+
+
+def _match_by_value(model, base_dir: Path, weights: dict[str, torch.Tensor]) -> dict:
+    shapes = {tuple(w.shape) for w in weights.values()} | {tuple(w.shape[::-1]) for w in weights.values()}
+    names = {t.name for t in model.graph.initializer if tuple(t.dims) in shapes}
+    arrays = G.initializer_arrays(model, names, base_dir)
+    out = {}
+    for module, w in weights.items():
+        target = _to_numpy(w)
+        hit = None
+        for name, arr in arrays.items():
+            if arr.shape == target.shape and np.array_equal(arr.astype(np.float32), target.astype(np.float32)):
+                hit = (G.WeightRef(module, name, "", "by value", True), arr)
+            elif arr.shape == target.T.shape and np.array_equal(arr.T.astype(np.float32), target.astype(np.float32)):
+                hit = (G.WeightRef(module, name, "", "by value", False), arr.T)
+            if hit:
+                break
+        out[module] = hit or (None, None)
+    return out
+
+
+def check_pruned_weights(model, base_dir: str | Path, prefix: str, weights: dict[str, torch.Tensor],
+                         nm: tuple[int, int] | None) -> dict:
+    """Every pruned weight is in the graph, equal to the torch weight, and (N:M) keeps its pattern.
+
+    `weights`: pruned linear module path -> the torch weight as exported (out, in). The N:M pattern is
+    checked along the torch input dimension (the GEMM reduction dimension), whatever the ONNX layout.
+    """
+    found = _find_weights(model, Path(base_dir), prefix, weights)
+    missing, mismatched, violating, zeros, total = [], [], [], 0, 0
+    via = {"name_scopes": 0, "value": 0}
+    for module, (ref, arr) in found.items():
+        if ref is None:
+            missing.append(module)
+            continue
+        via["value" if ref.op_type == "by value" else "name_scopes"] += 1
+        target = _to_numpy(weights[module]).astype(np.float32)
+        arr = arr.astype(np.float32)
+        if arr.shape != target.shape or not np.array_equal(arr, target):
+            mismatched.append(module)
+            continue
+        zeros += int((arr == 0).sum())
+        total += arr.size
+        if nm is not None:
+            n, m = nm
+            out_f, in_f = arr.shape
+            if in_f % m or int(((arr.reshape(out_f, in_f // m, m) != 0).sum(-1) > n).sum()):
+                violating.append(module)
+    record = {"checked": len(found) - len(missing), "missing": len(missing), "mismatched": len(mismatched),
+              "violating": len(violating) if nm else None, "pattern": f"{nm[0]}:{nm[1]}" if nm else None,
+              "found_via": via, "zero_fraction": zeros / total if total else None}
+    problems = [("missing from the graph", missing), ("different from the torch weight", mismatched),
+                (f"violate {record['pattern']}", violating)]
+    bad = [(what, names) for what, names in problems if names]
+    record["status"] = "failed" if bad or not found else "passed"
+    if bad:
+        what, names = bad[0]
+        record["reason"] = f"{len(names)} pruned weights {what} (first: {names[0]})"
+        record["examples"] = names[:5]
+    elif not found:
+        record["reason"] = "the run lists no pruned layers"
+    return record
+
+
+def polygraphy_sparsity(path: str | Path, max_weights: int) -> dict:
+    """Polygraphy's own 2:4 detection (`polygraphy inspect sparsity`): how many weight tensors are 2:4.
+
+    Its check is a pure-Python loop over every weight, so large models are skipped (`max_weights`).
+    """
+    try:
+        from polygraphy.logger import G_LOGGER
+        from polygraphy.tools.sparse import SparsityPruner
+    except ImportError:
+        return {"status": "skipped", "reason": "skipped: polygraphy not installed"}
+    onnx = G.require("onnx")
+    head = onnx.load(str(path), load_external_data=False)
+    n = sum(int(np.prod(t.dims)) for t in head.graph.initializer)
+    if n > max_weights:
+        return {"status": "skipped", "reason": f"skipped: {n} weights exceed the limit of {max_weights} for "
+                                               "polygraphy's pure-Python scan"}
+    model = onnx.load(str(path))
+    pruner = SparsityPruner(model)
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL), contextlib.redirect_stdout(io.StringIO()):
+        pruner.check()
+    return {"status": "passed", "sparse_2_4_tensors": len(pruner.sparse_tensors)}
+
+
+# ------------------------------------------------------------------------------------- structured
+
+
+def check_structured_shapes(model, base_dir: str | Path, prefix: str, linears: dict[str, torch.nn.Linear],
+                            dense_shapes: dict[str, tuple[int, int]]) -> dict:
+    """The graph's weights of the prunable linears have the shrunk torch shapes (out, in)."""
+    weights = {name: lin.weight.detach() for name, lin in linears.items()}
+    found = _find_weights(model, Path(base_dir), prefix, weights)
+    missing = [m for m, (ref, _) in found.items() if ref is None]
+    wrong = [m for m, (ref, arr) in found.items() if ref is not None and tuple(arr.shape) != tuple(weights[m].shape)]
+    shrunk = {m: {"dense": list(dense_shapes[m]), "onnx": list(arr.shape)} for m, (ref, arr) in found.items()
+              if ref is not None and m in dense_shapes and tuple(arr.shape) != tuple(dense_shapes[m])}
+    record = {"checked": len(found) - len(missing), "missing": len(missing), "mismatched": len(wrong),
+              "shrunk": len(shrunk), "examples": dict(list(shrunk.items())[:6])}
+    if missing or wrong:
+        names = missing or wrong
+        what = "missing from the graph" if missing else "with shapes other than the shrunk torch model"
+        record |= {"status": "failed", "reason": f"{len(names)} linears {what} (first: {names[0]})"}
+    else:
+        record["status"] = "passed"
+    return record
+
+
+def ort_latency(path: str | Path, feed: dict[str, np.ndarray], iters: int = 30, warmup: int = 5,
+                threads: int | None = None) -> dict:
+    """Median and spread of onnxruntime CPU latency (ms) for one feed."""
+    import time
+
+    ort = G.require("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or max(1, torch.get_num_threads())
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    n = len(times)
+    return {"median_ms": times[n // 2], "p10_ms": times[n // 10], "p90_ms": times[9 * n // 10], "iters": iters}

@@ -1,0 +1,283 @@
+"""ONNX graph utilities: the passes applied after export and the lookups the checks need.
+
+Everything here works on `onnx.ModelProto`s loaded without their external data where possible, so a
+multi-gigabyte model is rewritten without reading its weights. onnx is imported lazily (see `require`).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from obsdiff.errors import MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = 'pip install "obsdiff[onnx]"'
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # dynamo exporter: the torch module path of each node
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def require(module: str, purpose: str = "ONNX export"):
+    """Import an optional dependency or raise a one-line `MissingDependencyError` that says what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0].replace("_", "-")
+        raise MissingDependencyError(f"{package} is needed for {purpose} and is not installed; "
+                                     f"{INSTALL_HINT}") from None
+
+
+def elem_type_name(elem_type: int) -> str:
+    """ONNX element type -> numpy-style name ("float32", "float16", "bfloat16", "int64", ...)."""
+    onnx = require("onnx")
+    if elem_type == onnx.TensorProto.BFLOAT16:
+        return "bfloat16"
+    return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def load_graph(path: str | Path, weights: bool = False):
+    onnx = require("onnx")
+    return onnx.load(str(path), load_external_data=weights)
+
+
+def has_external_data(model) -> bool:
+    onnx = require("onnx")
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def all_graphs(graph):
+    """The graph and every subgraph of its If/Loop/Scan nodes, depth first."""
+    onnx = require("onnx")
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from all_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from all_graphs(g)
+
+
+# ---------------------------------------------------------------------------------------------- passes
+
+
+def strip_initializer_prefix(model, prefix: str) -> int:
+    """Rename initializers `prefix + name` to `name` (the wrapper module's attribute), in every use."""
+    renames = {t.name: t.name[len(prefix):] for t in model.graph.initializer if t.name.startswith(prefix)}
+    taken = {t.name for t in model.graph.initializer} - set(renames)
+    renames = {old: new for old, new in renames.items() if new and new not in taken}
+    if not renames:
+        return 0
+    for t in model.graph.initializer:
+        t.name = renames.get(t.name, t.name)
+    for g in all_graphs(model.graph):
+        for node in g.node:
+            for i, name in enumerate(node.input):
+                if name in renames:
+                    node.input[i] = renames[name]
+        for vi in g.value_info:
+            vi.name = renames.get(vi.name, vi.name)
+    return len(renames)
+
+
+def einsum_permutations_to_transpose(model) -> int:
+    """Rewrite single-input Einsums that only permute axes (SD3's unpatchify) as Transpose.
+
+    ONNX Einsum has no bfloat16 type, and a Transpose is what it computes anyway.
+    """
+    onnx = require("onnx")
+    count = 0
+    for g in all_graphs(model.graph):
+        for i, node in enumerate(list(g.node)):
+            if node.op_type != "Einsum" or len(node.input) != 1:
+                continue
+            eq = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "equation")
+            eq = eq.decode() if isinstance(eq, bytes) else eq
+            lhs, _, rhs = eq.replace(" ", "").partition("->")
+            if "." in lhs or len(set(lhs)) != len(lhs) or sorted(lhs) != sorted(rhs):
+                continue
+            new = onnx.helper.make_node("Transpose", list(node.input), list(node.output), name=node.name,
+                                        perm=[lhs.index(c) for c in rhs])
+            new.metadata_props.extend(node.metadata_props)
+            g.node.remove(node)
+            g.node.insert(i, new)
+            count += 1
+    return count
+
+
+def rename_dims(model, input_dims: dict[str, list[str | None]]) -> dict[str, str]:
+    """Give the graph's symbolic dimensions the profile names (`batch`, `height`, ...).
+
+    `input_dims[input][axis]` is the wanted name of a dynamic axis (None: static). Exporters name dims
+    after their own symbols (`s0`, `2*height_div2`); each such symbol seen on an input is renamed
+    wherever it appears (outputs, value_info). Returns {old: new}.
+    """
+    mapping: dict[str, str] = {}
+    for vi in model.graph.input:
+        wanted = input_dims.get(vi.name)
+        if wanted is None:
+            continue
+        for dim, name in zip(vi.type.tensor_type.shape.dim, wanted, strict=False):
+            if name is not None and dim.dim_param and dim.dim_param != name:
+                mapping.setdefault(dim.dim_param, name)
+    if not mapping:
+        return mapping
+    for g in all_graphs(model.graph):
+        for vi in [*g.input, *g.output, *g.value_info]:
+            if vi.type.HasField("tensor_type"):
+                for dim in vi.type.tensor_type.shape.dim:
+                    if dim.dim_param in mapping:
+                        dim.dim_param = mapping[dim.dim_param]
+    return mapping
+
+
+def save_graph(model, path: str | Path, external_data: bool) -> None:
+    """Write `model` to `path`; with `external_data`, weights go to `<file>.data` next to it.
+
+    A model loaded without its weights keeps pointing at its existing data file.
+    """
+    onnx = require("onnx")
+    path = Path(path)
+    if external_data and not has_external_data(model):
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+
+
+# ------------------------------------------------------------------------------------------- lookups
+
+
+def float64_uses(model) -> list[str]:
+    """Where DOUBLE appears: initializers, graph inputs/outputs/value_info, Cast targets, constants.
+
+    Run it on a shape-inferred model so that intermediate values have types.
+    """
+    onnx = require("onnx")
+    double = onnx.TensorProto.DOUBLE
+    found = []
+    for g in all_graphs(model.graph):
+        found += [f"initializer {t.name}" for t in g.initializer if t.data_type == double]
+        for vi in [*g.input, *g.output, *g.value_info]:
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type == double:
+                found.append(f"value {vi.name}")
+        for node in g.node:
+            for attr in node.attribute:
+                typed = node.op_type in ("Cast", "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike",
+                                         "RandomUniformLike", "Multinomial", "Bernoulli")
+                if typed and attr.name in ("to", "dtype") and attr.i == double:
+                    found.append(f"{node.op_type} node {node.name}")
+                elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == double:
+                    found.append(f"{node.op_type} node {node.name} ({attr.name})")
+    return found
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """Where a torch linear's weight lives in the graph.
+
+    `out_in`: the initializer has the torch layout (out, in) (Gemm transB=1); otherwise it is the
+    transposed (in, out) layout of MatMul. The GEMM reduction dimension is the torch input dim either way.
+    """
+
+    module: str
+    initializer: str
+    node: str
+    op_type: str
+    out_in: bool
+
+
+def _module_of(node, prefix: str) -> str | None:
+    """The torch module path of a node: dynamo's name-scope metadata, else legacy `/a/b.0/c/MatMul` names."""
+    for prop in node.metadata_props:
+        if prop.key == NAME_SCOPES:
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                break
+            modules = [s for s in scopes if isinstance(s, str) and s.startswith(prefix)]
+            return modules[-1][len(prefix):] if modules else None
+    if node.name.startswith("/"):
+        parts = node.name.strip("/").split("/")[:-1]
+        path = ".".join(parts)
+        return path[len(prefix):] if path.startswith(prefix) else None
+    return None
+
+
+def linear_weights(model, prefix: str) -> dict[str, WeightRef]:
+    """Map torch linear module paths to the initializer holding their weight in MatMul/Gemm nodes.
+
+    The module comes from node metadata; the weight is the B input, followed back through Cast /
+    Identity / Transpose producers to an initializer. `prefix` is the export wrapper's attribute (with a
+    trailing dot). Modules used by several nodes keep the first.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found: dict[str, WeightRef] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        module = _module_of(node, prefix)
+        if module is None or module in found:
+            continue
+        out_in = node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        name = node.input[1]
+        while name not in inits and name in producer and producer[name].op_type in ("Cast", "Identity", "Transpose"):
+            p = producer[name]
+            if p.op_type == "Transpose":
+                perm = next((list(a.ints) for a in p.attribute if a.name == "perm"), [1, 0])
+                if perm != [1, 0]:
+                    break
+                out_in = not out_in
+            name = p.input[0]
+        if name in inits:
+            found[module] = WeightRef(module, name, node.name, node.op_type, out_in)
+    return found
+
+
+def initializer_arrays(model, names: set[str], base_dir: str | Path) -> dict:
+    """numpy arrays of the named initializers (bfloat16 as float32), reading external data from `base_dir`."""
+    onnx = require("onnx")
+    from onnx import numpy_helper
+
+    out = {}
+    for t in model.graph.initializer:
+        if t.name not in names:
+            continue
+        arr = numpy_helper.to_array(t, base_dir=str(base_dir))
+        out[t.name] = arr.astype("float32") if t.data_type == onnx.TensorProto.BFLOAT16 else arr
+    return out
+
+
+def upcast_copy(model, from_type: int):
+    """A copy of a fully loaded model with every `from_type` (FLOAT16/BFLOAT16) tensor, value, constant and
+    Cast target retyped to FLOAT: for checking a graph's structure and weights on a runtime that has no
+    kernels for that type. Arithmetic then happens in fp32: it does not check half-precision numerics."""
+    onnx = require("onnx")
+    from onnx import numpy_helper
+
+    float32 = onnx.TensorProto.FLOAT
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+
+    def retype_tensor(t):
+        if t.data_type == from_type:
+            arr = numpy_helper.to_array(t).astype("float32")
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+
+    for g in all_graphs(model.graph):
+        for t in g.initializer:
+            retype_tensor(t)
+        for vi in [*g.input, *g.output, *g.value_info]:
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type == from_type:
+                vi.type.tensor_type.elem_type = float32
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i == from_type:
+                    attr.i = float32
+                elif attr.type == onnx.AttributeProto.TENSOR:
+                    retype_tensor(attr.t)
+    return model

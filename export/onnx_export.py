@@ -1,0 +1,705 @@
+"""Pipeline components (denoiser, VAE decoder, text encoders) to ONNX, checked, with JSON sidecars.
+
+    export_onnx("runs/x", "runs/x/onnx", ExportConfig(dtype="fp16")) -> report dict
+
+writes `<component>.onnx` (+ `<component>.onnx.data` for > 2 GB or `external_data=True`) and
+`<component>.json` per component, plus `export.json`, into a directory that appears only when every
+check passed. Input/output names follow TensorRT's diffusion demo so engines drop into its serving
+code; the denoiser's signature comes from its family adapter (`ModelFamily.onnx_io`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from obsdiff.artifacts import check_writable, machine, sha256_file, staged_dir, versions, write_json
+from obsdiff.errors import ConfigError, ObsdiffError
+from obsdiff.models.registry import OnnxDim, OnnxInput, OnnxIO, range_dim
+
+from . import checks as C
+from . import graph as G
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+COMPONENTS = ("transformer", "vae-decoder", "text-encoders")
+COMPONENT_CHOICES = (*COMPONENTS, "all")
+ALIASES = {"denoiser": "transformer", "unet": "transformer", "vae": "vae-decoder", "text-encoder": "text-encoders"}
+DTYPES = ("fp32", "fp16", "bf16")
+EXPORTERS = ("dynamo", "legacy")
+OPSETS = {"dynamo": (18, 23), "legacy": (14, 20)}  # dynamo at 17 writes an invalid Split
+BF16_MIN_OPSET = 22  # ONNX Conv, Sin and Cos take bfloat16 only from opset 22
+WRAPPER_ATTR = "model"  # the export wrapper's attribute: initializers are renamed without it
+SIDECAR_HASH_LIMIT = 2 << 30  # hash source weight files up to this total size
+
+
+class ExportCheckError(ObsdiffError):
+    """An exported graph failed one of its checks; nothing was written."""
+
+
+class ExportFailedError(ObsdiffError):
+    """The exporter could not convert the module."""
+
+
+def parse_range(value: str | int | tuple | None, flag: str) -> tuple[int, int, int] | None:
+    """`MIN:OPT:MAX` (or one number N, meaning N:N:N) -> (min, opt, max)."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value, value, value
+    parts = list(value) if isinstance(value, tuple | list) else str(value).split(":")
+    try:
+        nums = [int(p) for p in parts]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag} {value!r} is not MIN:OPT:MAX or N (positive integers)") from None
+    if len(nums) == 1:
+        nums *= 3
+    if len(nums) != 3 or not 1 <= nums[0] <= nums[1] <= nums[2]:
+        raise ConfigError(f"{flag} {value!r}: give MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX")
+    return tuple(nums)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to export and how. Ranges are (min, opt, max): the TensorRT optimization profile.
+
+    `height`/`width` are in latent pixels (unpacked for Flux), `text_len` in denoiser text tokens; None
+    takes the model's defaults. `component_dtypes` forces a precision per component, e.g.
+    (("vae-decoder", "fp16"),) to override the VAE's fp32 policy. `external_data`: always write weights
+    to a `.data` file (otherwise only above 2 GB).
+    """
+
+    component: str = "transformer"
+    dtype: str = "fp32"
+    opset: int = 18
+    batch: tuple[int, int, int] = (1, 2, 8)
+    height: tuple[int, int, int] | None = None
+    width: tuple[int, int, int] | None = None
+    text_len: tuple[int, int, int] | None = None
+    exporter: str = "dynamo"
+    linear_as_gemm: bool = False
+    external_data: bool = False
+    component_dtypes: tuple[tuple[str, str], ...] = ()
+    device: str = "cpu"
+    seed: int = 0
+    parity: bool = True
+    polygraphy_max_weights: int = 20_000_000
+
+    def __post_init__(self):
+        comp = ALIASES.get(self.component, self.component)
+        if comp not in COMPONENT_CHOICES:
+            raise ConfigError(f"unknown component {self.component!r}; use one of {', '.join(COMPONENT_CHOICES)}")
+        object.__setattr__(self, "component", comp)
+        for name, flag in (("batch", "--batch"), ("height", "--height"), ("width", "--width"),
+                           ("text_len", "--text-len")):
+            object.__setattr__(self, name, parse_range(getattr(self, name), flag))
+        if self.exporter not in EXPORTERS:
+            raise ConfigError(f"unknown exporter {self.exporter!r}; use dynamo or legacy")
+        self._check_dtype(self.dtype, "--dtype")
+        forced = []
+        for item in self.component_dtypes:
+            comp_name, dtype = item if isinstance(item, tuple | list) else str(item).split("=", 1)
+            comp_name = ALIASES.get(comp_name, comp_name)
+            if comp_name not in COMPONENTS:
+                raise ConfigError(f"--component-dtype {comp_name}={dtype}: unknown component; use one of "
+                                  f"{', '.join(COMPONENTS)}")
+            self._check_dtype(dtype, f"--component-dtype {comp_name}={dtype}")
+            forced.append((comp_name, dtype))
+        object.__setattr__(self, "component_dtypes", tuple(forced))
+        lo, hi = OPSETS[self.exporter]
+        if not lo <= self.opset <= hi:
+            raise ConfigError(f"--opset {self.opset} is outside what the {self.exporter} exporter writes correctly "
+                              f"({lo}..{hi}); use --opset 18 or 20")
+
+    def _check_dtype(self, dtype: str, flag: str) -> None:
+        if dtype not in DTYPES:
+            raise ConfigError(f"{flag}: unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        if dtype == "bf16" and self.opset < BF16_MIN_OPSET:
+            hint = ("the legacy exporter stops at opset 20: use --exporter dynamo --opset 22"
+                    if self.exporter == "legacy" else "use --opset 22")
+            raise ConfigError(f"{flag} bf16 cannot be exported at opset {self.opset}: ONNX Conv, Sin and Cos take "
+                              f"bfloat16 only from opset {BF16_MIN_OPSET}; {hint}")
+
+    def components(self) -> list[str]:
+        return list(COMPONENTS) if self.component == "all" else [self.component]
+
+    def dtype_for(self, component: str) -> tuple[str, bool]:
+        """The precision requested for `component` and whether the user forced it per component."""
+        forced = dict(self.component_dtypes)
+        return (forced[component], True) if component in forced else (self.dtype, False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------- components
+
+
+class Positional(nn.Module):
+    """Calls `model` with keyword arguments built from the graph's positional inputs.
+
+    `kwargs[i]` is the (dotted, for nested dicts) keyword that input i feeds; `call(model, kwargs)` runs
+    the forward and returns the output tensor(s).
+    """
+
+    def __init__(self, model: nn.Module, kwargs: list[str], call: Callable):
+        super().__init__()
+        self.model = model
+        self.kwargs = list(kwargs)
+        self.call = call
+
+    def forward(self, *args):
+        kwargs: dict = {}
+        for path, value in zip(self.kwargs, args, strict=True):
+            *parents, leaf = path.split(".")
+            node = kwargs
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return self.call(self.model, kwargs)
+
+
+@dataclass
+class Component:
+    """One graph to export: the module, its signature, how to make inputs, and what the sidecar says."""
+
+    name: str  # file stem: transformer, unet, vae_decoder, text_encoder, ...
+    kind: str  # transformer, vae-decoder or text-encoders (the --component it belongs to)
+    module: nn.Module
+    io: OnnxIO
+    call: Callable
+    make_kwargs: Callable[[dict, torch.Generator], dict]
+    dtype: str
+    notes: list[str] = field(default_factory=list)
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    info: dict = field(default_factory=dict)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.dtype]
+
+    def wrapper(self) -> Positional:
+        return Positional(self.module, [i.kwarg for i in self.io.inputs], self.call).eval()
+
+    def inputs_at(self, point: dict[str, int], seed: int) -> tuple[torch.Tensor, ...]:
+        kwargs = self.make_kwargs(point, torch.Generator().manual_seed(seed))
+        out = []
+        for inp in self.io.inputs:
+            value = kwargs
+            for key in inp.kwarg.split("."):
+                value = value[key]
+            dtype = self.torch_dtype if inp.dtype == "model" else getattr(torch, inp.dtype)
+            out.append(value.to(dtype))
+        return tuple(out)
+
+
+def _denoiser_call(model, kwargs):
+    return model(**kwargs, return_dict=False)[0]
+
+
+def _vae_decode_call(model, kwargs):
+    return model.decode(kwargs["latent"], return_dict=False)[0]
+
+
+def _clip_call(model, kwargs):
+    out = model(input_ids=kwargs["input_ids"], output_hidden_states=True, return_dict=True)
+    pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
+    return out.last_hidden_state, out.hidden_states[-2], pooled
+
+
+def _t5_call(model, kwargs):
+    return model(input_ids=kwargs["input_ids"], return_dict=True).last_hidden_state
+
+
+# Text encoder classes: (call, output names). CLIP gives the last and penultimate hidden states (SD3 and
+# SDXL feed the penultimate to the denoiser) and the pooled (projected, when the class projects) output.
+TEXT_ENCODERS = {
+    "CLIPTextModel": (_clip_call, ("text_embeddings", "hidden_states", "pooled_output")),
+    "CLIPTextModelWithProjection": (_clip_call, ("text_embeddings", "hidden_states", "pooled_output")),
+    "T5EncoderModel": (_t5_call, ("text_embeddings",)),
+}
+MAX_TEXT_TOKENS = 512  # tokenizers without a real limit report ~1e30
+
+
+def _cast(module: nn.Module, dtype: torch.dtype, owned: bool) -> tuple[nn.Module, list[str]]:
+    """`module` in `dtype`, keeping the submodules its class marks `_keep_in_fp32_modules` in fp32.
+
+    A module the caller still owns is copied first, so the caller's weights keep their precision.
+    """
+    keep = list(getattr(module, "_keep_in_fp32_modules", None) or [])
+    current = {p.dtype for p in module.parameters()}
+    if current == {dtype} and not (keep and dtype != torch.float32):
+        return module.eval(), []
+    if not owned:
+        module = copy.deepcopy(module)
+    module.to(dtype)
+    kept = []
+    if keep and dtype != torch.float32:
+        for name, sub in module.named_modules():
+            if any(k in name.split(".") for k in keep):
+                sub.to(torch.float32)
+                kept.append(name)
+    return module.eval(), kept
+
+
+def _resolve_ranges(loaded, cfg: ExportConfig) -> dict[str, tuple[int, int, int]]:
+    defaults = loaded.family.onnx_default_ranges(loaded.pipeline,
+                                                 loaded.generation_defaults.get("max_sequence_length"))
+    return {"batch": cfg.batch, "height": cfg.height or defaults["height"], "width": cfg.width or defaults["width"],
+            "text": cfg.text_len or defaults["text"]}
+
+
+def _denoiser_component(loaded, cfg: ExportConfig, ranges: dict, owned: bool) -> Component:
+    family = loaded.family
+    dtype, _ = cfg.dtype_for("transformer")
+    module, kept = _cast(family.denoiser(loaded.pipeline), _TORCH[dtype], owned)
+    io_spec = family.onnx_io(module, ranges)
+
+    def make_kwargs(point, generator):
+        return family.example_inputs(module, batch=point["batch"], height=point["height"], width=point["width"],
+                                     text_len=point["text"], generator=generator)
+
+    notes = [f"kept in fp32: {', '.join(kept)} (the class marks them _keep_in_fp32_modules)"] if kept else []
+    fixed = [i.name for i in io_spec.inputs if i.dtype != "model"]
+    if fixed and dtype != "fp32":
+        notes.append(f"inputs {', '.join(fixed)} stay float32 (timesteps and positions lose too much in {dtype})")
+    return Component(family.denoiser_attr, "transformer", module, io_spec, _denoiser_call, make_kwargs, dtype,
+                     notes, context=lambda: family.onnx_export_context(module),
+                     info={"class": type(module).__name__, "family": family.name,
+                           "parameters": sum(p.numel() for p in module.parameters())})
+
+
+def _vae_component(loaded, cfg: ExportConfig, ranges: dict, owned: bool) -> Component:
+    vae = getattr(loaded.pipeline, "vae", None)
+    if vae is None or not hasattr(vae, "decode"):
+        raise ConfigError(f"{loaded.ref} has no VAE to export; use --component transformer")
+    requested, forced = cfg.dtype_for("vae-decoder")
+    dtype, notes = requested, []
+    if requested == "fp16" and not forced and getattr(vae.config, "force_upcast", False):
+        dtype = "fp32"
+        notes.append("kept in fp32 although fp16 was requested: the VAE config sets force_upcast (it overflows "
+                     "in fp16, as diffusers pipelines know); force it with --component-dtype vae-decoder=fp16")
+    module, _ = _cast(vae, _TORCH[dtype], owned)
+    b = range_dim("batch", ranges["batch"])
+    h = range_dim("height", ranges["height"])
+    w = range_dim("width", ranges["width"])
+    channels = vae.config.latent_channels
+    io_spec = OnnxIO((OnnxInput("latent", "latent", (b, channels, h, w)),), outputs=("images",), ranges=(b, h, w))
+
+    def make_kwargs(point, generator):
+        latent = torch.randn(point["batch"], channels, point["height"], point["width"], generator=generator)
+        return {"latent": latent.to(next(module.parameters()).device)}
+
+    info = {"class": type(vae).__name__, "parameters": sum(p.numel() for p in module.parameters()),
+            "requested_dtype": requested, "scaling_factor": vae.config.scaling_factor,
+            "shift_factor": getattr(vae.config, "shift_factor", None),
+            "latent_input": "latents / scaling_factor + shift_factor, as the pipeline passes them to vae.decode"}
+    return Component("vae_decoder", "vae-decoder", module, io_spec, _vae_decode_call, make_kwargs, dtype, notes,
+                     info=info)
+
+
+def _text_components(loaded, cfg: ExportConfig, ranges: dict, owned: bool) -> list[Component]:
+    pairs = loaded.family.onnx_text_encoders(loaded.pipeline)
+    if not pairs:
+        raise ConfigError(f"{loaded.ref} has no text encoders to export (loaded without them?); "
+                          "use --component transformer")
+    dtype, _ = cfg.dtype_for("text-encoders")
+    out = []
+    for enc_attr, tok_attr in pairs:
+        encoder = getattr(loaded.pipeline, enc_attr)
+        cls = type(encoder).__name__
+        if cls not in TEXT_ENCODERS:
+            raise ConfigError(f"text encoder {enc_attr} is a {cls}; export supports {', '.join(TEXT_ENCODERS)}")
+        call, outputs = TEXT_ENCODERS[cls]
+        tokenizer = getattr(loaded.pipeline, tok_attr, None)
+        limit = getattr(encoder.config, "max_position_embeddings", None) or MAX_TEXT_TOKENS
+        seq = min(getattr(tokenizer, "model_max_length", None) or limit, limit, MAX_TEXT_TOKENS)
+        module, kept = _cast(encoder, _TORCH[dtype], owned)
+        b = range_dim("batch", ranges["batch"])
+        io_spec = OnnxIO((OnnxInput("input_ids", "input_ids", (b, seq), "int64"),), outputs=outputs, ranges=(b,))
+        vocab = encoder.config.vocab_size
+
+        def make_kwargs(point, generator, seq=seq, vocab=vocab, module=module):
+            ids = torch.randint(0, vocab, (point["batch"], seq), generator=generator)
+            return {"input_ids": ids.to(next(module.parameters()).device)}
+
+        notes = [f"kept in fp32: {', '.join(kept)} (the class marks them _keep_in_fp32_modules)"] if kept else []
+        notes.append(f"sequence length fixed at {seq} tokens (the tokenizer pads to it)")
+        out.append(Component(enc_attr, "text-encoders", module, io_spec, call, make_kwargs, dtype, notes,
+                             info={"class": cls, "tokenizer": tok_attr, "sequence_length": seq,
+                                   "parameters": sum(p.numel() for p in module.parameters())}))
+    return out
+
+
+_TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_BUILDERS = {"transformer": lambda *a: [_denoiser_component(*a)], "vae-decoder": lambda *a: [_vae_component(*a)],
+             "text-encoders": _text_components}
+
+
+# ------------------------------------------------------------------------------------------ points
+
+
+def _example_value(d: OnnxDim) -> int:
+    """A value for tracing: not 0/1 in units of `multiple` (torch.export would specialize on it)."""
+    if d.static:
+        return d.opt
+    lowest = 2 * d.multiple
+    if d.opt >= lowest:
+        return d.opt
+    if d.max < lowest:
+        raise ConfigError(f"the {d.name} range {d.min}:{d.opt}:{d.max} is too small to stay dynamic (export traces "
+                          f"with at least {lowest}); raise MAX or give one value to fix it")
+    return max(lowest, math.ceil(d.min / d.multiple) * d.multiple)
+
+
+def _other_value(d: OnnxDim) -> int:
+    if d.opt + d.multiple <= d.max:
+        return d.opt + d.multiple
+    return max(d.min, d.opt - d.multiple)
+
+
+def example_point(io_spec: OnnxIO) -> dict[str, int]:
+    return {d.name: _example_value(d) for d in io_spec.ranges}
+
+
+def parity_points(io_spec: OnnxIO) -> list[dict[str, int]]:
+    """Two shapes within the profile and, where the ranges allow, other than the export's: all minima, then
+    the next valid value above (or below) each optimum."""
+    return [{d.name: d.min for d in io_spec.ranges}, {d.name: _other_value(d) for d in io_spec.ranges}]
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+@contextlib.contextmanager
+def linear_as_gemm(module: nn.Module, enabled: bool = True):
+    """Make every nn.Linear flatten its input to 2-D, so exporters emit `Gemm` (transB=1) reading the weight
+    initializer by its torch parameter name, instead of `MatMul` on an anonymous transposed copy."""
+    if not enabled:
+        yield
+        return
+    patched = []
+
+    def forward(self, x):
+        y = nn.functional.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            m.forward = forward.__get__(m)
+            patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress to stdout and warn about unrelated things: keep library output clean."""
+    buf = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        if buf.getvalue():
+            log.debug("exporter output:\n%s", buf.getvalue())
+
+
+def _torch_dims(io_spec: OnnxIO) -> tuple:
+    """torch.export dynamic shapes (one dict per positional input); inputs sharing a dim share the symbol."""
+    symbols = {}
+    for d in io_spec.dims().values():
+        if d.static:
+            continue
+        if d.multiple > 1:
+            div = torch.export.Dim(f"{d.name}_div{d.multiple}", min=max(1, d.min // d.multiple),
+                                   max=d.max // d.multiple)
+            symbols[d.name] = d.multiple * div
+        else:
+            symbols[d.name] = torch.export.Dim(d.name, min=d.min, max=d.max)
+    return tuple({axis: symbols[d.name] for axis, d in enumerate(i.shape) if isinstance(d, OnnxDim) and not d.static}
+                 or None for i in io_spec.inputs)
+
+
+def _run_exporter(comp: Component, cfg: ExportConfig, path: Path) -> None:
+    wrapper = comp.wrapper()
+    args = comp.inputs_at(example_point(comp.io), cfg.seed)
+    names = [i.name for i in comp.io.inputs]
+    outputs = list(comp.io.outputs)
+    try:
+        with torch.no_grad(), comp.context(), linear_as_gemm(wrapper, cfg.linear_as_gemm), _quiet():
+            if cfg.exporter == "dynamo":
+                G.require("onnxscript", "the dynamo ONNX exporter")
+                program = torch.onnx.export(wrapper, args, dynamic_shapes=(_torch_dims(comp.io),), input_names=names,
+                                            output_names=outputs, opset_version=cfg.opset, dynamo=True, optimize=True,
+                                            verbose=False)
+                program.save(str(path), external_data=True if cfg.external_data else None)
+            else:
+                axes = {i.name: {a: d.name for a, d in enumerate(i.shape) if isinstance(d, OnnxDim) and not d.static}
+                        for i in comp.io.inputs}
+                torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=names, output_names=outputs,
+                                  dynamic_axes={k: v for k, v in axes.items() if v}, opset_version=cfg.opset,
+                                  do_constant_folding=True)
+    except ObsdiffError:
+        raise
+    except Exception as exc:
+        hint = "try --exporter dynamo" if cfg.exporter == "legacy" else "run with -vv for the exporter's traceback"
+        log.debug("exporter failure", exc_info=True)
+        raise ExportFailedError(f"the {cfg.exporter} exporter cannot export {comp.name} ({type(comp.module).__name__}):"
+                                f" {C._first_line(exc)}; {hint}") from exc
+    if not path.exists():
+        raise ExportFailedError(f"the {cfg.exporter} exporter wrote no file for {comp.name}")
+
+
+def _finalize(comp: Component, cfg: ExportConfig, path: Path) -> dict:
+    """Graph passes after export: readable initializer and dim names, permutation Einsums as Transpose."""
+    model = G.load_graph(path)
+    renamed = G.strip_initializer_prefix(model, WRAPPER_ATTR + ".")
+    einsums = G.einsum_permutations_to_transpose(model)
+    dims = {i.name: [d.name if isinstance(d, OnnxDim) and not d.static else None for d in i.shape]
+            for i in comp.io.inputs}
+    dim_names = G.rename_dims(model, dims)
+    onnx = G.require("onnx")
+    meta = {"obsdiff.component": comp.name, "obsdiff.dtype": comp.dtype, "obsdiff.version": versions()["obsdiff"]}
+    for key, value in meta.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=str(value)))
+    G.save_graph(model, path, external_data=cfg.external_data)
+    return {"initializers_renamed": renamed, "einsum_to_transpose": einsums, "dims_renamed": dim_names}
+
+
+def _io_records(comp: Component, model) -> tuple[list, list]:
+    types = {vi.name: vi.type.tensor_type for vi in [*model.graph.input, *model.graph.output]}
+
+    def shape_of(name):
+        return [d.dim_param or d.dim_value for d in types[name].shape.dim]
+
+    inputs = []
+    for i in comp.io.inputs:
+        profile = {k: [d.values()[j] if isinstance(d, OnnxDim) else d for d in i.shape]
+                   for j, k in enumerate(("min", "opt", "max"))}
+        inputs.append({"name": i.name, "dtype": G.elem_type_name(types[i.name].elem_type), "shape": shape_of(i.name),
+                       "feeds": i.kwarg, "profile": profile})
+    outputs = [{"name": o, "dtype": G.elem_type_name(types[o].elem_type), "shape": shape_of(o)}
+               for o in comp.io.outputs]
+    return inputs, outputs
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def _reference(comp: Component):
+    """Torch outputs in the exported precision; fp32 (of the same weights) where the device lacks kernels."""
+    wrapper = comp.wrapper()
+    fallback: list = []
+
+    def run(args):
+        with torch.no_grad():
+            if not fallback:
+                try:
+                    out = wrapper(*args)
+                    return _numpy_outputs(out), f"torch {comp.dtype} on {args[0].device.type}"
+                except (RuntimeError, NotImplementedError) as exc:
+                    if comp.dtype == "fp32":
+                        raise
+                    fallback.append((copy.deepcopy(wrapper).float(), C._first_line(exc)))
+            model32, why = fallback[0]
+            args32 = [a.float() if a.is_floating_point() else a for a in args]
+            return _numpy_outputs(model32(*args32)), f"torch fp32 of the {comp.dtype} weights ({comp.dtype}: {why})"
+
+    return run
+
+
+def _numpy_outputs(out) -> list:
+    outs = out if isinstance(out, tuple | list) else (out,)
+    return [C._to_numpy(o) for o in outs]
+
+
+def _run_checks(comp: Component, loaded, cfg: ExportConfig, path: Path) -> dict:
+    checks: dict[str, dict] = {}
+    record, inferred = C.check_model(path)
+    checks["onnx_checker"] = record
+    if inferred is None:
+        return checks
+    checks["no_float64"] = C.check_no_float64(inferred)
+    if cfg.parity:
+        cases = [(p, comp.inputs_at(p, cfg.seed + 1 + k)) for k, p in enumerate(parity_points(comp.io))]
+        checks["parity"] = C.check_parity(path, _reference(comp), cases, comp.dtype, output_names=comp.io.outputs)
+    else:
+        checks["parity"] = {"status": "skipped", "reason": "skipped: parity=False"}
+    if comp.kind != "transformer":
+        return checks
+    run = loaded.run
+    prefix = WRAPPER_ATTR + "."
+    model = G.load_graph(path)
+    if run is None or not run.get("layers"):
+        checks["pruned_weights"] = {"status": "skipped", "reason": "skipped: not a pruned run"}
+    else:
+        from obsdiff.obs import parse_nm
+
+        sparsity_type = (run.get("prune") or {}).get("sparsity_type", "unstructured")
+        nm = None if sparsity_type in ("unstructured", "structured") else parse_nm(sparsity_type)
+        mods = dict(comp.module.named_modules())
+        names = [r["name"] for r in run["layers"] if not r.get("skipped")]
+        missing = [n for n in names if not isinstance(mods.get(n), nn.Linear)]
+        if missing:
+            raise ExportCheckError(f"the run lists pruned layer {missing[0]} that the denoiser does not have; "
+                                   "the run directory does not match its model")
+        weights = {n: mods[n].weight.detach() for n in names}
+        checks["pruned_weights"] = C.check_pruned_weights(model, path.parent, prefix, weights, nm)
+        if nm is not None:
+            checks["polygraphy_sparsity"] = C.polygraphy_sparsity(path, cfg.polygraphy_max_weights)
+            if nm == (2, 4) and "sparse_2_4_tensors" in checks["polygraphy_sparsity"]:
+                rec = checks["polygraphy_sparsity"]
+                expected = sum(1 for w in weights.values() if w.shape[1] % 4 == 0)
+                rec["expected_at_least"] = expected
+                rec["agrees"] = rec["sparse_2_4_tensors"] >= expected
+                if not rec["agrees"]:
+                    log.warning("polygraphy sees %d 2:4 tensors, obsdiff pruned %d", rec["sparse_2_4_tensors"],
+                                expected)
+    if run is not None and run.get("shrink_plan"):
+        family = loaded.family
+        linears = {n: m for b in family.blocks(comp.module) for n, m in family.prunable_linears(b).items()}
+        checks["structured_shapes"] = C.check_structured_shapes(model, path.parent, prefix, linears,
+                                                                _dense_shapes(comp.module, linears))
+    return checks
+
+
+def _dense_shapes(denoiser: nn.Module, names) -> dict[str, tuple[int, int]]:
+    """Weight shapes of the unshrunk architecture (built on the meta device from the unchanged config)."""
+    with torch.device("meta"):
+        dense = type(denoiser).from_config(denoiser.config)
+    mods = dict(dense.named_modules())
+    return {n: tuple(mods[n].weight.shape) for n in names if n in mods}
+
+
+# -------------------------------------------------------------------------------------- orchestration
+
+
+def _source(loaded, comp: Component) -> dict:
+    src = {"model": loaded.ref, "family": loaded.family.name, "builtin": loaded.builtin,
+           "pipeline_dir": str(loaded.path)}
+    if loaded.run is not None and comp.kind == "transformer":
+        run = loaded.run
+        src["run"] = {"path": str(Path(loaded.ref).expanduser().resolve()), "base_model": run.get("base_model"),
+                      "denoiser_sha256": run.get("denoiser_sha256"), "prune": run.get("prune"),
+                      "sparsity": run.get("sparsity")}
+        return src
+    attr = {"vae-decoder": "vae"}.get(comp.kind, comp.name)
+    folder = Path(loaded.path) / attr
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if files and sum(f.stat().st_size for f in files) <= SIDECAR_HASH_LIMIT:
+        src["weights_sha256"] = {f"{attr}/{f.name}": sha256_file(f) for f in files}
+    return src
+
+
+def _load(model, cfg: ExportConfig):
+    from obsdiff.loading import LoadedModel, as_loaded, load_pipeline
+
+    if isinstance(model, str | Path):
+        return load_pipeline(str(model), device=cfg.device, dtype="fp32"), True
+    return (model if isinstance(model, LoadedModel) else as_loaded(model)), False
+
+
+def export_onnx(model, out_dir: str | Path, config: ExportConfig | None = None, force: bool = False) -> dict:
+    """Export the configured components of `model` (a `--model` value, run directory, `LoadedModel` or
+    diffusers pipeline) to `out_dir`, check each graph, and write sidecars.
+
+    The directory appears only if every component exported and passed its checks; a failed check raises
+    `ExportCheckError`. A model passed in memory is not modified (components are copied before casting).
+    Returns the report that is also written to `out_dir/export.json`.
+    """
+    cfg = config or ExportConfig()
+    out_dir = check_writable(out_dir, force)
+    for dep in ("onnx", "onnxruntime"):
+        G.require(dep)
+    t_start = time.perf_counter()
+    loaded, owned = _load(model, cfg)
+    ranges = _resolve_ranges(loaded, cfg)
+    components = [c for kind in cfg.components() for c in _BUILDERS[kind](loaded, cfg, ranges, owned)]
+    report = {"format": FORMAT_VERSION, "artifact": "onnx-export", "source": loaded.ref, "config": cfg.to_dict(),
+              "ranges": ranges, "components": {}}
+    with staged_dir(out_dir, force=force) as tmp:
+        for comp in components:
+            sidecar = _export_component(comp, loaded, cfg, tmp)
+            report["components"][comp.name] = {k: sidecar[k] for k in ("file", "bytes", "dtype", "export_seconds")} | {
+                "checks": {k: v["status"] for k, v in sidecar["checks"].items()}}
+        report |= {"seconds": time.perf_counter() - t_start, "versions": versions(), "machine": machine(),
+                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        write_json(tmp / "export.json", report)
+    return report
+
+
+def _export_component(comp: Component, loaded, cfg: ExportConfig, out: Path) -> dict:
+    path = out / f"{comp.name}.onnx"
+    log.info("exporting %s (%s, %s exporter)", comp.name, comp.dtype, cfg.exporter)
+    t0 = time.perf_counter()
+    _run_exporter(comp, cfg, path)
+    passes = _finalize(comp, cfg, path)
+    export_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    checks = _run_checks(comp, loaded, cfg, path)
+    check_seconds = time.perf_counter() - t1
+    model = G.load_graph(path)
+    inputs, outputs = _io_records(comp, model)
+    data = out / f"{comp.name}.onnx.data"
+    files = [path] + ([data] if data.exists() else [])
+    sidecar = {
+        "format": FORMAT_VERSION,
+        "artifact": "onnx",
+        "component": comp.name,
+        "kind": comp.kind,
+        "file": path.name,
+        "external_data": data.name if data.exists() else None,
+        "sha256": sha256_file(path),
+        "external_data_sha256": sha256_file(data) if data.exists() else None,
+        "bytes": sum(f.stat().st_size for f in files),
+        "dtype": comp.dtype,
+        "requested_dtype": cfg.dtype_for(comp.kind)[0],
+        "notes": comp.notes,
+        "opset": cfg.opset,
+        "exporter": cfg.exporter,
+        "linear_as_gemm": cfg.linear_as_gemm,
+        "inputs": inputs,
+        "outputs": outputs,
+        "dims": {d.name: {"min": d.min, "opt": d.opt, "max": d.max, "multiple": d.multiple}
+                 for d in (*comp.io.ranges, *comp.io.dims().values())},
+        "module": comp.info,
+        "source": _source(loaded, comp),
+        "graph": {"nodes": len(model.graph.node), "initializers": len(model.graph.initializer)} | passes,
+        "checks": checks,
+        "export_seconds": export_seconds,
+        "check_seconds": check_seconds,
+        "versions": versions(),
+        "machine": machine(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(out / f"{comp.name}.json", sidecar)
+    failed = [(name, rec) for name, rec in checks.items() if rec["status"] == "failed"]
+    if failed:
+        name, rec = failed[0]
+        more = f" (also failed: {', '.join(n for n, _ in failed[1:])})" if len(failed) > 1 else ""
+        raise ExportCheckError(f"{comp.name}.onnx failed the {name} check: {rec.get('reason', 'see sidecar')}{more}; "
+                               "nothing was written")
+    return sidecar
