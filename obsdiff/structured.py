@@ -175,12 +175,13 @@ def prune_structured_(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, 
         report.allocation = {"seconds": time.perf_counter() - t0, "removed": {g.name: n for g, n in planned}}
     active = [(g, n) for g, n in planned if n > 0]
     removed_cols: dict[str, set[int]] = {}  # per reader linear, over all groups: never revived by a later update
-    originals: dict[str, torch.Tensor] = {}
-    hessians: dict[str, torch.Tensor] = {}
+    originals: dict[str, torch.Tensor] = {}  # dense weights of readers, dropped once no later group reads them
+    records: dict[str, LayerRecord] = {}
     kept: dict[str, list[int]] = {}
     chunks = split_groups(active, calib.groups if calibrator else 1)
+    chunk_readers = [list(dict.fromkeys(s.linear for g, _ in chunk for s in g.readers)) for chunk in chunks]
     for gi, chunk in enumerate(tqdm(chunks, desc="groups", unit="group", disable=not progress)):
-        readers = list(dict.fromkeys(s.linear for g, _ in chunk for s in g.readers))
+        readers = chunk_readers[gi]
         accs, t_calib = ({}, 0.0)
         if calibrator:
             accs, t_calib = calibrator.hessians(readers, f"calibrate group {gi + 1}/{len(chunks)}")
@@ -190,7 +191,6 @@ def prune_structured_(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, 
             W = modules[name].weight.detach()
             originals.setdefault(name, W.clone())
             if name in accs:
-                hessians[name] = accs[name].H
                 gone = torch.zeros(W.shape[1], dtype=torch.bool, device=W.device)
                 gone[list(removed_cols.get(name, ()))] = True
                 try:
@@ -214,28 +214,31 @@ def prune_structured_(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, 
             report.structures.append({"name": group.name, "kind": group.kind, "count": group.count,
                                       "kept": len(kept[group.name]), "removed": gone,
                                       "seconds": time.perf_counter() - t1})
+        later = {name for names in chunk_readers[gi + 1:] for name in names}
         for name in readers:
             lin = modules[name]
             W_new = states[name].W if name in states else lin.weight.detach().float()
             W_new = W_new.clone()
-            W_new[:, sorted(removed_cols[name])] = 0
+            cols = sorted(removed_cols[name])
+            W_new[:, cols] = 0
             if not torch.isfinite(W_new).all():
                 raise PruneError(f"layer {name}: structured pruning produced non-finite weights; raise --percdamp")
             with torch.no_grad():
                 lin.weight.copy_(W_new.to(lin.weight.dtype))
+            W0, H = originals[name], accs[name].H if name in accs else None
+            masked = W0.clone()
+            masked[:, cols] = 0
+            records[name] = LayerRecord(
+                name, tuple(W0.shape), len(cols) / W0.shape[1],
+                obs.reconstruction_error(W0, masked, H) if H is not None else None,
+                obs.reconstruction_error(W0, lin.weight.detach(), H) if H is not None else None,
+                states[name].damp if name in states else None, time.perf_counter() - t0)
+            if name not in later:
+                del originals[name]
         report.add_group(gi, [[g.name] for g, _ in chunk], t_calib, time.perf_counter() - t0, accs)
         del accs, states
 
-    for name, W0 in originals.items():
-        W = modules[name].weight.detach()
-        H = hessians.get(name)
-        masked = W0.clone()
-        masked[:, sorted(removed_cols[name])] = 0
-        report.layers.append(LayerRecord(
-            name, tuple(W.shape), len(removed_cols[name]) / W.shape[1],
-            obs.reconstruction_error(W0, masked, H) if H is not None else None,
-            obs.reconstruction_error(W0, W, H) if H is not None else None,
-            None, 0.0))
+    report.layers = list(records.values())
     shrink_(denoiser, [g for g, _ in active], kept)
     after = model_stats(model)
     report.model_stats = {"before": before, "after": after,
