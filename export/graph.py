@@ -49,6 +49,16 @@ def has_external_data(model) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
+def external_files(model) -> list[str]:
+    """The external data files (relative locations) a model loaded without its weights refers to."""
+    onnx = require("onnx")
+    files = set()
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            files |= {e.value for e in t.external_data if e.key == "location"}
+    return sorted(files)
+
+
 def all_graphs(graph):
     """The graph and every subgraph of its If/Loop/Scan nodes, depth first."""
     onnx = require("onnx")
@@ -135,6 +145,15 @@ def rename_dims(model, input_dims: dict[str, list[str | None]]) -> dict[str, str
     return mapping
 
 
+def copy_shape(model, source: str, target: str) -> None:
+    """Give graph output `target` the declared shape of graph input `source` (same rank only)."""
+    src = next(vi for vi in model.graph.input if vi.name == source).type.tensor_type.shape
+    dst = next(vi for vi in model.graph.output if vi.name == target).type.tensor_type.shape
+    if len(src.dim) == len(dst.dim):
+        for s, d in zip(src.dim, dst.dim, strict=True):
+            d.CopyFrom(s)
+
+
 def save_graph(model, path: str | Path, external_data: bool) -> None:
     """Write `model` to `path`; with `external_data`, weights go to `<file>.data` next to it.
 
@@ -144,7 +163,7 @@ def save_graph(model, path: str | Path, external_data: bool) -> None:
     path = Path(path)
     if external_data and not has_external_data(model):
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=0)
+                        location=path.name + ".data", size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
 

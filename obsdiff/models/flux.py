@@ -30,6 +30,7 @@ from obsdiff.models.registry import (
     Slice,
     StructureGroup,
     default_range,
+    present_groups,
     range_dim,
     register_family,
 )
@@ -57,14 +58,6 @@ _DEFAULT_LATENT_SIZE = 128
 _DEFAULT_TEXT_LEN = 512
 
 
-def _present(block: Block, groups: tuple[tuple[str, ...], ...]) -> list[tuple[str, ...]]:
-    modules = dict(block.module.named_modules())
-    out = []
-    for group in groups:
-        names = tuple(f"{block.name}.{n}" for n in group if isinstance(modules.get(n), nn.Linear))
-        if names:
-            out.append(names)
-    return out
 
 
 def _is_single(block: Block) -> bool:
@@ -86,12 +79,7 @@ class FluxFamily(ModelFamily):
         return [Block(i, name, module) for i, (name, module) in enumerate(zip(names, modules, strict=True))]
 
     def shared_input_groups(self, block: Block) -> list[tuple[str, ...]]:
-        return _present(block, _SINGLE_INPUT_GROUPS if _is_single(block) else _DOUBLE_INPUT_GROUPS)
-
-    def prunable_linears(self, block: Block) -> dict[str, nn.Linear]:
-        modules = dict(block.module.named_modules())
-        prefix = len(block.name) + 1
-        return {n: modules[n[prefix:]] for g in self.shared_input_groups(block) for n in g}
+        return present_groups(block, _SINGLE_INPUT_GROUPS if _is_single(block) else _DOUBLE_INPUT_GROUPS)
 
     def example_inputs(
         self,
@@ -271,8 +259,9 @@ def build_flux_pipeline(
     (FluxPipeline pads T5 to 512 tokens otherwise). CLIP's width sets `pooled_projection_dim` and T5's
     width `joint_attention_dim` (`text`: a `TextStackConfig`; only the first CLIP width is used).
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
+    from obsdiff.models.components import tiny_vae
     from obsdiff.models.text import TextStackConfig, clip_text_encoder, clip_tokenizer, t5_text_encoder, t5_tokenizer
 
     text = text or TextStackConfig()
@@ -299,22 +288,8 @@ def build_flux_pipeline(
         guidance_embeds=guidance_embeds,
         axes_dims_rope=tuple(axes_dims_rope),
     )
-    n_levels = len(vae_channels)
-    vae = AutoencoderKL(
-        in_channels=image_channels,
-        out_channels=image_channels,
-        down_block_types=("DownEncoderBlock2D",) * n_levels,
-        up_block_types=("UpDecoderBlock2D",) * n_levels,
-        block_out_channels=vae_channels,
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=min(8, vae_channels[0]),
-        sample_size=sample_size * 2 ** (n_levels - 1),
-        scaling_factor=1.0,
-        shift_factor=0.0,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_vae(image_channels, latent_channels, vae_channels, sample_size, shift_factor=0.0,
+                   use_quant_conv=False, use_post_quant_conv=False)
     # Flux's own scheduler config: the shift follows the image token count.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)

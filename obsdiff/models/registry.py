@@ -154,9 +154,11 @@ class ModelFamily(ABC):
     def blocks(self, denoiser: nn.Module) -> list[Block]:
         """The prunable blocks in forward order."""
 
-    @abstractmethod
     def prunable_linears(self, block: Block) -> dict[str, nn.Linear]:
         """Linears of the block that may be pruned, in forward order, by dotted name in the denoiser."""
+        modules = dict(block.module.named_modules())
+        prefix = len(block.name) + 1
+        return {n: modules[n[prefix:]] for g in self.shared_input_groups(block) for n in g}
 
     @abstractmethod
     def shared_input_groups(self, block: Block) -> list[tuple[str, ...]]:
@@ -233,6 +235,17 @@ class ModelFamily(ABC):
             "parameters": n_params,
             "prunable_parameters": prunable,
         }
+
+
+def present_groups(block: Block, groups: tuple[tuple[str, ...], ...]) -> list[tuple[str, ...]]:
+    """The listed shared-input groups (names relative to the block) that exist in this block, as dotted names."""
+    modules = dict(block.module.named_modules())
+    out = []
+    for group in groups:
+        names = tuple(f"{block.name}.{n}" for n in group if isinstance(modules.get(n), nn.Linear))
+        if names:
+            out.append(names)
+    return out
 
 
 def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:

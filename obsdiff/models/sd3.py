@@ -20,6 +20,7 @@ from obsdiff.models.registry import (
     Slice,
     StructureGroup,
     default_range,
+    present_groups,
     range_dim,
     register_family,
 )
@@ -58,18 +59,7 @@ class SD3Family(ModelFamily):
         ]
 
     def shared_input_groups(self, block: Block) -> list[tuple[str, ...]]:
-        present = dict(block.module.named_modules())
-        groups = []
-        for group in _SD3_INPUT_GROUPS:
-            names = tuple(f"{block.name}.{n}" for n in group if isinstance(present.get(n), nn.Linear))
-            if names:
-                groups.append(names)
-        return groups
-
-    def prunable_linears(self, block: Block) -> dict[str, nn.Linear]:
-        modules = dict(block.module.named_modules())
-        prefix = len(block.name) + 1
-        return {n: modules[n[prefix:]] for g in self.shared_input_groups(block) for n in g}
+        return present_groups(block, _SD3_INPUT_GROUPS)
 
     def example_inputs(
         self,
@@ -190,12 +180,12 @@ def build_sd3_pipeline(
     `sample_size` is the latent size; images are `sample_size * 2 ** (len(vae_channels) - 1)` pixels.
     """
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
 
+    from obsdiff.models.components import tiny_vae
     from obsdiff.models.text import TextStackConfig, build_text_stack
 
     text = text or TextStackConfig()
@@ -217,19 +207,6 @@ def build_sd3_pipeline(
         dual_attention_layers=dual_attention_layers,
         qk_norm=qk_norm,
     )
-    n_levels = len(vae_channels)
-    vae = AutoencoderKL(
-        in_channels=image_channels,
-        out_channels=image_channels,
-        down_block_types=("DownEncoderBlock2D",) * n_levels,
-        up_block_types=("UpDecoderBlock2D",) * n_levels,
-        block_out_channels=vae_channels,
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=min(8, vae_channels[0]),
-        sample_size=sample_size * 2 ** (n_levels - 1),
-        scaling_factor=1.0,
-        shift_factor=0.0,
-    )
+    vae = tiny_vae(image_channels, latent_channels, vae_channels, sample_size, shift_factor=0.0)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     return StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=scheduler, **stack)

@@ -91,11 +91,6 @@ class SDXLFamily(ModelFamily):
                 out.append(names)
         return out
 
-    def prunable_linears(self, block: Block) -> dict[str, nn.Linear]:
-        modules = dict(block.module.named_modules())
-        prefix = len(block.name) + 1
-        return {n: modules[n[prefix:]] for g in self.shared_input_groups(block) for n in g}
-
     def example_inputs(
         self,
         denoiser: nn.Module,
@@ -231,8 +226,9 @@ def build_sdxl_pipeline(
     size; images are `sample_size * 2 ** (len(vae_channels) - 1)` pixels. `text`: a `TextStackConfig`
     (its T5 fields are unused).
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
+    from obsdiff.models.components import tiny_vae
     from obsdiff.models.text import TextStackConfig, clip_text_encoder, clip_tokenizer
 
     text = text or TextStackConfig()
@@ -260,19 +256,7 @@ def build_sdxl_pipeline(
         projection_class_embeddings_input_dim=text.clip_projection[1] + _N_TIME_IDS * addition_time_embed_dim,
         norm_num_groups=min(32, block_out_channels[0]),
     )
-    n_levels = len(vae_channels)
-    vae = AutoencoderKL(
-        in_channels=image_channels,
-        out_channels=image_channels,
-        down_block_types=("DownEncoderBlock2D",) * n_levels,
-        up_block_types=("UpDecoderBlock2D",) * n_levels,
-        block_out_channels=vae_channels,
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=min(8, vae_channels[0]),
-        sample_size=sample_size * 2 ** (n_levels - 1),
-        scaling_factor=1.0,
-    )
+    vae = tiny_vae(image_channels, latent_channels, vae_channels, sample_size)
     # SDXL base's scheduler config.
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
