@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from obsdiff.errors import NotImplementedYetError, ObsdiffError
+from obsdiff.errors import ObsdiffError
 
 
 class Group(click.Group):
@@ -23,10 +23,6 @@ class Group(click.Group):
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-
-
-def not_implemented(command: str, issue: str) -> None:
-    raise NotImplementedYetError(f"`{command}` is not implemented yet ({issue}); see the README for what works today")
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:

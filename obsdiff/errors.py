@@ -26,6 +26,3 @@ class MissingDependencyError(ObsdiffError):
 class OutputExistsError(ObsdiffError):
     """The output path exists and `--force` was not given."""
 
-
-class NotImplementedYetError(ObsdiffError):
-    """The command is part of the interface but its implementation has not landed yet."""

@@ -145,4 +145,9 @@ def build_run_denoiser(path: str | Path, record: dict, family, dtype):
     model = build("meta")
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         model = build("cpu")
-    return model.to(dtype).eval()
+    if model.dtype != dtype:
+        from obsdiff.loading import quiet_libraries
+
+        with quiet_libraries():  # diffusers warns about casting with `to()` even when nothing must stay fp32
+            model = model.to(dtype)
+    return model.eval()

@@ -1,8 +1,8 @@
 """Exports shared by several test modules (dynamo exports take seconds each)."""
 
 import pytest
-from obsdiff.export.onnx_export import ExportConfig, export_onnx
 
+from obsdiff.export.onnx_export import ExportConfig, export_onnx
 from tests.conftest import tiny_flux
 
 

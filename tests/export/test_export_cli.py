@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+
 from obsdiff.export.cli import cli
 
 

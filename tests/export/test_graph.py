@@ -5,13 +5,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from obsdiff.errors import ConfigError
 from obsdiff.export import checks as C
 from obsdiff.export import graph as G
 from obsdiff.export.components import example_point, parity_points
 from obsdiff.export.onnx_export import ExportConfig, linear_as_gemm, parse_range
-from onnx import TensorProto, helper, numpy_helper
-
-from obsdiff.errors import ConfigError
 from obsdiff.models.registry import OnnxDim, OnnxInput, OnnxIO
 
 

@@ -14,12 +14,12 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from obsdiff.export import checks as C
-from obsdiff.export.cli import cli
-from obsdiff.export.onnx_export import ExportCheckError, ExportConfig, export_onnx
 
 from obsdiff.artifacts import sha256_file
 from obsdiff.config import CalibConfig, PruneConfig
+from obsdiff.export import checks as C
+from obsdiff.export.cli import cli
+from obsdiff.export.onnx_export import ExportCheckError, ExportConfig, export_onnx
 from obsdiff.io import save_run
 from obsdiff.loading import as_loaded, load_pipeline
 from obsdiff.prune import prune_

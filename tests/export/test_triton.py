@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+
+from obsdiff.errors import ModelLoadError
 from obsdiff.export.cli import cli
 from obsdiff.export.onnx_export import ExportConfig, export_onnx
 from obsdiff.export.triton import PbtxtError, model_config, parse_pbtxt, render_pbtxt, validate_model_config
-
-from obsdiff.errors import ModelLoadError
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,82 @@
+"""Timing primitives shared by the benchmark scopes: one call's seconds, statistics, variants, round-robin."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .runners import Runner
+
+log = logging.getLogger(__name__)
+
+
+def summarize(seconds: list[float]) -> dict:
+    """Milliseconds: median, p90, IQR, stdev, mean, min over the timed iterations."""
+    ms = sorted(s * 1e3 for s in seconds)
+    n = len(ms)
+
+    def q(p: float) -> float:  # linear interpolation between closest ranks
+        x = p * (n - 1)
+        lo = int(x)
+        hi = min(lo + 1, n - 1)
+        return ms[lo] + (ms[hi] - ms[lo]) * (x - lo)
+
+    return {"median": q(0.5), "p90": q(0.9), "iqr": q(0.75) - q(0.25),
+            "stdev": statistics.stdev(ms) if n > 1 else 0.0, "mean": statistics.fmean(ms), "min": ms[0], "n": n}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of `fn` takes: CUDA events on a CUDA device, perf_counter otherwise."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@dataclass
+class Variant:
+    model: str
+    backend: str
+    runner: Runner | None = None
+    status: str = "ok"
+    reason: str = ""
+    times: list[float] = field(default_factory=list)
+    stage_times: list[dict] = field(default_factory=list)
+    max_abs_diff: float | None = None
+
+    def fail(self, exc: BaseException, when: str) -> None:
+        text = str(exc).strip()
+        self.status, self.reason = "failed", f"{when}: {text.splitlines()[0] if text else type(exc).__name__}"
+        log.warning("%s on %s failed %s", self.model, self.backend, self.reason)
+
+
+def rotated(items: list, i: int) -> list:
+    """Round i starts at a different variant, so none is always the first after a pause."""
+    k = i % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
+def warm(v: Variant, warmup: int, fn: Callable[[], object]) -> None:
+    try:
+        for _ in range(max(warmup, v.runner.min_warmup)):
+            fn()
+        v.runner.synchronize()
+    except Exception as exc:
+        v.fail(exc, "warm-up")

@@ -1,0 +1,328 @@
+"""TensorRT engine building: the parts that need no TensorRT (flags, profiles, build log, staleness, errors)
+run everywhere; builds and inference are marked `tensorrt` and skip without it."""
+
+import importlib.util
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from obsdiff.engines import trt as T
+from obsdiff.engines.sidecar import SidecarError, parse_shapes, parse_sidecar, read_onnx_sidecar
+from obsdiff.errors import ConfigError, MissingDependencyError, OutputExistsError
+from tests.engines.conftest import SD3_INPUTS, export_sidecar
+
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="needs TensorRT and a CUDA GPU (not installable on this machine)")
+
+
+def enum(*names):
+    return SimpleNamespace(**{n: i for i, n in enumerate(names)})
+
+
+# BuilderFlag / NetworkDefinitionCreationFlag members as the Python bindings list them.
+TRT10_BUILDER = ("FP16", "INT8", "DEBUG", "GPU_FALLBACK", "REFIT", "DISABLE_TIMING_CACHE", "TF32", "SPARSE_WEIGHTS",
+                 "SAFETY_SCOPE", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS", "DIRECT_IO",
+                 "REJECT_EMPTY_ALGORITHMS", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME", "FP8",
+                 "ERROR_ON_TIMING_CACHE_MISS", "BF16", "DISABLE_COMPILATION_CACHE", "STRIP_PLAN", "REFIT_IDENTICAL",
+                 "WEIGHT_STREAMING", "INT4", "REFIT_INDIVIDUAL", "STRICT_NANS", "MONITOR_MEMORY", "FP4",
+                 "EDITABLE_TIMING_CACHE", "DISTRIBUTIVE_INDEPENDENCE")
+TRT10_0_BUILDER = TRT10_BUILDER[:TRT10_BUILDER.index("STRICT_NANS")]  # 10.0 had no STRICT_NANS yet
+TRT10_NETWORK = ("EXPLICIT_BATCH", "STRONGLY_TYPED", "PREFER_AOT_PYTHON_PLUGINS", "PREFER_JIT_PYTHON_PLUGINS")
+TRT11_BUILDER = ("DEBUG", "GPU_FALLBACK", "REFIT", "DISABLE_TIMING_CACHE", "TF32", "SPARSE_WEIGHTS", "SAFETY_SCOPE",
+                 "DIRECT_IO", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME", "ERROR_ON_TIMING_CACHE_MISS",
+                 "DISABLE_COMPILATION_CACHE", "STRIP_PLAN", "REFIT_IDENTICAL", "WEIGHT_STREAMING", "REFIT_INDIVIDUAL",
+                 "STRICT_NANS", "MONITOR_MEMORY", "EDITABLE_TIMING_CACHE", "DISTRIBUTIVE_INDEPENDENCE",
+                 "REQUIRE_USER_ALLOCATION")
+
+
+def trt_ns(builder, network):
+    return SimpleNamespace(BuilderFlag=enum(*builder), NetworkDefinitionCreationFlag=enum(*network))
+
+
+TRT10 = trt_ns(TRT10_BUILDER, TRT10_NETWORK)
+TRT10_0 = trt_ns(TRT10_0_BUILDER, TRT10_NETWORK)
+TRT11 = trt_ns(TRT11_BUILDER, ("STRONGLY_TYPED", "PREFER_AOT_PYTHON_PLUGINS", "PREFER_JIT_PYTHON_PLUGINS"))
+TRT11_ALWAYS_STRONG = trt_ns(TRT11_BUILDER, ("PREFER_AOT_PYTHON_PLUGINS", "PREFER_JIT_PYTHON_PLUGINS"))
+
+
+# ------------------------------------------------------------------------------------------ flags
+
+
+@pytest.mark.parametrize("dtype, precision", [("fp16", ("FP16",)), ("bf16", ("BF16",)), ("fp32", ())])
+def test_tensorrt10_is_weakly_typed_with_the_onnx_precision_flag(dtype, precision):
+    plan = T.select_flags(TRT10, dtype, sparse_weights=True)
+    assert plan.typing == "weak" and plan.network_flags == ()
+    assert plan.builder_flags == (*precision, "SPARSE_WEIGHTS")
+
+
+@pytest.mark.parametrize("ns", [TRT11, TRT11_ALWAYS_STRONG], ids=["11-with-flag", "11-always-strong"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_tensorrt11_is_strongly_typed_without_precision_flags(ns, dtype):
+    plan = T.select_flags(ns, dtype, sparse_weights=True, strict_nans=True)
+    assert plan.typing == "strong"
+    assert plan.builder_flags == ("SPARSE_WEIGHTS", "STRICT_NANS")
+    assert plan.network_flags == (("STRONGLY_TYPED",) if ns is TRT11 else ())
+    assert not set(plan.builder_flags) & {"FP16", "BF16", "INT8"}
+
+
+def test_tensorrt10_can_be_asked_for_strong_typing_and_dense_builds_have_no_sparse_flag():
+    plan = T.select_flags(TRT10, "fp16", sparse_weights=False, strongly_typed=True)
+    assert plan.typing == "strong" and plan.network_flags == ("STRONGLY_TYPED",) and plan.builder_flags == ()
+
+
+def test_flags_a_tensorrt_lacks_are_one_line_errors():
+    with pytest.raises(ConfigError, match="STRICT_NANS"):
+        T.select_flags(TRT10_0, "fp16", sparse_weights=False, strict_nans=True)
+    assert "STRICT_NANS" in T.select_flags(TRT10, "fp16", False, strict_nans=True).builder_flags
+    with pytest.raises(ConfigError, match="strongly typed"):
+        T.select_flags(TRT11, "fp16", sparse_weights=False, strongly_typed=False)
+    no_sparse = trt_ns([f for f in TRT10_BUILDER if f != "SPARSE_WEIGHTS"], TRT10_NETWORK)
+    with pytest.raises(ConfigError, match="--no-sparse-weights"):
+        T.select_flags(no_sparse, "fp16", sparse_weights=True)
+
+
+def test_precision_from_network_input_types():
+    assert T.dtype_from_network_inputs(["DataType.HALF", "DataType.FLOAT"]) == "fp16"
+    assert T.dtype_from_network_inputs(["BF16", "FLOAT"]) == "bf16"
+    assert T.dtype_from_network_inputs(["FLOAT", "INT64"]) == "fp32"
+
+
+# ------------------------------------------------------------------------------------------ build log
+
+
+BUILD_LOG = """\
+[11/28/2026-10:02:11] [I] [TRT] Local timing cache in use. Profiling results in this builder pass will not be stored.
+[11/28/2026-10:02:40] [I] [TRT] (Sparsity) Layers eligible for sparse math: /transformer_blocks.0/attn/to_q/MatMul, \
+/transformer_blocks.0/attn/to_k/MatMul, \
+/transformer_blocks.0/ff/net.0/proj/MatMul + /transformer_blocks.0/ff/net.0/Gelu, /transformer_blocks.0/ff/net.2/MatMul
+[11/28/2026-10:02:40] [I] [TRT] (Sparsity) TRT inference plan picked sparse implementation for layers: \
+/transformer_blocks.0/ff/net.0/proj/MatMul + /transformer_blocks.0/ff/net.0/Gelu, /transformer_blocks.0/ff/net.2/MatMul
+[11/28/2026-10:02:41] [I] [TRT] Total Activation Memory: 1073741824 bytes
+""".splitlines()
+
+
+def test_build_log_names_eligible_and_picked_layers():
+    report = T.parse_build_log(BUILD_LOG)
+    assert report["reported"] and report["eligible_count"] == 4 and report["picked_count"] == 2
+    assert report["picked"] == ["/transformer_blocks.0/ff/net.0/proj/MatMul + /transformer_blocks.0/ff/net.0/Gelu",
+                                "/transformer_blocks.0/ff/net.2/MatMul"]
+    assert report["eligible_not_picked"] == ["/transformer_blocks.0/attn/to_q/MatMul",
+                                             "/transformer_blocks.0/attn/to_k/MatMul"]
+
+
+def test_build_log_from_the_python_logger_without_prefix_and_with_nothing_picked():
+    lines = ["[I] (Sparsity) Layers eligible for sparse math: node_MatMul_12, node_MatMul_40",
+             "[I] (Sparsity) TRT inference plan picked sparse implementation for layers: ",
+             "[W] Detected layernorm nodes in FP16."]
+    report = T.parse_build_log(lines)
+    assert report["reported"] and report["eligible"] == ["node_MatMul_12", "node_MatMul_40"]
+    assert report["picked"] == [] and report["picked_count"] == 0
+    assert not T.parse_build_log(["[I] Engine built in 3.2 seconds"])["reported"]
+
+
+def test_inspector_json_lists_layers_with_sparse_weights():
+    info = json.dumps({"Layers": [{"Name": "gemm_q", "LayerType": "Gemm", "HasSparseWeights": 1},
+                                  {"Name": "gemm_k", "LayerType": "Gemm", "HasSparseWeights": 0},
+                                  {"Name": "softmax", "LayerType": "SoftMax"}], "Bindings": ["x", "y"]})
+    assert T.sparse_layers_from_inspector(info) == ["gemm_q"]
+
+
+# ------------------------------------------------------------------------------------------ profiles
+
+
+def test_profile_comes_from_the_export_sidecar(onnx_with_sidecar):
+    spec = read_onnx_sidecar(onnx_with_sidecar())
+    profiles = T.resolve_profiles(spec, T.EngineConfig())
+    assert profiles["hidden_states"] == ((1, 16, 64, 64), (2, 16, 128, 128), (8, 16, 192, 192))
+    assert profiles["timestep"] == ((1,), (2,), (8,))
+    assert spec.nm == (2, 4) and spec.dtype == "fp16" and [t.feeds for t in spec.inputs][0] == "hidden_states"
+
+
+def test_explicit_shapes_override_the_sidecar_and_default_to_opt(onnx_with_sidecar):
+    spec = read_onnx_sidecar(onnx_with_sidecar())
+    opt = parse_shapes("hidden_states:2x16x128x128,encoder_hidden_states:2x333x4096,pooled_projections:2x2048,"
+                       "timestep:2", "--opt-shapes")
+    cfg = T.EngineConfig(opt_shapes=opt, max_shapes={"hidden_states": (4, 16, 128, 128)})
+    profiles = T.resolve_profiles(spec, cfg)
+    assert profiles["hidden_states"] == ((2, 16, 128, 128), (2, 16, 128, 128), (4, 16, 128, 128))
+    assert profiles["timestep"] == ((2,), (2,), (2,))
+
+
+@pytest.mark.parametrize("opt, match", [
+    ("hidden_state:2x16x128x128", "not an input"),
+    ("hidden_states:2x16x128x128", "encoder_hidden_states .*no shape"),
+])
+def test_explicit_shapes_are_checked_against_the_inputs(onnx_with_sidecar, opt, match):
+    spec = read_onnx_sidecar(onnx_with_sidecar())
+    with pytest.raises(ConfigError, match=match):
+        T.resolve_profiles(spec, T.EngineConfig(opt_shapes=parse_shapes(opt, "--opt-shapes")))
+
+
+def test_bad_profiles_and_shape_strings_are_one_line_errors(onnx_with_sidecar):
+    inputs = [("x", "float32", ["batch", 4], {"min": [4, 4], "opt": [2, 4], "max": [8, 4]})]
+    with pytest.raises(ConfigError, match="min <= opt <= max"):
+        T.resolve_profiles(read_onnx_sidecar(onnx_with_sidecar(inputs)), T.EngineConfig())
+    with pytest.raises(ConfigError, match="NAME:DxDx"):
+        parse_shapes("hidden_states=1x4", "--opt-shapes")
+    with pytest.raises(ConfigError, match="need --opt-shapes"):
+        T.EngineConfig(min_shapes={"x": (1,)})
+
+
+def test_sidecar_without_a_needed_key_says_which(tmp_path):
+    data = export_sidecar(SD3_INPUTS)
+    del data["inputs"][1]["dtype"]
+    with pytest.raises(SidecarError, match=r"inputs\[1\]\.'dtype'"):
+        parse_sidecar(data, tmp_path / "transformer.json")
+    data = export_sidecar(SD3_INPUTS)
+    del data["inputs"][0]["profile"]["max"]
+    with pytest.raises(SidecarError, match="profile.'max'"):
+        parse_sidecar(data, tmp_path / "transformer.json")
+
+
+def test_real_export_sidecar_gives_a_profile(tiny_onnx_dir):
+    spec = read_onnx_sidecar(tiny_onnx_dir / "transformer.onnx")
+    profiles = T.resolve_profiles(spec, T.EngineConfig())
+    assert set(profiles) == {"hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"}
+    lo, opt, hi = profiles["hidden_states"]
+    assert lo[0] == 1 and opt[0] == 2 and hi[0] == 4 and lo[2] <= opt[2] == 8 <= hi[2]
+    assert spec.outputs[0].name == "latent" and spec.nm is None and spec.sha256
+
+
+# ------------------------------------------------------------------------------------------ staleness
+
+
+ENV = {"tensorrt": "10.8.0.43", "gpu": "NVIDIA H200", "compute_capability": "9.0"}
+
+
+def engine_record(onnx_hashes, **over):
+    record = {"tensorrt": ENV["tensorrt"], "gpu": {"name": ENV["gpu"], "compute_capability": "9.0"},
+              "onnx": {"path": "/x/transformer.onnx", **onnx_hashes}}
+    return record | over
+
+
+def test_stale_reasons_name_what_changed():
+    hashes = {"sha256": "1" * 64, "data_sha256": None}
+    assert T.stale_reasons(engine_record(hashes), ENV, hashes) == []
+    assert T.stale_reasons(engine_record(hashes), ENV, None) == []  # ONNX gone: nothing to compare
+    changed = T.stale_reasons(engine_record(hashes), ENV, {"sha256": "2" * 64, "data_sha256": None})
+    assert len(changed) == 1 and "ONNX graph changed" in changed[0]
+    other_trt = T.stale_reasons(engine_record(hashes, tensorrt="10.3.0"), ENV, hashes)
+    assert len(other_trt) == 1 and "TensorRT 10.3.0" in other_trt[0] and "10.8.0.43" in other_trt[0]
+    other_gpu = T.stale_reasons(engine_record(hashes, gpu={"name": "NVIDIA A100", "compute_capability": "8.0"}),
+                                ENV, hashes)
+    assert len(other_gpu) == 1 and "NVIDIA A100" in other_gpu[0] and "H200" in other_gpu[0]
+
+
+def test_check_engine_refuses_a_stale_engine(tmp_path, onnx_with_sidecar):
+    onnx = onnx_with_sidecar()
+    plan = tmp_path / "transformer.plan"
+    plan.write_bytes(b"engine")
+    record = engine_record(T.onnx_hashes(onnx)) | {"onnx": {"path": str(onnx), **T.onnx_hashes(onnx)}}
+    T.engine_sidecar_path(plan).write_text(json.dumps(record))
+    assert T.check_engine(plan, environment=ENV)["tensorrt"] == ENV["tensorrt"]
+    onnx.write_bytes(b"re-exported graph")
+    with pytest.raises(T.StaleEngineError) as err:
+        T.check_engine(plan, environment=ENV | {"tensorrt": "11.0.0"})
+    msg = str(err.value)
+    assert "\n" not in msg and "ONNX graph changed" in msg and "TensorRT 11.0.0" in msg and "--force" in msg
+
+
+def test_check_engine_without_sidecar_or_plan(tmp_path):
+    with pytest.raises(T.EngineError, match="does not exist"):
+        T.check_engine(tmp_path / "none.plan", environment=ENV)
+    plan = tmp_path / "foreign.plan"
+    plan.write_bytes(b"engine")
+    with pytest.raises(T.StaleEngineError, match="no sidecar foreign.plan.json"):
+        T.check_engine(plan, environment=ENV)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_build_engine_checks_inputs_before_tensorrt(tmp_path, onnx_with_sidecar):
+    with pytest.raises(ConfigError, match="does not exist"):
+        T.build_engine(tmp_path / "missing.onnx", tmp_path / "m.plan")
+    bare = tmp_path / "bare.onnx"
+    bare.write_bytes(b"graph")
+    with pytest.raises(SidecarError, match="no export sidecar .*bare.json.*--opt-shapes"):
+        T.build_engine(bare, tmp_path / "m.plan")
+    onnx = onnx_with_sidecar()
+    (tmp_path / "exists.plan").write_bytes(b"old")
+    with pytest.raises(OutputExistsError, match="--force"):
+        T.build_engine(onnx, tmp_path / "exists.plan")
+    (tmp_path / "ok.dense.plan").write_bytes(b"old twin")
+    with pytest.raises(OutputExistsError, match="ok.dense.plan"):
+        T.build_engine(onnx, tmp_path / "ok.plan", T.EngineConfig(also_dense=True))
+
+
+def test_an_existing_engine_is_refused_and_its_staleness_named(tmp_path, onnx_with_sidecar):
+    onnx = onnx_with_sidecar()
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"engine")
+    T.engine_sidecar_path(plan).write_text(json.dumps(engine_record(T.onnx_hashes(onnx))))
+    with pytest.raises(OutputExistsError, match=r"built from this ONNX\); pass --force"):
+        T.build_engine(onnx, plan)
+    onnx.write_bytes(b"re-exported")
+    with pytest.raises(OutputExistsError, match="is stale .*--force"):
+        T.build_engine(onnx, plan)
+
+
+def test_no_profile_from_sidecar_needs_explicit_shapes_for_dynamic_inputs(onnx_with_sidecar):
+    spec = read_onnx_sidecar(onnx_with_sidecar())
+    with pytest.raises(ConfigError, match="hidden_states is dynamic.*--opt-shapes"):
+        T.resolve_profiles(spec, T.EngineConfig(profile_from_sidecar=False))
+    static = [("x", "float32", [1, 4], None)]
+    assert T.resolve_profiles(read_onnx_sidecar(onnx_with_sidecar(static)), T.EngineConfig(profile_from_sidecar=False)
+                              ) == {}
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here")
+def test_without_tensorrt_build_says_how_to_install(tmp_path, onnx_with_sidecar):
+    with pytest.raises(MissingDependencyError) as err:
+        T.build_engine(onnx_with_sidecar(), tmp_path / "m.plan")
+    assert "pip install --extra-index-url https://pypi.nvidia.com tensorrt" in str(err.value)
+    assert not (tmp_path / "m.plan").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_without_a_gpu_build_says_so(tmp_path, onnx_with_sidecar, monkeypatch):
+    monkeypatch.setattr(T, "require_tensorrt", lambda: SimpleNamespace(__version__="10.8.0"))
+    with pytest.raises(T.NoGpuError, match="need a CUDA GPU"):
+        T.build_engine(onnx_with_sidecar(), tmp_path / "m.plan")
+
+
+# ------------------------------------------------------------------------------------------ TensorRT
+
+
+@pytest.mark.tensorrt
+@needs_trt
+def test_real_tensorrt_flags_match_its_generation():
+    import tensorrt
+
+    plan = T.select_flags(tensorrt, "fp16", sparse_weights=True)
+    assert "SPARSE_WEIGHTS" in plan.builder_flags
+    assert plan.typing == ("weak" if hasattr(tensorrt.BuilderFlag, "FP16") else "strong")
+
+
+@pytest.mark.tensorrt
+@needs_trt
+def test_build_check_and_run_a_tiny_engine(tiny_onnx_dir, tiny_sd3_dir, tmp_path):
+    from obsdiff.engines.runners import make_runner
+    from obsdiff.loading import load_pipeline
+
+    plan = tmp_path / "transformer.plan"
+    record = T.build_engine(tiny_onnx_dir / "transformer.onnx", plan, T.EngineConfig(sparse_weights=True,
+                                                                                     also_dense=True))
+    assert plan.is_file() and T.dense_twin_path(plan).is_file() and record["dense_twin"]["sparse"]["requested"] is False
+    assert record["sparse"]["requested"] and record["profiles"]["hidden_states"]["opt"][0] == 2
+    assert T.check_engine(plan)["onnx"]["sha256"] == record["onnx"]["sha256"]
+    model = load_pipeline(str(tiny_sd3_dir), device="cuda")
+    runner = make_runner("tensorrt", engine=plan)
+    runner.prepare(model)
+    kw = model.family.example_inputs(model.denoiser, batch=2, text_len=264, generator=torch.Generator().manual_seed(0))
+    kw = {k: v.cuda() for k, v in kw.items()}
+    with torch.no_grad():
+        ref = model.denoiser(**kw, return_dict=False)[0]
+    assert float((runner(**kw) - ref).abs().max()) < 1e-2
