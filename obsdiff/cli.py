@@ -89,13 +89,15 @@ def generate(model, prompt, steps, guidance, seed, height, width, out, force, de
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path),
               help="text file, one prompt per line [held-out digit prompts / a generic list]")
 @click.option("--clip-model", type=click.Path(path_type=Path), help="local CLIP checkpoint for clip_score")
+@click.option("--height", type=click.IntRange(1), default=None, help="image pixels [model default]")
+@click.option("--width", type=click.IntRange(1), default=None, help="image pixels [model default]")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="output directory (metrics.json, grid.png) [RUN/eval for a run directory]")
 @FORCE
 @DEVICE
 @DTYPE
 def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_size, prompts_file, clip_model,
-             out, force, device, dtype) -> None:
+             height, width, out, force, device, dtype) -> None:
     """Measure image quality of a model, optionally against a reference model."""
     from obsdiff.artifacts import check_writable
     from obsdiff.errors import ConfigError
@@ -105,7 +107,8 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
         raise ConfigError("give the model either as an argument or with --model (exactly one)")
     prompts = read_prompts(prompts_file) if prompts_file else None
     config = EvalConfig(num_images=num_images, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
-                        prompts=prompts, clip_model=str(clip_model) if clip_model else None)
+                        prompts=prompts, clip_model=str(clip_model) if clip_model else None, height=height,
+                        width=width)
     target = target or model
     if out is None:
         from obsdiff.io import is_run_dir

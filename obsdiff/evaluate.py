@@ -51,6 +51,8 @@ class EvalConfig:
     batch_size: int = 50
     prompts: tuple[str, ...] | None = None
     clip_model: str | None = None
+    height: int | None = None  # image pixels; None: the model's default
+    width: int | None = None
 
     def __post_init__(self):
         if self.num_images < 2:
@@ -117,6 +119,7 @@ def generate(model: LoadedModel, prompts: list[str], seeds: list[int], steps: in
         if device.type != "cpu":
             gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[start:start + batch_size]]
         z = pipe(prompt=batch, generator=gens, output_type="latent", **kwargs).images
+        z = model.family.latents_for_vae(pipe, z, kwargs.get("height"), kwargs.get("width"))
         latents.append(z.float().cpu().numpy())
         images.append(decode_latents(pipe, z))
     seconds = time.perf_counter() - t0
@@ -217,7 +220,8 @@ def evaluate(model: str | LoadedModel, reference: str | LoadedModel | None = Non
     ref = _as_loaded(reference, device, dtype) if reference is not None else None
     prompts, labels = prompts_for(m, config)
     seeds = [config.seed + i for i in range(len(prompts))]
-    gen = generate(m, prompts, seeds, config.steps, config.guidance, config.batch_size, progress)
+    size = {"height": config.height, "width": config.width}
+    gen = generate(m, prompts, seeds, config.steps, config.guidance, config.batch_size, progress, **size)
     metrics: dict = {"num_images": len(prompts), "seconds_per_image": gen.seconds / len(prompts)}
     feats = ref_feats = None
     if labels is not None:
@@ -225,7 +229,7 @@ def evaluate(model: str | LoadedModel, reference: str | LoadedModel | None = Non
         metrics.update(digit)
     ref_gen = None
     if ref is not None:
-        ref_gen = generate(ref, prompts, seeds, config.steps, config.guidance, config.batch_size, progress)
+        ref_gen = generate(ref, prompts, seeds, config.steps, config.guidance, config.batch_size, progress, **size)
         if ref_gen.images.shape != gen.images.shape:
             raise ConfigError(f"model and reference produce different image shapes "
                               f"{gen.images.shape[1:]} vs {ref_gen.images.shape[1:]}; compare models of one base")

@@ -215,6 +215,12 @@ class FluxFamily(ModelFamily):
         finally:
             del pos_embed.forward
 
+    def latents_for_vae(self, pipeline, latents: torch.Tensor, height: int | None = None,
+                        width: int | None = None) -> torch.Tensor:
+        # Flux returns packed 2x2 patches (B, tokens, 4C); the VAE wants (B, C, h, w).
+        default = pipeline.default_sample_size * pipeline.vae_scale_factor
+        return pipeline._unpack_latents(latents, height or default, width or default, pipeline.vae_scale_factor)
+
     def encode_prompts(self, pipeline, prompts: list[str], guidance_scale: float,
                        max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
         """T5 sequence embeddings and the pooled CLIP embedding.

@@ -188,6 +188,14 @@ class ModelFamily(ABC):
         rather than once per pass. With guidance > 1 the negative (empty-prompt) embeddings are included.
         """
 
+    def latents_for_vae(self, pipeline, latents: torch.Tensor, height: int | None = None,
+                        width: int | None = None) -> torch.Tensor:
+        """The pipeline's `output_type="latent"` result in the VAE's (B, C, h, w) layout (before scaling).
+
+        `height`/`width` are the generated image's pixels (None: the pipeline's default).
+        """
+        return latents
+
     def text_len(self, pipeline, max_sequence_length: int | None = None) -> int | None:
         """Text tokens the denoiser sees per image at generation time (None: `example_inputs` default)."""
         return None

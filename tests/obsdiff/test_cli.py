@@ -79,3 +79,19 @@ def test_eval_bad_inputs(tiny_sd3_dir, tmp_path):
     r = run("eval", str(tiny_sd3_dir), "--num-images", "2", "--out", str(tmp_path / "exists"))
     assert r.exit_code == 2 and "already exists" in r.output
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("builder", ["tiny_flux", "tiny_sdxl"])
+def test_eval_decodes_every_family(builder, tmp_path):
+    """Flux returns packed latents: evaluation must unpack them before the VAE."""
+    import tests.conftest as c
+
+    model = tmp_path / "model"
+    getattr(c, builder)().save_pretrained(model)
+    out = tmp_path / "eval"
+    r = run("eval", str(model), "--reference", str(model), "--num-images", "2", "--steps", "2", "--height", "32",
+            "--width", "32", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert m["latent_rel_mse_vs_reference"] == pytest.approx(0.0, abs=1e-10)
+    assert Image.open(out / "grid.png").size[0] > 32
