@@ -76,6 +76,7 @@ def run_pass(model: LoadedModel, batches: list[CalibBatch], calib: CalibConfig, 
     pipe = model.pipeline
     device = model.denoiser.device
     size = {k: model.generation_defaults[k] for k in ("height", "width") if k in model.generation_defaults}
+    size |= {k: v for k, v in (("height", calib.height), ("width", calib.width)) if v is not None}
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress):
         counter.reset()
         gens = [torch.Generator(device=device).manual_seed(s) for s in batch.seeds]

@@ -168,6 +168,8 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 @click.option("--no-compensate", is_flag=True, help="prune without OBS weight updates (ablation)")
 @click.option("--skip-indivisible", is_flag=True, help="N:M: skip layers whose width is not a multiple of M")
 @click.option("--max-tokens", type=int, default=None, help="subsample at most this many tokens per call")
+@click.option("--height", type=int, default=None, help="calibration image pixels [model default]")
+@click.option("--width", type=int, default=None, help="calibration image pixels [model default]")
 @click.option("--solver-precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
               help="precision of Hessians and the OBS solver")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -178,7 +180,7 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structure_cost, joint_scoring,
           ffn_per_round, allocation, prompts, num_prompts, steps, guidance, batch_size, groups,
           timestep_weighting, blocks, percdamp, block_size, no_compensate, skip_indivisible, max_tokens,
-          solver_precision, seed, out, force, device, dtype) -> None:
+          height, width, solver_precision, seed, out, force, device, dtype) -> None:
     """Prune a denoiser with OBS-Diff (or a baseline) and save a run directory."""
     from obsdiff.artifacts import check_writable
     from obsdiff.config import CalibConfig, PruneConfig
@@ -194,7 +196,7 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
                        joint_scoring=joint_scoring, ffn_per_round=ffn_per_round, allocation=allocation)
     ccfg = CalibConfig(prompts=prompts, num_prompts=num_prompts, steps=steps, guidance=guidance,
                        batch_size=batch_size, groups=groups, timestep_weighting=timestep_weighting, seed=seed,
-                       max_tokens=max_tokens)
+                       max_tokens=max_tokens, height=height, width=width)
     if prompts != "builtin":
         read_prompts(Path(prompts))
     check_writable(out, force)

@@ -153,12 +153,14 @@ class CalibConfig:
     alpha_max: float = 1.2
     seed: int = 0
     max_tokens: int | None = None  # per-call token subsample for the Hessians
+    height: int | None = None  # calibration image pixels; None: the model's generation default
+    width: int | None = None
 
     def __post_init__(self):
         if self.timestep_weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown --timestep-weighting {self.timestep_weighting!r}; "
                               f"choose one of {', '.join(WEIGHTINGS)}")
-        for name in ("num_prompts", "steps", "batch_size", "groups", "max_tokens"):
+        for name in ("num_prompts", "steps", "batch_size", "groups", "max_tokens", "height", "width"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {value} must be at least 1")

@@ -152,3 +152,15 @@ def test_split_groups_is_contiguous_and_balanced():
     chunks = P.split_groups(units, 4)
     assert [len(c) for c in chunks] == [3, 3, 2, 2] and sum(chunks, []) == units
     assert len(P.split_groups(units, 50)) == 10
+
+
+def test_calibration_image_size_option(model):
+    from obsdiff.prune import Calibrator
+
+    name = P.plan_units(model, PruneConfig(sparsity=0.5))[0][0][0]  # attn.to_q of block 0: image tokens
+    tokens = {}
+    for size in (None, 32):
+        calib = resolve_calib(CalibConfig(**{**CALIB.to_dict(), "height": size, "width": size}), None, "obs-diff")
+        accs, _ = Calibrator(model, PruneConfig(sparsity=0.5), calib, progress=False).hessians([name], "t")
+        tokens[size] = accs[name].tokens
+    assert tokens[32] == 4 * tokens[None]  # 16 px -> 32 px: four times the image tokens
