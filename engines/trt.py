@@ -5,9 +5,9 @@
 
 Versions are told apart by what the `tensorrt` module offers, never by its version string: TensorRT 10
 has precision flags (`BuilderFlag.FP16`/`BF16`) for weakly typed networks; TensorRT 11 dropped them and
-builds strongly typed networks whose precision is the ONNX file's. The pure parts (profiles, stale
-detection here; flag selection and build-log reading in `trt_rules`) take plain values so they are tested
-without TensorRT. `trt_runtime.TrtEngine` runs a built engine.
+builds strongly typed networks whose precision is the ONNX file's. The pure parts (profiles here; stale
+detection in `engine_record`; flag selection and build-log reading in `trt_rules`) take plain values so
+they are tested without TensorRT. `trt_runtime.TrtEngine` runs a built engine.
 
 Each engine gets `<engine>.json` (TensorRT version, GPU, flags, profiles, build time, which layers were
 eligible for sparse math and which picked a sparse kernel, the ONNX hash) and `<engine>.log` (the build
@@ -24,9 +24,19 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from obsdiff.artifacts import machine, sha256_file, staged_file, versions, write_json
+from obsdiff.artifacts import machine, staged_file, versions, write_json
 from obsdiff.errors import ConfigError, MissingDependencyError, ObsdiffError, OutputExistsError
 
+from .engine_record import (  # noqa: F401 (part of this module's API)
+    EngineError,
+    StaleEngineError,
+    check_engine,
+    dense_twin_path,
+    engine_sidecar_path,
+    onnx_hashes,
+    read_engine_sidecar,
+    stale_reasons,
+)
 from .sidecar import OnnxSpec, Shape, format_shape, read_onnx_sidecar, sidecar_path
 from .trt_rules import (  # noqa: F401 (part of this module's API)
     FlagPlan,
@@ -42,16 +52,8 @@ FORMAT_VERSION = 1
 TENSORRT_INSTALL = "pip install --extra-index-url https://pypi.nvidia.com tensorrt"
 
 
-class EngineError(ObsdiffError):
-    """An engine could not be built or loaded."""
-
-
 class NoGpuError(ObsdiffError):
     """A CUDA GPU is needed (TensorRT builds and runs engines on the GPU that will use them)."""
-
-
-class StaleEngineError(ObsdiffError):
-    """An engine does not match its ONNX file, the installed TensorRT or this GPU."""
 
 
 # ------------------------------------------------------------------------------------------ environment
@@ -177,86 +179,6 @@ def resolve_profiles(spec: OnnxSpec | None, cfg: EngineConfig) -> dict[str, tupl
             raise ConfigError(f"input {name}: shapes must satisfy min <= opt <= max in every dimension, got "
                               f"{format_shape(lo)}, {format_shape(opt)}, {format_shape(hi)}")
     return profiles
-
-
-# ----------------------------------------------------------------------------------------- staleness
-
-
-def engine_sidecar_path(plan: str | Path) -> Path:
-    plan = Path(plan)
-    return plan.with_name(plan.name + ".json")
-
-
-def dense_twin_path(plan: str | Path) -> Path:
-    plan = Path(plan)
-    return plan.with_name(f"{plan.stem}.dense{plan.suffix or '.plan'}")
-
-
-def onnx_hashes(onnx_path: str | Path) -> dict:
-    """sha256 of the ONNX graph file and of its external data file when there is one."""
-    onnx_path = Path(onnx_path)
-    data = onnx_path.with_name(onnx_path.name + ".data")
-    return {"sha256": sha256_file(onnx_path), "data_sha256": sha256_file(data) if data.is_file() else None}
-
-
-def stale_reasons(record: dict, environment: dict, onnx: dict | None) -> list[str]:
-    """Why an engine built as `record` says cannot be used here ([] if it can).
-
-    `environment`: {"tensorrt", "gpu", "compute_capability"} of this machine; `onnx`: current hashes of the
-    source ONNX ({"sha256", "data_sha256"}) or None when the ONNX file is not available to compare.
-    """
-    reasons = []
-    built = record.get("onnx") or {}
-    if onnx is not None:
-        for key, what in (("sha256", "ONNX graph"), ("data_sha256", "ONNX external data")):
-            if built.get(key) != onnx.get(key):
-                old, new = (built.get(key) or "none")[:12], (onnx.get(key) or "none")[:12]
-                reasons.append(f"the {what} changed since the build (sha256 {old}... -> {new}...)")
-    if record.get("tensorrt") != environment.get("tensorrt"):
-        reasons.append(f"it was built with TensorRT {record.get('tensorrt')}, this is TensorRT "
-                       f"{environment.get('tensorrt')} (engines do not carry across versions)")
-    gpu = record.get("gpu") or {}
-    if (gpu.get("name"), gpu.get("compute_capability")) != (environment.get("gpu"),
-                                                             environment.get("compute_capability")):
-        reasons.append(f"it was built for {gpu.get('name')} (sm {gpu.get('compute_capability')}), this GPU is "
-                       f"{environment.get('gpu')} (sm {environment.get('compute_capability')})")
-    return reasons
-
-
-def read_engine_sidecar(plan: str | Path) -> dict:
-    plan = Path(plan)
-    if not plan.is_file():
-        raise EngineError(f"engine {plan} does not exist; build it with `obsdiff-export build-engine MODEL.onnx "
-                          f"--out {plan}`")
-    path = engine_sidecar_path(plan)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise StaleEngineError(f"engine {plan} has no sidecar {path.name}, so it cannot be checked against its "
-                               "ONNX, TensorRT and GPU; rebuild it with `obsdiff-export build-engine ... --force`"
-                               ) from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise StaleEngineError(f"engine sidecar {path} is unreadable ({type(exc).__name__}); rebuild the engine "
-                               "with --force") from None
-
-
-def check_engine(plan: str | Path, onnx_path: str | Path | None = None, environment: dict | None = None) -> dict:
-    """The engine's sidecar if `plan` is usable here; `StaleEngineError` naming every reason otherwise.
-
-    The ONNX (`onnx_path`, else the recorded path if it still exists) is re-hashed; `environment` defaults
-    to this machine's TensorRT and GPU (which requires both).
-    """
-    record = read_engine_sidecar(plan)
-    source = Path(onnx_path) if onnx_path else Path((record.get("onnx") or {}).get("path") or "")
-    hashes = onnx_hashes(source) if source.name and source.is_file() else None
-    if onnx_path and hashes is None:
-        raise EngineError(f"ONNX file {onnx_path} does not exist")
-    env = environment if environment is not None else current_environment()
-    reasons = stale_reasons(record, env, hashes)
-    if reasons:
-        rebuild = f"obsdiff-export build-engine {source if source.name else 'MODEL.onnx'} --out {plan} --force"
-        raise StaleEngineError(f"engine {plan} is stale: {'; '.join(reasons)}; rebuild it: {rebuild}")
-    return record
 
 
 # ---------------------------------------------------------------------------------------------- build

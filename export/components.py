@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from obsdiff.errors import ConfigError
+from obsdiff.loading import DTYPES
 from obsdiff.models.registry import OnnxDim, OnnxInput, OnnxIO, range_dim
-
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Positional(nn.Module):
@@ -62,7 +61,7 @@ class Component:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
     def wrapper(self) -> Positional:
         return Positional(self.module, [i.kwarg for i in self.io.inputs], self.call).eval()
@@ -141,7 +140,7 @@ def resolve_ranges(loaded, cfg) -> dict[str, tuple[int, int, int]]:
 def _denoiser_component(loaded, cfg, ranges: dict, owned: bool) -> Component:
     family = loaded.family
     dtype, _ = cfg.dtype_for("transformer")
-    module, kept = _cast(family.denoiser(loaded.pipeline), TORCH_DTYPES[dtype], owned)
+    module, kept = _cast(family.denoiser(loaded.pipeline), DTYPES[dtype], owned)
     io_spec = family.onnx_io(module, ranges)
 
     def make_kwargs(point, generator):
@@ -168,7 +167,7 @@ def _vae_component(loaded, cfg, ranges: dict, owned: bool) -> Component:
         dtype = "fp32"
         notes.append("kept in fp32 although fp16 was requested: the VAE config sets force_upcast (it overflows "
                      "in fp16, as diffusers pipelines know); force it with --component-dtype vae-decoder=fp16")
-    module, _ = _cast(vae, TORCH_DTYPES[dtype], owned)
+    module, _ = _cast(vae, DTYPES[dtype], owned)
     b = range_dim("batch", ranges["batch"])
     h = range_dim("height", ranges["height"])
     w = range_dim("width", ranges["width"])
@@ -203,7 +202,7 @@ def _text_components(loaded, cfg, ranges: dict, owned: bool) -> list[Component]:
         tokenizer = getattr(loaded.pipeline, tok_attr, None)
         limit = getattr(encoder.config, "max_position_embeddings", None) or MAX_TEXT_TOKENS
         seq = min(getattr(tokenizer, "model_max_length", None) or limit, limit, MAX_TEXT_TOKENS)
-        module, kept = _cast(encoder, TORCH_DTYPES[dtype], owned)
+        module, kept = _cast(encoder, DTYPES[dtype], owned)
         b = range_dim("batch", ranges["batch"])
         io_spec = OnnxIO((OnnxInput("input_ids", "input_ids", (b, seq), "int64"),), outputs=outputs, ranges=(b,))
         vocab = encoder.config.vocab_size

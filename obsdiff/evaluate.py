@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -115,9 +116,7 @@ def generate(model: LoadedModel, prompts: list[str], seeds: list[int], steps: in
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=f"generate {model.name}", unit="batch", disable=not progress):
         batch = prompts[start:start + batch_size]
-        gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[start:start + batch_size]]
-        if device.type != "cpu":
-            gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[start:start + batch_size]]
+        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[start:start + batch_size]]
         z = pipe(prompt=batch, generator=gens, output_type="latent", **kwargs).images
         z = model.family.latents_for_vae(pipe, z, kwargs.get("height"), kwargs.get("width"))
         latents.append(z.float().cpu().numpy())
@@ -147,7 +146,9 @@ def _digit_judgement(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return probs.numpy(), feats.numpy()
 
 
+@lru_cache(maxsize=1)
 def real_digit_features() -> np.ndarray:
+    """Classifier features of the held-out real digits (computed once per process: they never change)."""
     from obsdiff.builtin.digits import load_classifier, load_real_test, to_model_images
 
     images, _ = load_real_test()

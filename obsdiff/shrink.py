@@ -23,9 +23,13 @@ def structure_columns(group: StructureGroup, offset: int, device=None) -> torch.
     return offset + torch.arange(group.count * group.size, device=device).view(group.count, group.size)
 
 
+def structure_indices(group: StructureGroup, offset: int, structures: list[int]) -> list[int]:
+    """Row/column indices of the given structures in a linear where structure 0 starts at `offset`."""
+    return [offset + i * group.size + j for i in sorted(structures) for j in range(group.size)]
+
+
 def removed_indices(group: StructureGroup, offset: int, kept: list[int]) -> list[int]:
-    gone = sorted(set(range(group.count)) - set(kept))
-    return [offset + i * group.size + j for i in gone for j in range(group.size)]
+    return structure_indices(group, offset, sorted(set(range(group.count)) - set(kept)))
 
 
 def _replace_linear(root: nn.Module, name: str, rows: list[int] | None, cols: list[int] | None) -> None:

@@ -21,7 +21,7 @@ from obsdiff.flops import forward_flops, parameter_count
 from obsdiff.loading import LoadedModel
 from obsdiff.models import StructureGroup
 from obsdiff.prune import Calibrator, LayerRecord, PruneError, PruneReport, select_blocks, split_groups
-from obsdiff.shrink import plan_to_json, removed_indices, shrink_, structure_columns
+from obsdiff.shrink import plan_to_json, shrink_, structure_columns, structure_indices
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +145,8 @@ def model_stats(model: LoadedModel) -> dict:
 
 
 def _zero_writers_(modules: dict, group: StructureGroup, removed: list[int]) -> None:
-    keep = [i for i in range(group.count) if i not in set(removed)]
     for s in group.writers:
-        rows = removed_indices(group, s.offset, keep)
+        rows = structure_indices(group, s.offset, removed)
         lin = modules[s.linear]
         with torch.no_grad():
             lin.weight[rows] = 0
@@ -207,7 +206,8 @@ def prune_structured_(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, 
                 per_round = 1 if group.kind == "heads" else cfg.ffn_per_round
                 gone = obs.remove_structures_([states[s.linear] for s in group.readers], cols, n, per_round,
                                               cfg.structure_cost, cfg.joint_scoring, cfg.compensate)
-            kept[group.name] = [i for i in range(group.count) if i not in set(gone)]
+            gone_set = set(gone)
+            kept[group.name] = [i for i in range(group.count) if i not in gone_set]
             for s, c in zip(group.readers, cols, strict=True):
                 removed_cols.setdefault(s.linear, set()).update(c[gone].flatten().tolist())
             _zero_writers_(modules, group, gone)

@@ -37,6 +37,20 @@ def tiny_sdxl(**kwargs):
     return pipe
 
 
+def outputs_before_and_after_reload(model, run):
+    """Denoiser outputs of the in-memory `model` and of `run` loaded from disk on the same random inputs,
+    and the reloaded model."""
+    from obsdiff.loading import load_pipeline
+
+    inputs = model.family.example_inputs(model.denoiser, batch=2, text_len=16,
+                                         generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.denoiser(**inputs, return_dict=False)[0]
+        reloaded = load_pipeline(str(run))
+        got = reloaded.denoiser(**inputs, return_dict=False)[0]
+    return expected, got, reloaded
+
+
 @pytest.fixture(scope="session")
 def tiny_sd3_dir(tmp_path_factory):
     """A tiny random SD3 pipeline saved with save_pretrained (the layout users have on disk)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -245,7 +246,15 @@ class ModelFamily(ABC):
         }
 
 
-def present_groups(block: Block, groups: tuple[tuple[str, ...], ...]) -> list[tuple[str, ...]]:
+def embedding_kwargs(emb, pooled, neg, neg_pooled, cfg: bool) -> dict:
+    """The pipeline-call keywords for encoded prompts; the negatives only with classifier-free guidance."""
+    out = {"prompt_embeds": emb, "pooled_prompt_embeds": pooled}
+    if cfg:
+        out |= {"negative_prompt_embeds": neg, "negative_pooled_prompt_embeds": neg_pooled}
+    return out
+
+
+def present_groups(block: Block, groups: Sequence[tuple[str, ...]]) -> list[tuple[str, ...]]:
     """The listed shared-input groups (names relative to the block) that exist in this block, as dotted names."""
     modules = dict(block.module.named_modules())
     out = []

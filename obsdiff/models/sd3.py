@@ -20,6 +20,7 @@ from obsdiff.models.registry import (
     Slice,
     StructureGroup,
     default_range,
+    embedding_kwargs,
     present_groups,
     range_dim,
     register_family,
@@ -152,10 +153,7 @@ class SD3Family(ModelFamily):
         with torch.no_grad():
             emb, neg, pooled, neg_pooled = pipeline.encode_prompt(
                 prompts, None, None, do_classifier_free_guidance=cfg, **extra)
-        out = {"prompt_embeds": emb, "pooled_prompt_embeds": pooled}
-        if cfg:
-            out |= {"negative_prompt_embeds": neg, "negative_pooled_prompt_embeds": neg_pooled}
-        return out
+        return embedding_kwargs(emb, pooled, neg, neg_pooled, cfg)
 
 
 def build_sd3_pipeline(

@@ -25,6 +25,8 @@ from obsdiff.models.registry import (
     Slice,
     StructureGroup,
     default_range,
+    embedding_kwargs,
+    present_groups,
     range_dim,
     register_family,
 )
@@ -84,12 +86,7 @@ class SDXLFamily(ModelFamily):
             if attn is not None:
                 groups += _attention_groups(attn, attn_name)
         groups += [("ff.net.0.proj",), ("ff.net.2",)]
-        out = []
-        for group in groups:
-            names = tuple(f"{block.name}.{n}" for n in group if isinstance(mods.get(n), nn.Linear))
-            if names:
-                out.append(names)
-        return out
+        return present_groups(block, groups)
 
     def example_inputs(
         self,
@@ -193,10 +190,7 @@ class SDXLFamily(ModelFamily):
         cfg = guidance_scale > 1.0
         with torch.no_grad():
             emb, neg, pooled, neg_pooled = pipeline.encode_prompt(prompt=prompts, do_classifier_free_guidance=cfg)
-        out = {"prompt_embeds": emb, "pooled_prompt_embeds": pooled}
-        if cfg:
-            out |= {"negative_prompt_embeds": neg, "negative_pooled_prompt_embeds": neg_pooled}
-        return out
+        return embedding_kwargs(emb, pooled, neg, neg_pooled, cfg)
 
 
 

@@ -10,6 +10,7 @@ from obsdiff.hessian import HessianAccumulator, timestep_weights
 from obsdiff.hooks import HessianHooks, StepCounter
 from obsdiff.io import save_run
 from obsdiff.loading import load_pipeline
+from tests.conftest import outputs_before_and_after_reload
 
 CALIB = CalibConfig(num_prompts=4, steps=3, guidance=2.0, batch_size=2, groups=2)
 
@@ -137,12 +138,7 @@ def test_non_finite_result_names_the_layer(model, monkeypatch):
 def test_saved_run_reloads_to_identical_outputs(model, tmp_path):
     report = P.prune_(model, PruneConfig(sparsity_type="2:4"), CALIB, progress=False)
     run = save_run(model, report.to_dict(), tmp_path / "run")
-    inputs = model.family.example_inputs(model.denoiser, batch=2, text_len=16,
-                                         generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model.denoiser(**inputs, return_dict=False)[0]
-        reloaded = load_pipeline(str(run))
-        got = reloaded.denoiser(**inputs, return_dict=False)[0]
+    expected, got, reloaded = outputs_before_and_after_reload(model, run)
     assert torch.equal(expected, got)
     assert reloaded.run["prune"]["sparsity_type"] == "2:4" and reloaded.name == "run"
 

@@ -14,7 +14,7 @@ from obsdiff.loading import load_pipeline
 from obsdiff.models import family_for_pipeline
 from obsdiff.prune import prune_
 from obsdiff.shrink import removed_indices, shrink_
-from tests.conftest import tiny_flux, tiny_sd3, tiny_sdxl
+from tests.conftest import outputs_before_and_after_reload, tiny_flux, tiny_sd3, tiny_sdxl
 
 CALIB = CalibConfig(num_prompts=4, steps=3, guidance=2.0, batch_size=2, groups=2)
 
@@ -141,12 +141,8 @@ def test_structured_prune_end_to_end_and_reload(tiny_sd3_dir, tmp_path):
     assert report.shrink_plan and {s["kind"] for s in report.structures} == {"heads", "ffn"}
     assert all(r.error <= r.error_no_compensation + 1e-9 for r in report.layers)
     run = save_run(model, report.to_dict(), tmp_path / "run")
-    inputs = model.family.example_inputs(model.denoiser, batch=2, text_len=16,
-                                         generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model.denoiser(**inputs, return_dict=False)[0]
-        reloaded = load_pipeline(str(run))
-        assert torch.equal(reloaded.denoiser(**inputs, return_dict=False)[0], expected)
+    expected, got, reloaded = outputs_before_and_after_reload(model, run)
+    assert torch.equal(got, expected)
     assert reloaded.denoiser.transformer_blocks[0].attn.to_q.out_features == 8
 
     # a plan that does not match the saved weights is refused by the strict load
