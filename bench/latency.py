@@ -3,10 +3,11 @@
     python bench/latency.py [--out bench/results/latency.json] [--iters 5] [--quick]
 
 Models: builtin:digits (denoiser scope, batch 32 = 16 images with CFG; and pipeline scope, 16 images at its
-20 steps) and a wider SD3-shaped denoiser with random weights (hidden 512 = 8 heads x 64, 8 blocks, 64x64
-latents = 1024 image tokens + 333 text tokens). Pruned with magnitude scores: latency does not depend on
-which weights are zero, and the structured variant removes the same number of heads and neurons as
-OBS-Diff would at 30 %. Every figure is a median of interleaved iterations, as a ratio to the dense model
+20 steps) and a complete SD3 pipeline with random weights whose denoiser is wider (hidden 512 = 8 heads x 64,
+8 blocks, 64x64 latents = 1024 image tokens + 333 text tokens; denoiser scope, and pipeline scope: one
+512 px image, 10 steps, CFG, small text encoders and an 8x VAE). Pruned with magnitude scores: latency does
+not depend on which weights are zero, and the structured variant removes the same number of heads and
+neurons as OBS-Diff would at 30 %. Every figure is a median of interleaved iterations, as a ratio to the dense model
 measured in the same run on the same backend.
 
 Expected on CPU: structured pruning speeds up close to its FLOP reduction; unstructured and 2:4 sparsity
@@ -17,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
+from common import save_results  # bench/ is the script's directory
 
 from obsdiff.artifacts import machine, versions
 from obsdiff.cli_utils import format_table
@@ -58,17 +58,27 @@ def digits_models() -> dict:
     return models
 
 
-def wide_models(blocks: int = 8, hidden_heads: int = 8, head_dim: int = 64, sample: int = 64) -> dict:
-    from diffusers import SD3Transformer2DModel
+def wide_pipeline(blocks: int = 8, heads: int = 8, head_dim: int = 64, sample: int = 64):
+    """A complete SD3 pipeline with random weights whose denoiser is SD3-shaped and wide (hidden
+    heads x head_dim, 16 latent channels, `sample` x `sample` latents) behind small text encoders and an
+    8x VAE, so the pipeline scope is end to end (text encoders, denoiser steps, VAE decode)."""
+    from obsdiff.calibrate import generic_prompts
+    from obsdiff.models.sd3 import build_sd3_pipeline
+    from obsdiff.models.text import TextStackConfig
 
-    torch.manual_seed(0)
-    dense = SD3Transformer2DModel(sample_size=sample, patch_size=2, in_channels=16, num_layers=blocks,
-                                  attention_head_dim=head_dim, num_attention_heads=hidden_heads,
-                                  joint_attention_dim=4096, caption_projection_dim=hidden_heads * head_dim,
-                                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=96).eval()
-    models = {"dense": as_loaded(SimpleNamespace(transformer=dense))}
+    words = sorted({w.strip(",.").lower() for p in generic_prompts() for w in p.split()})
+    # 77 CLIP tokens like SD3; the T5 stream is padded to the pipeline's 256 tokens: 333 text tokens
+    text = TextStackConfig(clip_hidden=(64, 64), clip_projection=(64, 64), t5_d_model=256, max_length=77)
+    return build_sd3_pipeline(words, num_layers=blocks, num_heads=heads, head_dim=head_dim, sample_size=sample,
+                              latent_channels=16, vae_channels=(16, 32, 64, 64), text=text)
+
+
+def wide_models(**sizes) -> dict:
+    """The dense `wide_pipeline(**sizes)` and its pruned variants."""
+    pipe = wide_pipeline(**sizes)
+    models = {"dense": as_loaded(pipe)}
     for label, cfg in VARIANTS.items():
-        model = as_loaded(SimpleNamespace(transformer=copy.deepcopy(dense)))
+        model = as_loaded(copy.deepcopy(pipe))
         prune_(model, cfg, progress=False)
         models[label] = model
     return models
@@ -97,6 +107,25 @@ def summary_table(result: dict) -> tuple[str, list[dict]]:
     headers = ["variant"] + [h for b in backends for h in (f"{b} ms", f"{b} x dense")] + ["denoiser FLOPs x dense",
                                                                                        "params x dense"]
     return format_table(headers, rows), records
+
+
+def stage_table(result: dict) -> str:
+    """Pipeline scope: where the time goes (median ms per stage) per variant and backend."""
+    stages = ("text_encoders", "denoiser", "vae_decode", "other", "total")
+    ok = [r for r in result["rows"] if r["status"] == "ok" and r.get("stages")]
+
+    def ms(r, stage):
+        return r["stages"][stage]["latency_ms"]["median"]
+
+    dense = {r["backend"]: ms(r, "denoiser") for r in ok if r["model"] == result["reference"]}
+    rows = []
+    for r in ok:
+        ratio = ms(r, "denoiser") / dense[r["backend"]] if r["backend"] in dense else None
+        rows.append([r["model"], r["backend"]] + [round(ms(r, s), 1) for s in stages]
+                    + [f"{ratio:.3f}" if ratio else "", f"{r['images_per_s']:.2f}"])
+    header = ["variant", "backend", "text encoders ms", "denoiser ms", "VAE decode ms", "other ms", "total ms",
+              "denoiser x dense (same backend)", "images/s"]
+    return format_table(header, rows)
 
 
 def verdict(records: list[dict]) -> list[str]:
@@ -137,21 +166,28 @@ def main(argv=None) -> int:
     pipe_iters = args.iters or (2 if q else 5)
     wide_iters = args.iters or (2 if q else 5)
     wide_px = 128 if q else 512  # image pixels: latents are 8x smaller
-    wide_title = ("SD3-shaped random (quick: 2 blocks, 16x16 latent)" if q else
-                  "SD3-shaped random, hidden 512, 8 blocks, 64x64 latent (denoiser forward, batch 1)")
+    wide_steps = 2 if q else 10
+    wide_name = ("SD3-shaped random (quick: 2 blocks, 16x16 latent)" if q else
+                 "SD3-shaped random, hidden 512, 8 blocks, 64x64 latent")
     runs = [
         ("builtin:digits, denoiser forward (batch 32 = 16 images with CFG)", digits,
          BenchConfig(backends=backends, batch=32, warmup=2, iters=den_iters, device="cpu")),
         ("builtin:digits, whole pipeline (16 images, 20 steps, CFG 3)", digits,
          BenchConfig(backends=backends, scope="pipeline", batch=16, steps=20, warmup=1, iters=pipe_iters,
                      device="cpu")),
-        (wide_title, wide, BenchConfig(backends=backends, batch=1, height=wide_px, width=wide_px, warmup=1,
-                                       iters=wide_iters, device="cpu")),
+        (f"{wide_name} (denoiser forward, batch 1)", wide,
+         BenchConfig(backends=backends, batch=1, height=wide_px, width=wide_px, warmup=1, iters=wide_iters,
+                     device="cpu")),
+        (f"{wide_name} (whole pipeline: 1 image {wide_px}x{wide_px}, {wide_steps} steps, CFG 7)", wide,
+         BenchConfig(backends=backends, scope="pipeline", batch=1, steps=wide_steps, height=wide_px,
+                     width=wide_px, warmup=1, iters=args.iters or (2 if q else 3), device="cpu")),
     ]
     for title, models, cfg in runs:
         t0 = time.perf_counter()
         result = run_bench(models, cfg, reference="dense")
         table, records = summary_table(result)
+        if cfg.scope == "pipeline":
+            table += "\n\nPer stage (medians):\n\n" + stage_table(result)
         sections.append({"title": title, "result": result, "table": table, "records": records,
                          "verdict": verdict(records), "seconds": time.perf_counter() - t0})
         print(f"\n## {title} ({time.perf_counter() - t0:.0f} s)\n\n{table}\n" + "\n".join(verdict(records)),
@@ -164,13 +200,9 @@ def main(argv=None) -> int:
     text = "\n\n".join([head, EXPECTED] + [f"## {s['title']}\n\n{s['table']}\n\nObserved:\n" + "\n".join(s["verdict"])
                                              for s in sections])
     print("\n" + EXPECTED)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    data = {"date": time.strftime("%Y-%m-%d"), "expected": EXPECTED, "backends_note": note_backends,
-            "sections": [{k: v for k, v in s.items() if k != "table"} for s in sections],
-            "seconds": time.perf_counter() - t_start, "versions": versions(), "machine": machine()}
-    args.out.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    args.out.with_suffix(".md").write_text(text + "\n")
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.md')} in {time.perf_counter() - t_start:.0f} s")
+    save_results(args.out, text, {"expected": EXPECTED, "backends_note": note_backends,
+                                  "sections": [{k: v for k, v in s.items() if k != "table"} for s in sections]},
+                 t_start)
     return 0
 
 

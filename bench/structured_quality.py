@@ -10,14 +10,13 @@ CPU latency of one denoiser forward (batch 32 = 16 images with CFG), median over
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import save_results  # bench/ is the script's directory
 
-from obsdiff.artifacts import machine, versions
 from obsdiff.cli_utils import format_table
 from obsdiff.config import PruneConfig
 from obsdiff.evaluate import EvalConfig, evaluate
@@ -100,13 +99,8 @@ def main(argv=None) -> int:
         sections.append(f"**{key}**\n\n" + format_table(["method", *cols], body))
     text = "\n\n".join(sections)
     print("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"date": time.strftime("%Y-%m-%d"), "num_images": args.num_images, "dense": dense_m,
-              "dense_latency_ms": dense_ms, "rows": rows, "seconds": time.perf_counter() - t_start,
-              "versions": versions(), "machine": machine()}
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    args.out.with_suffix(".md").write_text(text + "\n")
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.md')}")
+    save_results(args.out, text, {"num_images": args.num_images, "dense": dense_m, "dense_latency_ms": dense_ms,
+                                  "rows": rows}, t_start)
     return 0
 
 

@@ -29,8 +29,8 @@ def format_table(headers: list[str], rows: list[list]) -> str:
     """A GitHub-flavoured markdown table (readable in a terminal, pasteable into a README)."""
 
     def cell(v) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
+        if isinstance(v, float):  # 4 significant digits, never in exponent form for large values (ms, FD)
+            return f"{v:.0f}" if 1e4 <= abs(v) < 1e12 else f"{v:.4g}"
         return "" if v is None else str(v)
 
     body = [[cell(v) for v in row] for row in rows]

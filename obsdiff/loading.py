@@ -144,6 +144,8 @@ def as_loaded(pipeline) -> LoadedModel:
         return pipeline
     family = family_for_pipeline(pipeline)
     origin = getattr(getattr(pipeline, "config", None), "_name_or_path", None) or "."
+    if hasattr(pipeline, "set_progress_bar_config"):  # obsdiff shows its own progress over whole generations
+        pipeline.set_progress_bar_config(disable=True)
     return LoadedModel(ref=str(origin), path=Path(origin), pipeline=pipeline, family=family)
 
 
