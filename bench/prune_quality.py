@@ -9,14 +9,12 @@ Prints markdown tables and writes them, with all numbers, as JSON and .md next t
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from common import save_results  # bench/ is the script's directory
 
-from obsdiff.artifacts import machine, versions
 from obsdiff.cli_utils import format_table
 from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.evaluate import EvalConfig, evaluate
@@ -43,7 +41,8 @@ def run_one(dense, label, prune_cfg, calib_cfg, eval_cfg) -> dict:
     row = {"variant": label, **{k: m[k] for k in METRICS}, "prune_seconds": seconds,
            "peak_hessian_mib": report.peak_hessian_bytes / 2**20, "sparsity": report.sparsity,
            "mean_layer_error": sum(r.error or 0 for r in report.layers) / len(report.layers),
-           "prune": prune_cfg.to_dict(), "calib": report.calib}
+           "prune": prune_cfg.to_dict(), "calib": report.calib, "calibration": report.calibration,
+           "groups": len(report.groups)}
     print(f"  {label:<28} {prune_cfg.sparsity_type:<12} s={report.sparsity:.2f} acc={m['digit_accuracy']:.3f} "
           f"conf={m['digit_confidence']:.3f} fd={m['fd_real']:.1f} drift={m['latent_rel_mse_vs_reference']:.4f} "
           f"({seconds:.1f} s)", flush=True)
@@ -108,13 +107,8 @@ def main(argv=None) -> int:
          "prune s"], abl_rows))
     text = "\n\n".join(sections)
     print("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"date": time.strftime("%Y-%m-%d"), "num_images": args.num_images, "dense": dense_m, "rows": rows,
-              "ablation": ablation, "seconds": time.perf_counter() - t_start, "versions": versions(),
-              "machine": machine() | {"processor": platform.processor()}}
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    args.out.with_suffix(".md").write_text(text + "\n")
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.md')} ({result['seconds']:.0f} s)")
+    save_results(args.out, text, {"num_images": args.num_images, "dense": dense_m, "rows": rows,
+                                  "ablation": ablation}, t_start)
     return 0
 
 

@@ -3,21 +3,31 @@
 Prompts are encoded once (`encode_batches`) and every pass reuses the embeddings; passes return latents
 and never run the VAE decoder. Image i of a pass starts from the noise of seed `seed + i`, so every
 group-wise pass sees the same initial latents.
+
+Two calibrators fill Hessians for a group of linears (METHOD.md 6):
+- `Calibrator` ("rerun", the paper's method): each group re-runs the whole pipeline on the current model,
+  so later denoising steps follow the trajectory of the partly pruned model.
+- `CachedCalibrator` ("cached", SparseGPT-style): one pipeline run caches the inputs of the first selected
+  block for every (prompt batch, step); each group then runs only its own blocks on those inputs, which are
+  carried forward through pruned blocks. The trajectory stays the dense model's.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from obsdiff.config import CalibConfig
+from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.errors import ConfigError
-from obsdiff.hooks import StepCounter
+from obsdiff.hessian import HessianAccumulator, timestep_weights
+from obsdiff.hooks import HessianHooks, InputCapture, StepCounter, tensors_to
 from obsdiff.loading import LoadedModel
+from obsdiff.models import Block
 
 _SUBJECTS = ("a red fox", "an old lighthouse", "a bowl of ramen", "a vintage car", "a mountain lake",
              "a city street at night", "a portrait of a woman", "a robot", "a sailing ship", "a cup of tea",
@@ -82,3 +92,181 @@ def run_pass(model: LoadedModel, batches: list[CalibBatch], calib: CalibConfig, 
         gens = [torch.Generator(device=device).manual_seed(s) for s in batch.seeds]
         pipe(**batch.embeddings, **size, num_inference_steps=calib.steps, guidance_scale=calib.guidance,
              generator=gens, output_type="latent", callback_on_step_end=counter.on_step_end)
+
+
+# ------------------------------------------------------------------------------------------ calibrators
+
+
+class Calibrator:
+    """Encodes the calibration prompts once, then runs hooked passes that fill Hessians for given linears."""
+
+    mode = "rerun"
+
+    def __init__(self, model: LoadedModel, prune: PruneConfig, calib: CalibConfig, progress: bool = True):
+        t0 = time.perf_counter()
+        self.model, self.calib, self.progress = model, calib, progress
+        self.batches = encode_batches(model, calibration_prompts(calib, model.builtin), calib)
+        self.encode_seconds = time.perf_counter() - t0
+        self.weights = timestep_weights(calib.timestep_weighting, calib.steps, calib.alpha_min, calib.alpha_max)
+        self.dtype = torch.float64 if prune.compute_dtype == "fp64" else torch.float32
+        self.modules = dict(model.denoiser.named_modules())
+
+    def stats(self) -> dict:
+        """What the report records about calibration beyond the group timings."""
+        return {"mode": self.mode}
+
+    def _accumulators(self, linears: list[str]) -> dict[str, HessianAccumulator]:
+        device = self.model.denoiser.device
+        return {name: HessianAccumulator(self.modules[name].in_features, device, self.dtype, self.calib.max_tokens,
+                                         seed=self.calib.seed + i) for i, name in enumerate(linears)}
+
+    def hessians(self, linears: list[str], desc: str) -> tuple[dict[str, HessianAccumulator], float]:
+        """One pass over the current model; returns an accumulator per linear (by name) and the seconds."""
+        t0 = time.perf_counter()
+        counter = StepCounter()
+        accs = self._accumulators(linears)
+        with HessianHooks(counter, self.weights) as hooks:
+            for name, acc in accs.items():
+                hooks.watch(self.modules[name], acc)
+            run_pass(self.model, self.batches, self.calib, counter, desc=desc, progress=self.progress)
+        return accs, time.perf_counter() - t0
+
+
+class CachedCalibrator(Calibrator):
+    """Hessians from cached block inputs: the pipeline runs once, then groups run only their own blocks.
+
+    Holds the inputs of one block, the *frontier*, for every denoiser call of the capture pass, computed
+    through the current (pruned) weights of the blocks before it. A group's Hessians come from running its
+    blocks on the frontier inputs after moving the frontier up to its first block. Groups must be asked for
+    in forward order, as the prune loop does; asking for an earlier block (a second sweep, like the
+    sensitivity allocation followed by the prune) captures again.
+    """
+
+    mode = "cached"
+
+    def __init__(self, model: LoadedModel, prune: PruneConfig, calib: CalibConfig, blocks: list[Block],
+                 progress: bool = True):
+        super().__init__(model, prune, calib, progress)
+        self.family = model.family
+        self.blocks = blocks
+        self.block_of = block_positions(blocks, self.modules)
+        self.device = model.denoiser.device
+        self.cache_device = torch.device(calib.cache_device) if calib.cache_device else self.device
+        self.cache: list[tuple[dict, int]] | None = None
+        self.frontier = 0
+        self.captures = 0
+        self.capture_seconds = 0.0
+        self.advance_seconds = 0.0
+        self.cache_bytes = 0
+
+    def stats(self) -> dict:
+        return {"mode": self.mode, "captures": self.captures, "capture_seconds": self.capture_seconds,
+                "advance_seconds": self.advance_seconds, "cache_bytes": self.cache_bytes,
+                "cache_calls": len(self.cache or ()), "cache_device": str(self.cache_device)}
+
+    def _capture(self) -> None:
+        t0 = time.perf_counter()
+        self.cache = None  # free the old cache before filling a new one
+        counter = StepCounter()
+        calls = len(self.batches) * self.calib.steps  # one denoiser call per step (CFG rows share it)
+
+        def check_fits(kwargs: dict) -> None:
+            need, free = calls * tensor_bytes(kwargs), free_bytes(self.cache_device)
+            if free is not None and need > 0.9 * free:
+                raise ConfigError(
+                    f"cached calibration would keep {need / 2**30:.1f} GiB of block inputs ({calls} calls x "
+                    f"{tensor_bytes(kwargs) / 2**20:.0f} MiB) but {self.cache_device} has {free / 2**30:.1f} GiB "
+                    "free; use --cache-device cpu, fewer --num-prompts or --steps, or --calibration-mode rerun")
+
+        with InputCapture(self.blocks[0].module, counter, self.cache_device, check_fits) as capture:
+            run_pass(self.model, self.batches, self.calib, counter, desc="capture block inputs",
+                     progress=self.progress)
+        self.cache, self.frontier = capture.calls, 0
+        self.cache_bytes = max(self.cache_bytes, sum(tensor_bytes(kw) for kw, _ in self.cache))
+        self.captures += 1
+        self.capture_seconds += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _run_blocks(self, start: int, stop: int, inputs: dict) -> dict:
+        """Blocks [start, stop) on one call's inputs; returns the inputs of block `stop`."""
+        kwargs = tensors_to(inputs, self.device)
+        for block in self.blocks[start:stop]:
+            kwargs = self.family.next_block_inputs(block.module(**kwargs), kwargs)
+        return kwargs
+
+    def _advance(self, to: int) -> None:
+        """Carry the cached inputs through blocks [frontier, to) as they are now."""
+        if to == self.frontier:
+            return
+        t0 = time.perf_counter()
+        desc = f"advance cache to block {to + 1}/{len(self.blocks)}"
+        for i, (kwargs, step) in enumerate(tqdm(self.cache, desc=desc, unit="call", leave=False,
+                                                  disable=not self.progress)):
+            self.cache[i] = (tensors_to(self._run_blocks(self.frontier, to, kwargs), self.cache_device), step)
+        self.frontier = to
+        self.advance_seconds += time.perf_counter() - t0
+
+    def hessians(self, linears: list[str], desc: str) -> tuple[dict[str, HessianAccumulator], float]:
+        t0 = time.perf_counter()
+        outside = [n for n in linears if n not in self.block_of]
+        if outside:
+            raise ConfigError(f"layer {outside[0]} is outside the selected blocks; cached calibration covers "
+                              "--blocks only")
+        first = min(self.block_of[n] for n in linears)
+        last = max(self.block_of[n] for n in linears)
+        if self.cache is None or first < self.frontier:
+            self._capture()
+        self._advance(first)
+        counter = StepCounter()
+        accs = self._accumulators(linears)
+        with HessianHooks(counter, self.weights) as hooks:
+            for name, acc in accs.items():
+                hooks.watch(self.modules[name], acc)
+            for kwargs, step in tqdm(self.cache, desc=desc, unit="call", leave=False, disable=not self.progress):
+                counter.step = step
+                self._run_blocks(first, last + 1, kwargs)
+        return accs, time.perf_counter() - t0
+
+
+def block_positions(blocks: list[Block], names) -> dict[str, int]:
+    """{dotted module name: position in `blocks`} for the names that lie inside one of the blocks."""
+    return {name: i for i, b in enumerate(blocks) for name in names if name.startswith(b.name + ".")}
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of all tensors in `obj` (nested tuples, lists, dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory still available on `device` (CUDA: free device memory; CPU: available RAM), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def make_calibrator(model: LoadedModel, prune: PruneConfig, calib: CalibConfig, blocks: list[Block],
+                    progress: bool = True) -> Calibrator:
+    """The calibrator of `calib.mode` over the selected `blocks` (forward order).
+
+    Cached mode is refused before any prompt is encoded for families whose denoiser is not a chain of blocks.
+    """
+    from obsdiff.models.registry import ModelFamily
+
+    if calib.mode == "rerun":
+        return Calibrator(model, prune, calib, progress)
+    if type(model.family).next_block_inputs is ModelFamily.next_block_inputs:
+        model.family.next_block_inputs(None, {})  # raises the family's one-line error
+    return CachedCalibrator(model, prune, calib, blocks, progress)

@@ -159,7 +159,12 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 @click.option("--steps", type=int, default=None, help="calibration denoising steps [25; 20 for builtin:digits]")
 @click.option("--guidance", type=float, default=None, help="guidance scale [7.0; 3.0 for builtin:digits]")
 @click.option("--batch-size", type=int, default=None, help="prompts per pipeline call [4; 16 for builtin:digits]")
-@click.option("--groups", type=int, default=None, help="sequential calibration groups [4]")
+@click.option("--groups", type=int, default=None,
+              help="sequential calibration groups [4; cached mode: one per block]")
+@click.option("--calibration-mode", type=click.Choice(["rerun", "cached"]), default="rerun", show_default=True,
+              help="rerun: every group re-runs the pipeline (the paper's method); cached: one run caches block "
+                   "inputs and groups propagate them block by block (faster, dense trajectory; SD3/Flux)")
+@click.option("--cache-device", default=None, help="cached mode: where block inputs are kept, e.g. cpu [model device]")
 @click.option("--timestep-weighting", default="log_decrease", show_default=True,
               help="log_decrease, log_increase, linear_decrease, linear_increase or uniform")
 @click.option("--blocks", default=None, help="block range START:END to prune (END exclusive) [all]")
@@ -179,8 +184,8 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 @DTYPE
 def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structure_cost, joint_scoring,
           ffn_per_round, allocation, prompts, num_prompts, steps, guidance, batch_size, groups,
-          timestep_weighting, blocks, percdamp, block_size, no_compensate, skip_indivisible, max_tokens,
-          height, width, solver_precision, seed, out, force, device, dtype) -> None:
+          calibration_mode, cache_device, timestep_weighting, blocks, percdamp, block_size, no_compensate,
+          skip_indivisible, max_tokens, height, width, solver_precision, seed, out, force, device, dtype) -> None:
     """Prune a denoiser with OBS-Diff (or a baseline) and save a run directory."""
     from obsdiff.artifacts import check_writable
     from obsdiff.config import CalibConfig, PruneConfig
@@ -196,7 +201,8 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
                        joint_scoring=joint_scoring, ffn_per_round=ffn_per_round, allocation=allocation)
     ccfg = CalibConfig(prompts=prompts, num_prompts=num_prompts, steps=steps, guidance=guidance,
                        batch_size=batch_size, groups=groups, timestep_weighting=timestep_weighting, seed=seed,
-                       max_tokens=max_tokens, height=height, width=width)
+                       max_tokens=max_tokens, height=height, width=width, mode=calibration_mode,
+                       cache_device=cache_device)
     if prompts != "builtin":
         read_prompts(Path(prompts))
     check_writable(out, force)
@@ -211,6 +217,8 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
             ["mean rel. error, mask only", sum(errs0) / len(errs0) if errs0 else None],
             ["mean rel. error, after OBS", sum(errs) / len(errs) if errs else None],
             ["calibration groups", len(report.groups)],
+            *([["cached block inputs (MiB)", report.calibration["cache_bytes"] / 2**20]]
+              if report.calibration.get("mode") == "cached" else []),
             *([["parameters, pruned / dense", report.model_stats["parameter_ratio"]],
                ["FLOPs per forward, pruned / dense", report.model_stats["flop_ratio"]]] if report.model_stats else []),
             ["peak Hessian memory (MiB)", report.peak_hessian_bytes / 2**20],

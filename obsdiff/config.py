@@ -13,6 +13,7 @@ from obsdiff.hessian import WEIGHTINGS
 
 METHODS = ("obs-diff", "sparsegpt", "wanda", "magnitude")
 SPARSITY_TYPES = ("unstructured", "2:4", "4:8", "structured")
+CALIBRATION_MODES = ("rerun", "cached")
 
 
 def _nm(sparsity_type: str) -> tuple[int, int] | None:
@@ -155,8 +156,16 @@ class CalibConfig:
     max_tokens: int | None = None  # per-call token subsample for the Hessians
     height: int | None = None  # calibration image pixels; None: the model's generation default
     width: int | None = None
+    # "rerun": every group re-runs the whole pipeline (the paper's method); "cached": one pipeline run caches
+    # the first block's inputs, then groups propagate them block by block (METHOD.md 6, the faster variant)
+    mode: str = "rerun"
+    cache_device: str | None = None  # where cached block inputs live (None: the model's device; "cpu" offloads)
 
     def __post_init__(self):
+        if self.mode not in CALIBRATION_MODES:
+            raise ConfigError(f"unknown --calibration-mode {self.mode!r}; choose rerun or cached")
+        if self.cache_device is not None and self.mode != "cached":
+            raise ConfigError("--cache-device only applies to --calibration-mode cached")
         if self.timestep_weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown --timestep-weighting {self.timestep_weighting!r}; "
                               f"choose one of {', '.join(WEIGHTINGS)}")
@@ -182,9 +191,18 @@ DIGITS_CALIB = {"num_prompts": 64, "steps": 20, "guidance": 3.0, "batch_size": 1
 
 
 def resolve_calib(calib: CalibConfig, builtin: str | None, method: str) -> CalibConfig:
-    """Fill unset fields with the model's defaults; SparseGPT and Wanda calibrate once, uniformly."""
+    """Fill unset fields with the model's defaults; SparseGPT and Wanda calibrate once, uniformly.
+
+    In cached mode an unset `groups` stays None, meaning one group per block: each extra group costs only
+    a pass over its own blocks there, so the fully sequential schedule is the natural default (for
+    SparseGPT too: it is the original algorithm's block-by-block schedule).
+    """
     defaults = DIGITS_CALIB if builtin == "digits" else DEFAULT_CALIB
-    calib = replace(calib, **{k: v for k, v in defaults.items() if getattr(calib, k) is None})
+    fill = {k: v for k, v in defaults.items() if getattr(calib, k) is None}
+    if calib.mode == "cached":
+        fill.pop("groups", None)
+    calib = replace(calib, **fill)
     if method in ("sparsegpt", "wanda"):
-        calib = replace(calib, groups=1, timestep_weighting="uniform")
+        calib = replace(calib, timestep_weighting="uniform",
+                        groups=1 if calib.mode == "rerun" or method == "wanda" else calib.groups)
     return calib

@@ -56,3 +56,43 @@ class HessianHooks:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def tensors_to(obj, device: torch.device):
+    """`obj` with every tensor inside (nested tuples, lists, dicts) detached and moved to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device)
+    if isinstance(obj, dict):
+        return {k: tensors_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(tensors_to(v, device) for v in obj)
+    return obj
+
+
+class InputCapture:
+    """A forward pre-hook that records the keyword inputs of every call of one module, with the step.
+
+    `calls` gets `(kwargs, step)` per call, tensors moved to `device`; `on_first` sees the first call's
+    inputs. Blocks are called with keywords by the denoisers obsdiff caches (positional calls only happen
+    under gradient checkpointing, in training).
+    """
+
+    def __init__(self, module: nn.Module, counter: StepCounter, device: torch.device,
+                 on_first: Callable[[dict], None] | None = None):
+        self.calls: list[tuple[dict, int]] = []
+
+        def hook(mod, args, kwargs):
+            if args:
+                raise TypeError(f"{type(mod).__name__} was called with positional inputs; cached calibration "
+                                "needs keyword calls (disable gradient checkpointing)")
+            if not self.calls and on_first is not None:
+                on_first(kwargs)  # e.g. check that the whole cache will fit before filling it
+            self.calls.append((tensors_to(kwargs, device), counter.step))
+
+        self._handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def __enter__(self) -> InputCapture:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()

@@ -3,13 +3,15 @@
 The prunable linears of the selected blocks are grouped into *units* (linears that read one input
 tensor and so share one Hessian), listed in forward order and split into G contiguous groups. For each
 group in turn: calibrate the current model (earlier groups already pruned, later ones still dense),
-accumulating Hessians only for this group's units; prune its layers; free the Hessians.
+accumulating Hessians only for this group's units; prune its layers; free the Hessians. How a group is
+calibrated (re-running the pipeline, or cached block inputs) is the calibrator's business (calibrate.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -17,11 +19,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from obsdiff import obs
-from obsdiff.calibrate import calibration_prompts, encode_batches, run_pass
+from obsdiff.calibrate import Calibrator, block_positions, make_calibrator  # noqa: F401 (Calibrator: API)
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
 from obsdiff.errors import ConfigError, ObsdiffError
-from obsdiff.hessian import HessianAccumulator, timestep_weights
-from obsdiff.hooks import HessianHooks, StepCounter
+from obsdiff.hessian import HessianAccumulator
 from obsdiff.loading import LoadedModel, as_loaded
 from obsdiff.models import Block
 
@@ -72,6 +73,7 @@ class PruneReport:
     model_stats: dict = field(default_factory=dict)  # structured: parameters and FLOPs before/after
     warnings: list[str] = field(default_factory=list)
     allocation: dict | None = None  # structured, --allocation sensitivity: per-group counts and seconds
+    calibration: dict = field(default_factory=dict)  # mode; cached mode: captures, cache bytes, seconds
 
     def add_group(self, index: int, units: list[list[str]], calib_seconds: float, prune_seconds: float,
                   accs: dict[str, HessianAccumulator]) -> None:
@@ -128,6 +130,21 @@ def plan_units(model: LoadedModel, cfg: PruneConfig) -> tuple[list[Unit], dict[s
         why = f" ({len(skipped)} skipped: {next(iter(skipped.values()))})" if skipped else ""
         raise ConfigError(f"no prunable layers selected{why}; check --blocks and --sparsity-type")
     return units, skipped
+
+
+def calibration_chunks(items: list, groups: int | None, block_of: Callable[[object], int]) -> list[list]:
+    """The items (in forward order) split into `groups` contiguous groups, or, with `groups` None (cached
+    calibration's default), one group per block: `block_of(item)` is the item's block position."""
+    if groups is not None:
+        return split_groups(items, groups)
+    chunks, current = [], None
+    for item in items:
+        b = block_of(item)
+        if not chunks or b != current:
+            chunks.append([])
+            current = b
+        chunks[-1].append(item)
+    return chunks
 
 
 def split_groups(units: list[Unit], groups: int) -> list[list[Unit]]:
@@ -213,9 +230,12 @@ def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = N
         report.total_seconds = time.perf_counter() - t_start
         return report
 
-    calibrator = Calibrator(model, prune, calib, progress)
+    blocks = select_blocks(model.family.blocks(denoiser), prune.blocks)
+    calibrator = make_calibrator(model, prune, calib, blocks, progress)
     report.encode_seconds = calibrator.encode_seconds
-    chunks = split_groups(units, calib.groups)
+    positions = block_positions(blocks, modules)
+    chunks = calibration_chunks(units, calib.groups, lambda unit: positions[unit[0]])
+    report.calib["groups"] = len(chunks)
     for g, chunk in enumerate(tqdm(chunks, desc="groups", unit="group", disable=not progress)):
         # the unit's linears share one input: hook (and accumulate for) its first linear only
         accs, t_calib = calibrator.hessians([unit[0] for unit in chunk], f"calibrate group {g + 1}/{len(chunks)}")
@@ -225,31 +245,6 @@ def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = N
             report.layers.extend(_solve_unit(unit, modules, accs[unit[0]].H, prune))
         report.add_group(g, [list(u) for u in chunk], t_calib, time.perf_counter() - t0, accs)
         del accs
+    report.calibration = calibrator.stats()
     report.total_seconds = time.perf_counter() - t_start
     return report
-
-
-class Calibrator:
-    """Encodes the calibration prompts once, then runs hooked passes that fill Hessians for given linears."""
-
-    def __init__(self, model: LoadedModel, prune: PruneConfig, calib: CalibConfig, progress: bool = True):
-        t0 = time.perf_counter()
-        self.model, self.calib, self.progress = model, calib, progress
-        self.batches = encode_batches(model, calibration_prompts(calib, model.builtin), calib)
-        self.encode_seconds = time.perf_counter() - t0
-        self.weights = timestep_weights(calib.timestep_weighting, calib.steps, calib.alpha_min, calib.alpha_max)
-        self.dtype = torch.float64 if prune.compute_dtype == "fp64" else torch.float32
-        self.modules = dict(model.denoiser.named_modules())
-
-    def hessians(self, linears: list[str], desc: str) -> tuple[dict[str, HessianAccumulator], float]:
-        """One pass over the current model; returns an accumulator per linear (by name) and the seconds."""
-        t0 = time.perf_counter()
-        counter = StepCounter()
-        device = self.model.denoiser.device
-        accs = {name: HessianAccumulator(self.modules[name].in_features, device, self.dtype, self.calib.max_tokens,
-                                         seed=self.calib.seed + i) for i, name in enumerate(linears)}
-        with HessianHooks(counter, self.weights) as hooks:
-            for name, acc in accs.items():
-                hooks.watch(self.modules[name], acc)
-            run_pass(self.model, self.batches, self.calib, counter, desc=desc, progress=self.progress)
-        return accs, time.perf_counter() - t0

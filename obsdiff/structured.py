@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from obsdiff import obs
+from obsdiff.calibrate import block_positions, make_calibrator
 from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.errors import ConfigError
 from obsdiff.flops import forward_flops, parameter_count
 from obsdiff.loading import LoadedModel
 from obsdiff.models import StructureGroup
-from obsdiff.prune import Calibrator, LayerRecord, PruneError, PruneReport, select_blocks, split_groups
+from obsdiff.prune import LayerRecord, PruneError, PruneReport, calibration_chunks, select_blocks
 from obsdiff.shrink import plan_to_json, shrink_, structure_columns, structure_indices
 
 log = logging.getLogger(__name__)
@@ -108,20 +110,21 @@ def structure_params(group: StructureGroup, modules: dict) -> int:
 
 
 def sensitivity_allocation(planned: list[tuple[StructureGroup, int]], cfg: PruneConfig, calibrator,
-                           modules: dict, groups: int, progress: bool) -> list[tuple[StructureGroup, int]]:
+                           modules: dict, chunk: Callable[[list], list[list]], progress: bool
+                           ) -> list[tuple[StructureGroup, int]]:
     """Non-uniform per-block counts with the uniform plan's parameter budget, per structure kind.
 
     Each group's OBS cost curve is measured on the dense model (up to twice its uniform count) and the
     budget goes where the marginal relative output error per removed parameter is smallest.
     """
     curves, unit = {}, {}
-    chunks = split_groups(planned, groups)
-    for i, chunk in enumerate(chunks):
-        readers = list(dict.fromkeys(s.linear for g, _ in chunk for s in g.readers))
+    chunks = chunk(planned)
+    for i, part in enumerate(chunks):
+        readers = list(dict.fromkeys(s.linear for g, _ in part for s in g.readers))
         accs, _ = calibrator.hessians(readers, f"sensitivity {i + 1}/{len(chunks)}")
         states = {name: obs.ReaderState.create(modules[name].weight.detach(), accs[name].H, cfg.percdamp)
                   for name in readers}
-        for g, n in chunk:
+        for g, n in part:
             per_round = 1 if g.kind == "heads" else cfg.ffn_per_round
             max_remove = min(g.count - 1, max(2 * n, n + 1))
             cols = [structure_columns(g, s.offset, states[s.linear].W.device) for s in g.readers]
@@ -164,20 +167,27 @@ def prune_structured_(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, 
     report = PruneReport(prune=cfg.to_dict(), calib=calib.to_dict(), family=model.family.name,
                          base_model=model.ref, warnings=warnings)
     before = model_stats(model)
-    calibrator = Calibrator(model, cfg, calib, progress) if cfg.needs_calibration else None
+    blocks = select_blocks(model.family.blocks(denoiser), cfg.blocks)
+    calibrator = make_calibrator(model, cfg, calib, blocks, progress) if cfg.needs_calibration else None
+    positions = block_positions(blocks, modules)
+
+    def chunk(items: list) -> list[list]:  # (group, count) items in forward order -> calibration groups
+        return calibration_chunks(items, calib.groups, lambda item: positions[item[0].readers[0].linear])
+
     report.encode_seconds = calibrator.encode_seconds if calibrator else 0.0
     if cfg.allocation == "sensitivity":
         if calibrator is None:
             raise ConfigError("--allocation sensitivity needs Hessians; use it with obs-diff or sparsegpt")
         t0 = time.perf_counter()
-        planned = sensitivity_allocation(planned, cfg, calibrator, modules, calib.groups, progress)
+        planned = sensitivity_allocation(planned, cfg, calibrator, modules, chunk, progress)
         report.allocation = {"seconds": time.perf_counter() - t0, "removed": {g.name: n for g, n in planned}}
     active = [(g, n) for g, n in planned if n > 0]
     removed_cols: dict[str, set[int]] = {}  # per reader linear, over all groups: never revived by a later update
     originals: dict[str, torch.Tensor] = {}  # dense weights of readers, dropped once no later group reads them
     records: dict[str, LayerRecord] = {}
     kept: dict[str, list[int]] = {}
-    chunks = split_groups(active, calib.groups if calibrator else 1)
+    chunks = chunk(active) if calibrator else [active]
+    report.calib["groups"] = len(chunks)
     chunk_readers = [list(dict.fromkeys(s.linear for g, _ in chunk for s in g.readers)) for chunk in chunks]
     for gi, chunk in enumerate(tqdm(chunks, desc="groups", unit="group", disable=not progress)):
         readers = chunk_readers[gi]
@@ -239,6 +249,7 @@ def prune_structured_(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, 
         del accs, states
 
     report.layers = list(records.values())
+    report.calibration = calibrator.stats() if calibrator else {}
     shrink_(denoiser, [g for g, _ in active], kept)
     after = model_stats(model)
     report.model_stats = {"before": before, "after": after,

@@ -30,6 +30,7 @@ from obsdiff.models.registry import (
     Slice,
     StructureGroup,
     default_range,
+    mmdit_next_block_inputs,
     present_groups,
     range_dim,
     register_family,
@@ -77,6 +78,9 @@ class FluxFamily(ModelFamily):
         names += [f"single_transformer_blocks.{j}" for j in range(len(denoiser.single_transformer_blocks))]
         modules = list(denoiser.transformer_blocks) + list(denoiser.single_transformer_blocks)
         return [Block(i, name, module) for i, (name, module) in enumerate(zip(names, modules, strict=True))]
+
+    def next_block_inputs(self, output, inputs: dict) -> dict:
+        return mmdit_next_block_inputs(output, inputs)
 
     def shared_input_groups(self, block: Block) -> list[tuple[str, ...]]:
         return present_groups(block, _SINGLE_INPUT_GROUPS if _is_single(block) else _DOUBLE_INPUT_GROUPS)

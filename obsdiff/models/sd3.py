@@ -21,6 +21,7 @@ from obsdiff.models.registry import (
     StructureGroup,
     default_range,
     embedding_kwargs,
+    mmdit_next_block_inputs,
     present_groups,
     range_dim,
     register_family,
@@ -58,6 +59,9 @@ class SD3Family(ModelFamily):
         return [
             Block(i, f"transformer_blocks.{i}", blk) for i, blk in enumerate(denoiser.transformer_blocks)
         ]
+
+    def next_block_inputs(self, output, inputs: dict) -> dict:
+        return mmdit_next_block_inputs(output, inputs)
 
     def shared_input_groups(self, block: Block) -> list[tuple[str, ...]]:
         return present_groups(block, _SD3_INPUT_GROUPS)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+import obsdiff.calibrate as C
 import obsdiff.prune as P
-from obsdiff.calibrate import encode_batches, run_pass
+from obsdiff.calibrate import calibration_prompts, encode_batches, run_pass
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
 from obsdiff.hessian import HessianAccumulator, timestep_weights
 from obsdiff.hooks import HessianHooks, StepCounter
@@ -74,7 +75,7 @@ def test_blocks_range_leaves_other_blocks_dense(model):
 def _dense_hessian(model, unit, calib):
     """The Hessian of `unit` from one calibration pass over the unpruned model."""
     calib = resolve_calib(calib, None, "obs-diff")
-    batches = encode_batches(model, P.calibration_prompts(calib, None), calib)
+    batches = encode_batches(model, calibration_prompts(calib, None), calib)
     counter = StepCounter()
     mod = dict(model.denoiser.named_modules())[unit[0]]
     acc = HessianAccumulator(mod.in_features)
@@ -123,10 +124,12 @@ def test_hooks_are_removed_when_pruning_fails(model, monkeypatch):
     def fail_in_pass(*args, **kwargs):
         raise RuntimeError("calibration died")
 
-    monkeypatch.setattr(P, "run_pass", fail_in_pass)
-    with pytest.raises(RuntimeError):
-        P.prune_(model, PruneConfig(sparsity=0.5), CALIB, progress=False)
-    assert no_hooks_left(model.denoiser)
+    monkeypatch.setattr(C, "run_pass", fail_in_pass)
+    for mode in ("rerun", "cached"):
+        with pytest.raises(RuntimeError):
+            P.prune_(model, PruneConfig(sparsity=0.5), CalibConfig(**{**CALIB.to_dict(), "mode": mode}),
+                     progress=False)
+        assert no_hooks_left(model.denoiser)
 
 
 def test_non_finite_result_names_the_layer(model, monkeypatch):

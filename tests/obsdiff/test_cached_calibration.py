@@ -1,0 +1,188 @@
+"""Cached-block calibration (`--calibration-mode cached`): same Hessians as a pipeline pass where the two
+modes must agree, the frontier carried through pruned blocks, refusal where the denoiser is not a chain."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import obsdiff.prune as P
+from obsdiff.calibrate import CachedCalibrator, Calibrator, make_calibrator
+from obsdiff.cli import cli
+from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
+from obsdiff.errors import ConfigError, UnsupportedModelError
+from obsdiff.hooks import InputCapture, StepCounter
+from obsdiff.loading import as_loaded
+from tests.conftest import tiny_flux, tiny_sd3, tiny_sdxl
+
+CALIB = dict(num_prompts=4, steps=3, guidance=2.0, batch_size=2)
+BUILDERS = {"sd3": tiny_sd3, "flux": tiny_flux}
+
+
+def calibrators(model, mode: str, **calib):
+    prune = PruneConfig(sparsity=0.5)
+    cfg = resolve_calib(CalibConfig(**(CALIB | calib), mode=mode), None, "obs-diff")
+    blocks = model.family.blocks(model.denoiser)
+    return make_calibrator(model, prune, cfg, blocks, progress=False)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_dense_hessians_equal_the_pipeline_pass(family):
+    """On the unpruned model both modes see the same inputs: every Hessian must agree (Flux: the chain
+    crosses from double to single blocks)."""
+    model = as_loaded(BUILDERS[family]())
+    units, _ = P.plan_units(model, PruneConfig(sparsity=0.5))
+    linears = [u[0] for u in units]
+    rerun, _ = calibrators(model, "rerun").hessians(linears, "rerun")
+    cached_cal = calibrators(model, "cached")
+    assert isinstance(cached_cal, CachedCalibrator)
+    cached, _ = cached_cal.hessians(linears, "cached")
+    for name in linears:
+        torch.testing.assert_close(cached[name].H, rerun[name].H, rtol=1e-4, atol=1e-6, msg=name)
+        assert cached[name].calls == rerun[name].calls
+    assert cached_cal.stats()["captures"] == 1 and cached_cal.stats()["cache_bytes"] > 0
+
+
+def _block_inputs(model, block, calib_cfg):
+    """Keyword inputs of `block` for every denoiser call of one pipeline pass over the current model."""
+    from obsdiff.calibrate import calibration_prompts, encode_batches, run_pass
+
+    counter = StepCounter()
+    batches = encode_batches(model, calibration_prompts(calib_cfg, None), calib_cfg)
+    with InputCapture(block.module, counter, torch.device("cpu")) as capture:
+        run_pass(model, batches, calib_cfg, counter, progress=False)
+    return capture.calls
+
+
+def test_frontier_is_carried_through_pruned_blocks():
+    """After block 0 is pruned, the cached inputs of block 1 are what the pruned model computes from the
+    dense trajectory: equal to a fresh pass at step 0 (same initial latents), different later on (a fresh
+    pass follows the pruned model's own trajectory: that is the difference between the modes)."""
+    model = as_loaded(tiny_sd3())
+    cal = calibrators(model, "cached")
+    blocks = cal.blocks
+    first_block = [n for n in cal.block_of if cal.block_of[n] == 0 and n.endswith("attn.to_q")]
+    cal.hessians(first_block, "block 0")
+    with torch.no_grad():
+        for lin in model.family.prunable_linears(blocks[0]).values():
+            lin.weight.mul_((torch.rand_like(lin.weight) > 0.5).float())
+    second_block = [n for n in cal.block_of if cal.block_of[n] == 1 and n.endswith("attn.to_q")]
+    cal.hessians(second_block, "block 1")
+    assert cal.frontier == 1 and cal.stats()["captures"] == 1
+    fresh = _block_inputs(model, blocks[1], cal.calib)
+    assert len(fresh) == len(cal.cache)
+    for (kw_cached, step), (kw_fresh, step_fresh) in zip(cal.cache, fresh, strict=True):
+        assert step == step_fresh
+        same = torch.allclose(kw_cached["hidden_states"], kw_fresh["hidden_states"], rtol=1e-4, atol=1e-5)
+        assert same == (step == 0), f"step {step}"
+
+
+def test_asking_for_an_earlier_block_captures_again():
+    model = as_loaded(tiny_sd3())
+    cal = calibrators(model, "cached")
+    names = list(cal.block_of)
+    last = [n for n in names if cal.block_of[n] == 1 and n.endswith("attn.to_q")]
+    first = [n for n in names if cal.block_of[n] == 0 and n.endswith("attn.to_q")]
+    h1, _ = cal.hessians(first, "a")
+    cal.hessians(last, "b")
+    h2, _ = cal.hessians(first, "c")
+    assert cal.stats()["captures"] == 2
+    torch.testing.assert_close(h1[first[0]].H, h2[first[0]].H)
+
+
+def test_cached_prune_defaults_to_one_group_per_block_and_is_recorded():
+    model = as_loaded(tiny_sd3(num_layers=3))
+    report = P.prune_(model, PruneConfig(sparsity=0.5), CalibConfig(**CALIB, mode="cached"), progress=False)
+    assert len(report.groups) == 3 and report.calib["groups"] == 3
+    assert report.calibration["mode"] == "cached" and report.calibration["captures"] == 1
+    assert all(abs(r.sparsity - 0.5) < 0.01 for r in report.pruned_layers)
+    for g in report.groups:  # every group's units lie in one block
+        assert len({u[0].split(".")[1] for u in g.units}) == 1
+
+
+def test_sparsegpt_cached_is_block_by_block_and_rerun_is_one_pass():
+    cached = resolve_calib(CalibConfig(mode="cached"), None, "sparsegpt")
+    rerun = resolve_calib(CalibConfig(), None, "sparsegpt")
+    assert cached.groups is None and rerun.groups == 1
+    assert resolve_calib(CalibConfig(mode="cached", groups=2), None, "obs-diff").groups == 2
+
+
+def test_structured_cached_with_sensitivity_allocation_shrinks():
+    model = as_loaded(tiny_sd3(num_layers=2, num_heads=4))
+    cfg = PruneConfig(sparsity_type="structured", sparsity=0.5, allocation="sensitivity", ffn_per_round=4)
+    report = P.prune_(model, cfg, CalibConfig(**CALIB, mode="cached"), progress=False)
+    assert report.calibration["captures"] == 2  # the allocation sweep, then the prune sweep from block 0
+    assert report.model_stats["parameter_ratio"] < 0.9
+    inputs = model.family.example_inputs(model.denoiser, batch=1, text_len=16)
+    with torch.no_grad():
+        assert torch.isfinite(model.denoiser(**inputs, return_dict=False)[0]).all()
+
+
+def test_rerun_mode_stays_the_default_calibrator():
+    model = as_loaded(tiny_sd3())
+    assert type(calibrators(model, "rerun")) is Calibrator
+
+
+def test_sdxl_refuses_cached_mode_before_encoding():
+    model = as_loaded(tiny_sdxl())
+    with pytest.raises(UnsupportedModelError, match="calibration-mode rerun"):
+        calibrators(model, "cached")
+
+
+def test_cache_device_needs_cached_mode():
+    with pytest.raises(ConfigError, match="cache-device"):
+        CalibConfig(cache_device="cpu")
+    with pytest.raises(ConfigError, match="calibration-mode"):
+        CalibConfig(mode="fast")
+
+
+def test_cli_cached_mode_writes_the_stats(tiny_sd3_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["prune", "--model", str(tiny_sd3_dir), "--sparsity", "0.5", "--num-prompts", "2", "--steps", "2",
+            "--batch-size", "2", "--calibration-mode", "cached", "--cache-device", "cpu", "--out", str(out)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert "cached block inputs (MiB)" in res.output
+    record = json.loads((out / "obsdiff.json").read_text())
+    assert record["calibration"]["mode"] == "cached"
+    assert record["calib"]["mode"] == "cached"
+
+
+def test_cli_cached_mode_on_sdxl_fails_cleanly(tmp_path):
+    sdxl_dir = tmp_path / "sdxl"
+    tiny_sdxl().save_pretrained(sdxl_dir)
+    out = tmp_path / "run"
+    args = ["prune", "--model", str(sdxl_dir), "--sparsity", "0.5", "--calibration-mode", "cached", "--out", str(out)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2
+    assert "calibration-mode rerun" in res.output and not out.exists()
+
+
+def test_a_cache_that_cannot_fit_is_refused_at_the_first_call(monkeypatch):
+    import obsdiff.calibrate as C
+
+    monkeypatch.setattr(C, "free_bytes", lambda device: 1000)
+    model = as_loaded(tiny_sd3())
+    cal = calibrators(model, "cached")
+    with pytest.raises(ConfigError, match="cache-device cpu"):
+        cal.hessians([next(iter(cal.block_of))], "x")
+    assert not any(m._forward_pre_hooks for m in model.denoiser.modules())
+
+
+def test_free_bytes_reads_available_ram():
+    from obsdiff.calibrate import free_bytes
+
+    free = free_bytes(torch.device("cpu"))
+    assert free is None or free > 2**20
+
+
+def test_block_range_caches_the_first_selected_block():
+    model = as_loaded(tiny_sd3(num_layers=3))
+    dense = {n: p.clone() for n, p in model.denoiser.named_parameters()}
+    report = P.prune_(model, PruneConfig(sparsity=0.5, blocks=(1, 2)), CalibConfig(**CALIB, mode="cached"),
+                      progress=False)
+    assert len(report.groups) == 1 and report.calibration["captures"] == 1
+    changed = {n.split(".")[1] for n, p in model.denoiser.named_parameters()
+               if n.startswith("transformer_blocks.") and not torch.equal(p, dense[n])}
+    assert changed == {"1"}
