@@ -186,3 +186,12 @@ def test_block_range_caches_the_first_selected_block():
     changed = {n.split(".")[1] for n, p in model.denoiser.named_parameters()
                if n.startswith("transformer_blocks.") and not torch.equal(p, dense[n])}
     assert changed == {"1"}
+
+
+def test_flux_cached_prune_covers_double_and_single_blocks():
+    model = as_loaded(tiny_flux())
+    report = P.prune_(model, PruneConfig(sparsity_type="2:4"), CalibConfig(**CALIB, mode="cached"), progress=False)
+    blocks = {u[0].rsplit(".", 2)[0].split(".attn")[0] for g in report.groups for u in g.units}
+    assert any(b.startswith("single_transformer_blocks") for b in blocks)
+    assert len(report.groups) == 4 and report.calibration["captures"] == 1
+    assert all(r.sparsity == 0.5 for r in report.pruned_layers)

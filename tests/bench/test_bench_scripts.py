@@ -1,0 +1,47 @@
+"""The benchmark scripts run end to end in their --quick form and write what the README quotes from."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_script(name: str, out: Path) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / name), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.with_suffix(".md").read_text().strip()
+    data = json.loads(out.read_text())
+    assert {"date", "seconds", "versions", "machine"} <= set(data)
+    return data
+
+
+def test_calibration_modes_bench(tmp_path):
+    data = run_script("calibration_modes.py", tmp_path / "modes.json")
+    modes = {r["mode"]: r for r in data["rows"]}
+    assert set(modes) == {"rerun, 4 groups", "cached, per block"}
+    assert modes["cached, per block"]["calibration"]["mode"] == "cached"
+    assert modes["cached, per block"]["groups"] == 6  # builtin:digits has 6 blocks
+    # both modes keep the model: the quick run's accuracies stay close to the dense model's
+    assert all(r["digit_accuracy"] > 0.9 for r in data["rows"])
+    scaling = {r["calibration"]: r for r in data["scaling"]}
+    assert scaling["cached, per block"]["capture_seconds"] > 0
+    cached, rerun = scaling["cached, per block"], scaling["rerun, 1 group"]
+    assert math.isclose(cached["mean_layer_error"], rerun["mean_layer_error"], rel_tol=0.05)
+
+
+def test_latency_bench(tmp_path):
+    data = run_script("latency.py", tmp_path / "latency.json")
+    titles = [s["title"] for s in data["sections"]]
+    assert len(titles) == 4 and sum("pipeline" in t for t in titles) == 2
+    wide_pipe = data["sections"][-1]["result"]
+    assert wide_pipe["scope"] == "pipeline" and wide_pipe["inputs"]["steps"] == 2
+    ok = [r for r in wide_pipe["rows"] if r["status"] == "ok"]
+    assert {r["backend"] for r in ok} == {"torch", "onnxruntime"}
+    for r in ok:  # every stage timed, and they add up to the total
+        stages = {k: v["latency_ms"]["median"] for k, v in r["stages"].items()}
+        assert all(v >= 0 for v in stages.values()) and stages["denoiser"] > 0
+        assert r["denoiser_calls"] == 2  # one call per step: CFG's two halves share a batch
