@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from obsdiff.config import CalibConfig, PruneConfig
-from obsdiff.errors import ConfigError
+from obsdiff.errors import ConfigError, UnsupportedModelError
 from obsdiff.hessian import HessianAccumulator, timestep_weights
 from obsdiff.hooks import HessianHooks, InputCapture, StepCounter, tensors_to
 from obsdiff.loading import LoadedModel
@@ -110,14 +110,14 @@ class Calibrator:
         self.weights = timestep_weights(calib.timestep_weighting, calib.steps, calib.alpha_min, calib.alpha_max)
         self.dtype = torch.float64 if prune.compute_dtype == "fp64" else torch.float32
         self.modules = dict(model.denoiser.named_modules())
+        self.device = model.denoiser.device
 
     def stats(self) -> dict:
         """What the report records about calibration beyond the group timings."""
         return {"mode": self.mode}
 
     def _accumulators(self, linears: list[str]) -> dict[str, HessianAccumulator]:
-        device = self.model.denoiser.device
-        return {name: HessianAccumulator(self.modules[name].in_features, device, self.dtype, self.calib.max_tokens,
+        return {name: HessianAccumulator(self.modules[name].in_features, self.device, self.dtype, self.calib.max_tokens,
                                          seed=self.calib.seed + i) for i, name in enumerate(linears)}
 
     def hessians(self, linears: list[str], desc: str) -> tuple[dict[str, HessianAccumulator], float]:
@@ -150,7 +150,6 @@ class CachedCalibrator(Calibrator):
         self.family = model.family
         self.blocks = blocks
         self.block_of = block_positions(blocks, self.modules)
-        self.device = model.denoiser.device
         self.cache_device = torch.device(calib.cache_device) if calib.cache_device else self.device
         self.cache: list[tuple[dict, int]] | None = None
         self.frontier = 0
@@ -171,11 +170,12 @@ class CachedCalibrator(Calibrator):
         calls = len(self.batches) * self.calib.steps  # one denoiser call per step (CFG rows share it)
 
         def check_fits(kwargs: dict) -> None:
-            need, free = calls * tensor_bytes(kwargs), free_bytes(self.cache_device)
+            per_call = tensor_bytes(kwargs)
+            need, free = calls * per_call, free_bytes(self.cache_device)
             if free is not None and need > 0.9 * free:
                 raise ConfigError(
                     f"cached calibration would keep {need / 2**30:.1f} GiB of block inputs ({calls} calls x "
-                    f"{tensor_bytes(kwargs) / 2**20:.0f} MiB) but {self.cache_device} has {free / 2**30:.1f} GiB "
+                    f"{per_call / 2**20:.0f} MiB) but {self.cache_device} has {free / 2**30:.1f} GiB "
                     "free; use --cache-device cpu, fewer --num-prompts or --steps, or --calibration-mode rerun")
 
         with InputCapture(self.blocks[0].module, counter, self.cache_device, check_fits) as capture:
@@ -187,9 +187,8 @@ class CachedCalibrator(Calibrator):
         self.capture_seconds += time.perf_counter() - t0
 
     @torch.no_grad()
-    def _run_blocks(self, start: int, stop: int, inputs: dict) -> dict:
-        """Blocks [start, stop) on one call's inputs; returns the inputs of block `stop`."""
-        kwargs = tensors_to(inputs, self.device)
+    def _run_blocks(self, start: int, stop: int, kwargs: dict) -> dict:
+        """Blocks [start, stop) on one call's inputs (on the model's device); returns the inputs of block `stop`."""
         for block in self.blocks[start:stop]:
             kwargs = self.family.next_block_inputs(block.module(**kwargs), kwargs)
         return kwargs
@@ -229,9 +228,9 @@ class CachedCalibrator(Calibrator):
         self.frontier = first
         return accs, time.perf_counter() - t0
 
-    def _sync(self) -> None:  # so that the advance's share of the time is measured on a GPU too
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def _sync(self) -> None:  # so that the advance's share of the time is measured on an accelerator too
+        if self.device.type != "cpu":
+            torch.accelerator.synchronize(self.device)
 
 
 def block_positions(blocks: list[Block], names) -> dict[str, int]:
@@ -251,9 +250,10 @@ def tensor_bytes(obj) -> int:
 
 
 def free_bytes(device: torch.device) -> int | None:
-    """Memory still available on `device` (CUDA: free device memory; CPU: available RAM), None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    """Memory still available on `device` (an accelerator's free memory, or available RAM), None if unknown."""
+    if device.type != "cpu":
+        get_info = getattr(torch.accelerator, "get_memory_info", None)  # recent torch only
+        return get_info(device)[0] if get_info is not None else None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -269,10 +269,9 @@ def make_calibrator(model: LoadedModel, prune: PruneConfig, calib: CalibConfig, 
 
     Cached mode is refused before any prompt is encoded for families whose denoiser is not a chain of blocks.
     """
-    from obsdiff.models.registry import ModelFamily
-
     if calib.mode == "rerun":
         return Calibrator(model, prune, calib, progress)
-    if type(model.family).next_block_inputs is ModelFamily.next_block_inputs:
-        model.family.next_block_inputs(None, {})  # raises the family's one-line error
+    if not model.family.chains_blocks:
+        raise UnsupportedModelError(f"the {model.family.name} denoiser is not a plain chain of blocks, so block "
+                                    "inputs cannot be cached; use --calibration-mode rerun")
     return CachedCalibrator(model, prune, calib, blocks, progress)

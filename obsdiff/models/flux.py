@@ -21,6 +21,7 @@ import contextlib
 import torch
 from torch import nn
 
+from obsdiff.models import mmdit
 from obsdiff.models.registry import (
     Block,
     ModelFamily,
@@ -30,22 +31,9 @@ from obsdiff.models.registry import (
     Slice,
     StructureGroup,
     default_range,
-    mmdit_next_block_inputs,
     present_groups,
     range_dim,
     register_family,
-)
-
-# Forward order inside a FluxTransformerBlock; each tuple is a set of linears reading one tensor.
-_DOUBLE_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("attn.to_q", "attn.to_k", "attn.to_v"),  # norm1(hidden_states)
-    ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),  # norm1_context(encoder_hidden_states)
-    ("attn.to_out.0",),  # joint attention output, image tokens
-    ("attn.to_add_out",),  # joint attention output, text tokens
-    ("ff.net.0.proj",),
-    ("ff.net.2",),
-    ("ff_context.net.0.proj",),
-    ("ff_context.net.2",),
 )
 
 # FluxSingleTransformerBlock: q/k/v and the MLP up projection all read norm(hidden_states).
@@ -80,10 +68,10 @@ class FluxFamily(ModelFamily):
         return [Block(i, name, module) for i, (name, module) in enumerate(zip(names, modules, strict=True))]
 
     def next_block_inputs(self, output, inputs: dict) -> dict:
-        return mmdit_next_block_inputs(output, inputs)
+        return mmdit.next_block_inputs(output, inputs)
 
     def shared_input_groups(self, block: Block) -> list[tuple[str, ...]]:
-        return present_groups(block, _SINGLE_INPUT_GROUPS if _is_single(block) else _DOUBLE_INPUT_GROUPS)
+        return present_groups(block, _SINGLE_INPUT_GROUPS if _is_single(block) else mmdit.INPUT_GROUPS)
 
     def example_inputs(
         self,
@@ -137,33 +125,18 @@ class FluxFamily(ModelFamily):
         [h * head_dim, (h + 1) * head_dim) and q/k/v rows; neuron j owns column dim + j and row j of
         `proj_mlp` (gelu-tanh(0) = 0, so a zero row silences the neuron).
         """
+        if not _is_single(block):
+            return mmdit.structure_groups(block)
         mods = dict(block.module.named_modules())
         p = block.name + "."
         attn = mods["attn"]
-        head_dim = attn.head_dim
-        writers = [Slice(p + f"attn.to_{x}") for x in "qkv"]
-        if _is_single(block):
-            dim = attn.heads * head_dim
-            return [
-                StructureGroup("heads", p + "attn", attn.heads, head_dim, (Slice(p + "proj_out", 0),),
-                               tuple(writers), attention=p + "attn"),
-                StructureGroup("ffn", p + "proj_mlp", mods["proj_mlp"].out_features, 1,
-                               (Slice(p + "proj_out", dim),), (Slice(p + "proj_mlp", 0),)),
-            ]
-        readers = [Slice(p + "attn.to_out.0")]
-        if getattr(attn, "add_q_proj", None) is not None:
-            writers += [Slice(p + f"attn.add_{x}_proj") for x in "qkv"]
-        if getattr(attn, "to_add_out", None) is not None:
-            readers.append(Slice(p + "attn.to_add_out"))
-        groups = [StructureGroup("heads", p + "attn", attn.heads, head_dim, tuple(readers), tuple(writers),
-                                 attention=p + "attn")]
-        for ff_name in ("ff", "ff_context"):
-            ff = mods.get(ff_name)
-            if ff is None:
-                continue
-            groups.append(StructureGroup("ffn", p + ff_name, ff.net[0].proj.out_features, 1,
-                                         (Slice(p + f"{ff_name}.net.2"),), (Slice(p + f"{ff_name}.net.0.proj"),)))
-        return groups
+        writers = tuple(Slice(p + f"attn.to_{x}") for x in "qkv")
+        return [
+            StructureGroup("heads", p + "attn", attn.heads, attn.head_dim, (Slice(p + "proj_out", 0),), writers,
+                           attention=p + "attn"),
+            StructureGroup("ffn", p + "proj_mlp", mods["proj_mlp"].out_features, 1,
+                           (Slice(p + "proj_out", attn.heads * attn.head_dim),), (Slice(p + "proj_mlp", 0),)),
+        ]
 
     def onnx_default_ranges(self, pipeline, max_sequence_length: int | None = None) -> dict[str, tuple[int, int, int]]:
         """Around the pipeline's default latent size and its T5 length (capped by the tokenizer's maximum)."""

@@ -204,12 +204,15 @@ class ModelFamily(ABC):
     def next_block_inputs(self, output, inputs: dict) -> dict:
         """The keyword inputs of the next block, from one block's `output` and its keyword `inputs`.
 
-        Only denoisers that are a plain chain of blocks (each block's output is the next one's input, nothing
-        computed in between) support calibration on cached block inputs (`--calibration-mode cached`).
+        Only families whose denoiser is a plain chain of blocks (each block's output is the next one's input,
+        nothing computed in between) implement it; they support calibration on cached block inputs.
         """
-        raise UnsupportedModelError(
-            f"the {self.name} denoiser is not a plain chain of blocks, so block inputs cannot be cached; "
-            "use --calibration-mode rerun")
+        raise NotImplementedError(f"the {self.name} denoiser is not a plain chain of blocks")
+
+    @property
+    def chains_blocks(self) -> bool:
+        """Whether the family implements `next_block_inputs` (cached calibration is possible)."""
+        return type(self).next_block_inputs is not ModelFamily.next_block_inputs
 
     def structure_groups(self, block: Block) -> list[StructureGroup]:
         """Heads and FFN neurons of the block that can be removed physically (structured pruning).
@@ -262,14 +265,6 @@ def embedding_kwargs(emb, pooled, neg, neg_pooled, cfg: bool) -> dict:
     if cfg:
         out |= {"negative_prompt_embeds": neg, "negative_pooled_prompt_embeds": neg_pooled}
     return out
-
-
-def mmdit_next_block_inputs(output, inputs: dict) -> dict:
-    """MMDiT blocks (SD3, Flux double and single) return (encoder_hidden_states, hidden_states) and the model
-    feeds both straight into the next block with the same temb, rotary embedding and attention kwargs.
-    SD3's context_pre_only last block returns None for the text stream: nothing reads it after that."""
-    encoder_hidden_states, hidden_states = output
-    return inputs | {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states}
 
 
 def present_groups(block: Block, groups: Sequence[tuple[str, ...]]) -> list[tuple[str, ...]]:

@@ -12,33 +12,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from obsdiff.models import mmdit
 from obsdiff.models.registry import (
     Block,
     ModelFamily,
     OnnxInput,
     OnnxIO,
-    Slice,
     StructureGroup,
     default_range,
     embedding_kwargs,
-    mmdit_next_block_inputs,
     present_groups,
     range_dim,
     register_family,
-)
-
-# Forward order inside a JointTransformerBlock; each tuple is a set of linears reading one tensor.
-_SD3_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("attn.to_q", "attn.to_k", "attn.to_v"),  # norm1(hidden_states)
-    ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),  # norm1_context(encoder_hidden_states)
-    ("attn.to_out.0",),  # joint attention output, image tokens
-    ("attn.to_add_out",),  # joint attention output, text tokens
-    ("attn2.to_q", "attn2.to_k", "attn2.to_v"),  # SD3.5 dual attention: second adaLN output
-    ("attn2.to_out.0",),
-    ("ff.net.0.proj",),
-    ("ff.net.2",),
-    ("ff_context.net.0.proj",),
-    ("ff_context.net.2",),
 )
 
 
@@ -61,10 +46,10 @@ class SD3Family(ModelFamily):
         ]
 
     def next_block_inputs(self, output, inputs: dict) -> dict:
-        return mmdit_next_block_inputs(output, inputs)
+        return mmdit.next_block_inputs(output, inputs)
 
     def shared_input_groups(self, block: Block) -> list[tuple[str, ...]]:
-        return present_groups(block, _SD3_INPUT_GROUPS)
+        return present_groups(block, mmdit.INPUT_GROUPS)
 
     def example_inputs(
         self,
@@ -97,35 +82,7 @@ class SD3Family(ModelFamily):
         return clip + (max_sequence_length or 256)  # CLIP tokens, then T5 tokens
 
     def structure_groups(self, block: Block) -> list[StructureGroup]:
-        """Joint heads (image and text streams share them), the image FFN, the text FFN.
-
-        In the context_pre_only last block the text stream's attention output is discarded, so its
-        add_q/k/v rows still belong to the heads (q and k feed the joint softmax) but there is no
-        to_add_out reader and no text FFN. SD3.5's dual attention `attn2` has heads of its own.
-        """
-        mods = dict(block.module.named_modules())
-        p = block.name + "."
-        groups = []
-        for attn_name in ("attn", "attn2"):
-            attn = mods.get(attn_name)
-            if attn is None:
-                continue
-            head_dim = attn.to_q.out_features // attn.heads
-            readers = [Slice(p + f"{attn_name}.to_out.0")]
-            writers = [Slice(p + f"{attn_name}.to_{x}") for x in "qkv"]
-            if getattr(attn, "add_q_proj", None) is not None:
-                writers += [Slice(p + f"{attn_name}.add_{x}_proj") for x in "qkv"]
-            if getattr(attn, "to_add_out", None) is not None:
-                readers.append(Slice(p + f"{attn_name}.to_add_out"))
-            groups.append(StructureGroup("heads", p + attn_name, attn.heads, head_dim, tuple(readers),
-                                         tuple(writers), attention=p + attn_name))
-        for ff_name in ("ff", "ff_context"):
-            ff = mods.get(ff_name)
-            if ff is None:
-                continue
-            groups.append(StructureGroup("ffn", p + ff_name, ff.net[0].proj.out_features, 1,
-                                         (Slice(p + f"{ff_name}.net.2"),), (Slice(p + f"{ff_name}.net.0.proj"),)))
-        return groups
+        return mmdit.structure_groups(block)
 
     def onnx_default_ranges(self, pipeline, max_sequence_length: int | None = None) -> dict[str, tuple[int, int, int]]:
         """Half to twice the config's sample size (within the position table) and the pipeline's text length."""
