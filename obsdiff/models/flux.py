@@ -198,6 +198,9 @@ class FluxFamily(ModelFamily):
         default = pipeline.default_sample_size * pipeline.vae_scale_factor
         return pipeline._unpack_latents(latents, height or default, width or default, pipeline.vae_scale_factor)
 
+    def guidance_rows(self, guidance_scale: float) -> int:
+        return 1  # guidance is an input of the transformer (dev) or ignored (schnell): no negative rows
+
     def encode_prompts(self, pipeline, prompts: list[str], guidance_scale: float,
                        max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
         """T5 sequence embeddings and the pooled CLIP embedding.
@@ -229,6 +232,8 @@ def build_flux_pipeline(
     max_sequence_length: int = 16,
     text=None,
     seed: int = 0,
+    transformer=None,
+    vae_config: dict | None = None,
 ):
     """A complete `FluxPipeline` built from configs with random weights (no network).
 
@@ -241,6 +246,8 @@ def build_flux_pipeline(
     The T5 tokenizer's `model_max_length` is `max_sequence_length`: pass that value when encoding
     (FluxPipeline pads T5 to 512 tokens otherwise). CLIP's width sets `pooled_projection_dim` and T5's
     width `joint_attention_dim` (`text`: a `TextStackConfig`; only the first CLIP width is used).
+    `transformer`: a ready denoiser used instead of building one (its widths must match `text` and
+    `latent_channels`); `vae_config`: extra VAE config (e.g. the real scaling/shift factors).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
@@ -259,7 +266,7 @@ def build_flux_pipeline(
                                      with_projection=False)
     text_encoder_2 = t5_text_encoder(len(tokenizer_2), text, seed + 3)
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
+    transformer = transformer or FluxTransformer2DModel(
         patch_size=1,
         in_channels=4 * latent_channels,
         num_layers=num_layers,
@@ -271,8 +278,9 @@ def build_flux_pipeline(
         guidance_embeds=guidance_embeds,
         axes_dims_rope=tuple(axes_dims_rope),
     )
-    vae = tiny_vae(image_channels, latent_channels, vae_channels, sample_size, shift_factor=0.0,
-                   use_quant_conv=False, use_post_quant_conv=False)
+    vae = tiny_vae(image_channels, latent_channels, vae_channels, sample_size,
+                   **({"shift_factor": 0.0, "use_quant_conv": False, "use_post_quant_conv": False}
+                      | (vae_config or {})))
     # Flux's own scheduler config: the shift follows the image token count.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)

@@ -132,11 +132,15 @@ def build_sd3_pipeline(
     text=None,
     shift: float = 3.0,
     seed: int = 0,
+    transformer=None,
+    vae_config: dict | None = None,
 ):
     """A complete `StableDiffusion3Pipeline` built from configs with random weights (no network).
 
     Used for the tests' tiny models and as the starting point of the embedded digits model.
     `sample_size` is the latent size; images are `sample_size * 2 ** (len(vae_channels) - 1)` pixels.
+    `transformer`: a ready denoiser used instead of building one (its widths must match `text` and
+    `latent_channels`); `vae_config`: extra VAE config (e.g. the real scaling/shift factors).
     """
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
@@ -151,7 +155,7 @@ def build_sd3_pipeline(
     stack = build_text_stack(words, text, seed=seed)
     torch.manual_seed(seed)
     inner = num_heads * head_dim
-    transformer = SD3Transformer2DModel(
+    transformer = transformer or SD3Transformer2DModel(
         sample_size=sample_size,
         patch_size=2,
         in_channels=latent_channels,
@@ -166,6 +170,7 @@ def build_sd3_pipeline(
         dual_attention_layers=dual_attention_layers,
         qk_norm=qk_norm,
     )
-    vae = tiny_vae(image_channels, latent_channels, vae_channels, sample_size, shift_factor=0.0)
+    vae = tiny_vae(image_channels, latent_channels, vae_channels, sample_size,
+                   **({"shift_factor": 0.0} | (vae_config or {})))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     return StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=scheduler, **stack)

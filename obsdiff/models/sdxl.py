@@ -209,6 +209,8 @@ def build_sdxl_pipeline(
     addition_time_embed_dim: int = 8,
     text=None,
     seed: int = 0,
+    unet=None,
+    vae_config: dict | None = None,
 ):
     """A complete `StableDiffusionXLPipeline` built from configs with random weights (no network).
 
@@ -218,7 +220,8 @@ def build_sdxl_pipeline(
     widths (their penultimate states are concatenated), and the added embedding reads the second
     encoder's projection plus 6 time ids of `addition_time_embed_dim` each. `sample_size` is the latent
     size; images are `sample_size * 2 ** (len(vae_channels) - 1)` pixels. `text`: a `TextStackConfig`
-    (its T5 fields are unused).
+    (its T5 fields are unused). `unet`: a ready denoiser used instead of building one (its widths must
+    match `text` and `latent_channels`); `vae_config`: extra VAE config (e.g. the real scaling factor).
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
@@ -232,7 +235,7 @@ def build_sdxl_pipeline(
                                      with_projection=False)
     text_encoder_2 = clip_text_encoder(len(tokenizer_2), text.clip_hidden[1], text.clip_projection[1], text, seed + 2)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    unet = unet or UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=latent_channels,
         out_channels=latent_channels,
@@ -250,7 +253,7 @@ def build_sdxl_pipeline(
         projection_class_embeddings_input_dim=text.clip_projection[1] + _N_TIME_IDS * addition_time_embed_dim,
         norm_num_groups=min(32, block_out_channels[0]),
     )
-    vae = tiny_vae(image_channels, latent_channels, vae_channels, sample_size)
+    vae = tiny_vae(image_channels, latent_channels, vae_channels, sample_size, **(vae_config or {}))
     # SDXL base's scheduler config.
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")

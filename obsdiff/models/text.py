@@ -71,6 +71,10 @@ class TextStackConfig:
     t5_layers: int = 2
     t5_heads: int = 4
     max_length: int = 8
+    # None: d_model // heads and 2 * d_model. Wide-output encoders (T5 d_model 4096 for real-size denoisers)
+    # set them small so the encoder stays cheap while its output width matches.
+    t5_d_kv: int | None = None
+    t5_d_ff: int | None = None
 
     @property
     def pooled_dim(self) -> int:
@@ -110,8 +114,8 @@ def t5_text_encoder(vocab_size: int, cfg: TextStackConfig, seed: int):
     config = T5Config(
         vocab_size=vocab_size,
         d_model=cfg.t5_d_model,
-        d_kv=cfg.t5_d_model // cfg.t5_heads,
-        d_ff=cfg.t5_d_model * 2,
+        d_kv=cfg.t5_d_kv or cfg.t5_d_model // cfg.t5_heads,
+        d_ff=cfg.t5_d_ff or cfg.t5_d_model * 2,
         num_layers=cfg.t5_layers,
         num_heads=cfg.t5_heads,
         relative_attention_num_buckets=8,
