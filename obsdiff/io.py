@@ -1,24 +1,47 @@
 """Run directories: a pruned denoiser plus the report that made it.
 
-    runs/NAME/obsdiff.json                                  report, configs, base model, weight hash
+    runs/NAME/obsdiff.json                                  report, configs, base model, weight hashes
     runs/NAME/denoiser/config.json                          the base denoiser's config, unchanged
     runs/NAME/denoiser/diffusion_pytorch_model.safetensors  pruned weights, same shapes as the base
+or, for a denoiser over the shard size, the diffusers sharded layout:
+    runs/NAME/denoiser/diffusion_pytorch_model-0000K-of-0000N.safetensors
+    runs/NAME/denoiser/diffusion_pytorch_model.safetensors.index.json
 
-Loading builds the base pipeline and loads the pruned weights strictly (every key, every shape).
+Weights are stored in the base model's dtype unless asked otherwise (`weights_dtype` in obsdiff.json),
+with a sha256 per file. Loading builds the base architecture on the meta device and loads the weights
+shard by shard, strictly (every key, every shape), so no second full copy is ever held.
+Format 1 runs (one file, no per-shard hashes) still load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import re
+import shutil
+import struct
+from collections import Counter
 from pathlib import Path
 
-from obsdiff.artifacts import machine, sha256_file, staged_dir, versions, write_json
-from obsdiff.errors import ModelLoadError
+from obsdiff.artifacts import check_writable, machine, sha256_file, staged_dir, versions, write_json
+from obsdiff.errors import ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
 
 RUN_FILE = "obsdiff.json"
 DENOISER_DIR = "denoiser"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-FORMAT_VERSION = 1
+INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
+SHARD_FILE = "diffusion_pytorch_model-{:05d}-of-{:05d}.safetensors"
+FORMAT_VERSION = 2
+DEFAULT_MAX_SHARD_SIZE = "10GB"  # as diffusers' save_pretrained
+
+# safetensors header dtypes that a run can be stored in, by obsdiff's dtype names
+_HEADER_DTYPES = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -30,20 +53,204 @@ def base_reference(model) -> str:
     return f"builtin:{model.builtin}" if model.builtin else str(model.path.resolve())
 
 
-def save_run(model, report: dict, out: str | Path, force: bool = False) -> Path:
-    """Write the pruned denoiser of `model` and `report` as a run directory (atomically)."""
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "10GB", "500MB", "2GiB" (decimal units, as diffusers)."""
+    if isinstance(size, int) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
+    if not m or float(m.group(1)) <= 0:
+        raise ConfigError(f"shard size {size!r} is not a positive size; write it like 10GB or 500MB")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""])
+
+
+def _dtype_name(dtype) -> str:
+    from obsdiff.loading import DTYPES
+
+    names = {v: k for k, v in reversed(DTYPES.items())}  # the short name (fp16) wins over float16
+    return names.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def safetensors_header(path: str | Path) -> dict:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets), without reading data."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 * 2**20:  # the format caps headers at 100 MB; more means this is not one
+                raise ValueError(f"header length {n}")
+            return json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as exc:
+        raise ModelLoadError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def stored_dtype(denoiser_dir: str | Path) -> str | None:
+    """The dtype name ("fp16", ...) of the floating-point weights in a diffusers model folder, or None.
+
+    Only the safetensors headers are read. Mixed dtypes give the one holding most elements; None when
+    the folder has no safetensors weights (e.g. only .bin files) or stores a dtype runs do not use.
+    """
+    folder = Path(denoiser_dir)
+    if (folder / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            raise ModelLoadError(f"{folder / INDEX_FILE} is unreadable ({exc})") from None
+        files = sorted({folder / name for name in weight_map.values()})
+    elif (folder / WEIGHTS_FILE).is_file():
+        files = [folder / WEIGHTS_FILE]
+    else:
+        files = sorted(folder.glob("*.safetensors"))  # e.g. a variant: diffusion_pytorch_model.fp16.safetensors
+    counts: Counter[str] = Counter()
+    for file in files:
+        for key, info in safetensors_header(file).items():
+            if key != "__metadata__" and info["dtype"].startswith(("F", "BF")):
+                n = 1
+                for s in info["shape"]:
+                    n *= s
+                counts[info["dtype"]] += n
+    if not counts:
+        return None
+    return _HEADER_DTYPES.get(counts.most_common(1)[0][0])
+
+
+def _dominant_dtype(module):
+    counts: Counter = Counter()
+    for p in module.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] += p.numel()
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def save_dtype(model, dtype=None):
+    """The torch dtype a run of `model` stores its weights in: `dtype` if given (a torch dtype or
+    "fp32"/"fp16"/"bf16"), else the base model's dtype on disk, else the in-memory one."""
+    import torch
+
+    from obsdiff.loading import parse_dtype
+
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ConfigError(f"save dtype {dtype} is not a floating-point dtype; use fp32, fp16 or bf16")
+        return dtype
+    if dtype is not None:
+        return parse_dtype(dtype)
+    folder = Path(model.path) / model.family.denoiser_attr
+    name = stored_dtype(folder) if (folder / "config.json").is_file() else None
+    if name is not None:
+        return getattr(torch, {"fp64": "float64", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[name])
+    found = _dominant_dtype(model.denoiser)
+    log.info("no safetensors weights in %s to take the base dtype from; saving in %s", folder, found)
+    return found or torch.float32
+
+
+def check_can_save(model, out: str | Path, force: bool = False, dtype=None):
+    """Everything `save_run` would refuse, checked before the (slow) prune. Returns the save dtype.
+
+    Refuses an existing `out` without `force`, an unwritable location and a bad `dtype`. Size is no
+    reason to refuse (large denoisers are sharded); short disk space is only logged, since a
+    structured prune saves less than the dense size estimated here.
+    """
+    out = check_writable(out, force)
+    target = save_dtype(model, dtype)
+    parent = Path(os.path.abspath(out)).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {out}: {parent} is not writable; choose another --out")
+    size = sum(p.numel() for p in model.denoiser.parameters()) * target.itemsize
+    free = shutil.disk_usage(parent).free
+    if free < size:
+        log.warning("%s has %.1f GB free; the run may need up to %.1f GB", parent, free / 1e9, size / 1e9)
+    return target
+
+
+def _plan_shards(state: dict, itemsize: dict, max_bytes: int) -> list[list[str]]:
+    # Greedy in state-dict order, as diffusers/huggingface_hub shard: a tensor over the limit gets a shard alone.
+    shards, current, used = [], [], 0
+    for key, t in state.items():
+        n = t.numel() * itemsize[key]
+        if current and used + n > max_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(key)
+        used += n
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def _shard_tensors(state: dict, keys: list[str], dtype) -> dict:
+    """CPU copies of one shard's tensors, floating ones cast to `dtype` (each tensor converted on its own)."""
+    import torch
+
+    out, storages = {}, set()
+    for key in keys:
+        src = state[key].detach()
+        t = src.to("cpu", dtype) if src.is_floating_point() else src.to("cpu")
+        if t.is_floating_point() and t.dtype != src.dtype and not torch.isfinite(t).all() \
+                and torch.isfinite(src).all():
+            raise ConfigError(f"weight {key} overflows {_dtype_name(dtype)} (largest |w| "
+                              f"{float(src.abs().max()):g}); save in fp32 or bf16 instead (--save-dtype)")
+        t = t.contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages:  # safetensors refuses tensors sharing memory (tied weights)
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+def _write_weights(denoiser, folder: Path, dtype, max_shard_size) -> dict[str, str]:
+    """Write the denoiser's state dict as safetensors shards in `dtype`; {file name: sha256}."""
+    from safetensors.torch import save_file
+
+    state = denoiser.state_dict()  # references, not copies
+    itemsize = {k: (dtype.itemsize if t.is_floating_point() else t.element_size()) for k, t in state.items()}
+    shards = _plan_shards(state, itemsize, parse_size(max_shard_size))
+    names = [WEIGHTS_FILE] if len(shards) == 1 else [SHARD_FILE.format(i + 1, len(shards))
+                                                     for i in range(len(shards))]
+    hashes = {}
+    for name, keys in zip(names, shards, strict=True):
+        tensors = _shard_tensors(state, keys, dtype)
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        del tensors
+        hashes[name] = sha256_file(folder / name)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(state[k].numel() * itemsize[k] for k in state)},
+                 "weight_map": {k: name for name, keys in zip(names, shards, strict=True) for k in keys}}
+        write_json(folder / INDEX_FILE, index)
+    return hashes
+
+
+def combined_sha256(hashes: dict[str, str]) -> str:
+    """One hash for a sharded denoiser: sha256 of its "path sha256" lines (paths relative to the run), sorted."""
+    return hashlib.sha256("".join(f"{k} {v}\n" for k, v in sorted(hashes.items())).encode()).hexdigest()
+
+
+def save_run(model, report: dict, out: str | Path, force: bool = False, dtype=None,
+             max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write the pruned denoiser of `model` and `report` as a run directory (atomically).
+
+    `dtype` None stores the weights in the base model's dtype (read from its safetensors headers), a torch
+    dtype or "fp32"/"fp16"/"bf16" overrides it. Denoisers over `max_shard_size` bytes (int or "10GB")
+    are written in shards; tensors are cast one shard at a time, never as a second full copy.
+    """
+    target = check_can_save(model, out, force, dtype)
     out = Path(out)
     with staged_dir(out, force=force) as tmp:
-        model.denoiser.save_pretrained(tmp / DENOISER_DIR, safe_serialization=True)
-        weights = tmp / DENOISER_DIR / WEIGHTS_FILE
-        if not weights.exists():
-            raise ModelLoadError(f"the denoiser was saved in shards; runs expect one {WEIGHTS_FILE}")
+        folder = tmp / DENOISER_DIR
+        folder.mkdir()
+        model.denoiser.save_config(folder)
+        hashes = {f"{DENOISER_DIR}/{k}": v
+                  for k, v in _write_weights(model.denoiser, folder, target, max_shard_size).items()}
+        sharded = len(hashes) > 1
         record = {
             "format": FORMAT_VERSION,
             "base_model": base_reference(model),
             "family": model.family.name,
-            "denoiser_file": f"{DENOISER_DIR}/{WEIGHTS_FILE}",
-            "denoiser_sha256": sha256_file(weights),
+            "denoiser_file": f"{DENOISER_DIR}/{INDEX_FILE if sharded else WEIGHTS_FILE}",
+            "denoiser_sha256": combined_sha256(hashes) if sharded else next(iter(hashes.values())),
+            "denoiser_shards": hashes,
+            "weights_dtype": _dtype_name(target),
             **report,
             "versions": versions(),
             "machine": machine(),
@@ -61,36 +268,66 @@ def read_run(path: str | Path) -> dict:
     for key in ("base_model", "denoiser_file"):
         if key not in record:
             raise ModelLoadError(f"{path / RUN_FILE} has no {key!r}; it was not written by obsdiff prune")
+    if record.get("format", 1) > FORMAT_VERSION:
+        raise ModelLoadError(f"{path / RUN_FILE} has format {record['format']}, newer than this obsdiff reads "
+                             f"({FORMAT_VERSION}); update obsdiff")
     return record
 
 
-def _check_state(state: dict, expected: dict, path) -> None:
-    bad = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    if bad:
-        raise ModelLoadError(f"run {str(path)!r} does not fit its base model and plan: {bad[0]} has shape "
-                             f"{tuple(state[bad[0]].shape)}, the rebuilt model has {tuple(expected[bad[0]].shape)}")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise ModelLoadError(f"run {str(path)!r} does not fit its base model ({what}); was the base changed?")
+def run_weight_files(path: str | Path, record: dict) -> dict[str, str | None]:
+    """The run's weight files (paths relative to the run) and their recorded sha256 (None: not recorded)."""
+    if record.get("denoiser_shards"):
+        return dict(record["denoiser_shards"])
+    return {record["denoiser_file"]: record.get("denoiser_sha256")}  # format 1: one file
 
 
-def read_run_weights(path: str | Path, record: dict) -> dict:
-    """The run's pruned weights (CPU tensors), after checking the file against its recorded hash."""
+def _check_files(path: Path, files: dict[str, str | None]) -> None:
+    for rel in files:
+        if not (path / rel).is_file():
+            raise ModelLoadError(f"run {str(path)!r} lacks its weights {rel}; re-run obsdiff prune")
+
+
+def _read_shard(path: Path, rel: str, sha: str | None) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    weights = Path(path) / record["denoiser_file"]
-    if not weights.is_file():
-        raise ModelLoadError(f"run {str(path)!r} lacks its weights {record['denoiser_file']}; re-run obsdiff prune")
-    if record.get("denoiser_sha256") and sha256_file(weights) != record["denoiser_sha256"]:
+    weights = path / rel
+    if sha and sha256_file(weights) != sha:
         raise ModelLoadError(f"{weights} does not match the hash in {RUN_FILE}: the file is corrupt or was "
                              "replaced; re-run obsdiff prune")
     try:
         return load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise ModelLoadError(f"{weights} is not a readable safetensors file ({exc})") from None
+
+
+def _check_shapes(state: dict, expected: dict, path) -> None:
+    bad = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        raise ModelLoadError(f"run {str(path)!r} does not fit its base model and plan: {bad[0]} has shape "
+                             f"{tuple(state[bad[0]].shape)}, the rebuilt model has {tuple(expected[bad[0]].shape)}")
+
+
+def _check_keys(loaded: set, expected: set, path, missing_too: bool = True) -> None:
+    missing = sorted(expected - loaded) if missing_too else []
+    unexpected = sorted(loaded - expected)
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise ModelLoadError(f"run {str(path)!r} does not fit its base model ({what}); was the base changed?")
+
+
+def read_run_weights(path: str | Path, record: dict) -> dict:
+    """All of the run's weights (CPU tensors, as stored), each file checked against its recorded hash.
+
+    Holds the whole state dict: `build_run_denoiser` loads shard by shard instead.
+    """
+    path = Path(path)
+    files = run_weight_files(path, record)
+    _check_files(path, files)
+    state = {}
+    for rel, sha in files.items():
+        state.update(_read_shard(path, rel, sha))
+    return state
 
 
 def _model_config(path: Path) -> dict:
@@ -116,21 +353,25 @@ def check_base_matches(run: Path, base_denoiser_dir: Path, base_ref: str) -> Non
 def build_run_denoiser(path: str | Path, record: dict, family, dtype):
     """Rebuild a run's denoiser: base config on the meta device, shrink plan replayed, weights loaded strictly.
 
-    Nothing of the base denoiser's weights is read. If the architecture creates buffers that are not
-    saved (so they would stay on the meta device), it is rebuilt on the CPU instead.
+    Nothing of the base denoiser's weights is read. Each shard is hash-checked, cast to `dtype` and
+    assigned in place of the meta tensors before the next is read, so peak memory is the model plus one
+    shard. If the architecture creates buffers that are not saved (they would stay on the meta device),
+    it is built on the CPU instead.
     """
     import diffusers
     import torch
 
     from obsdiff.shrink import replay_plan_
 
-    config_file = Path(path) / DENOISER_DIR / "config.json"
+    path = Path(path)
+    config_file = path / DENOISER_DIR / "config.json"
     try:
         config = json.loads(config_file.read_text())
         cls = getattr(diffusers, config["_class_name"])
     except (OSError, json.JSONDecodeError, KeyError, AttributeError) as exc:
         raise ModelLoadError(f"{config_file} is missing or not a diffusers model config ({exc})") from None
-    state = read_run_weights(path, record)
+    files = run_weight_files(path, record)
+    _check_files(path, files)
 
     def build(device: str):
         with torch.device(device):
@@ -138,14 +379,28 @@ def build_run_denoiser(path: str | Path, record: dict, family, dtype):
         if record.get("shrink_plan"):
             groups = [g for b in family.blocks(model) for g in family.structure_groups(b)]
             replay_plan_(model, groups, record["shrink_plan"])
-        _check_state(state, model.state_dict(), path)
-        model.load_state_dict(state, strict=True, assign=True)
         return model
 
     model = build("meta")
-    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+    expected = model.state_dict()
+    tensors = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    tensors |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    if tensors - set(expected):  # non-persistent buffers: nothing in the files would replace them
         model = build("cpu")
-    if model.dtype != dtype:
+        expected = model.state_dict()
+    loaded: set[str] = set()
+    for rel, sha in files.items():
+        state = _read_shard(path, rel, sha)
+        _check_shapes(state, expected, path)
+        _check_keys(loaded | set(state), set(expected), path, missing_too=False)
+        for k, v in state.items():  # one tensor at a time: the shard is never held twice
+            if v.is_floating_point() and v.dtype != dtype:
+                state[k] = v.to(dtype)
+        model.load_state_dict(state, strict=False, assign=True)
+        loaded |= set(state)
+        del state
+    _check_keys(loaded, set(expected), path)
+    if any(t.is_floating_point() and t.dtype != dtype for t in [*model.parameters(), *model.buffers()]):
         from obsdiff.loading import quiet_libraries
 
         with quiet_libraries():  # diffusers warns about casting with `to()` even when nothing must stay fp32
