@@ -19,7 +19,7 @@ from obsdiff import obs
 from obsdiff.calibrate import block_positions, make_calibrator
 from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.errors import ConfigError
-from obsdiff.flops import forward_flops, parameter_count
+from obsdiff.flops import count_flops, parameter_count
 from obsdiff.loading import LoadedModel
 from obsdiff.models import StructureGroup
 from obsdiff.prune import LayerRecord, PruneError, PruneReport, calibration_chunks, select_blocks
@@ -144,7 +144,7 @@ def model_stats(model: LoadedModel) -> dict:
     msl = model.generation_defaults.get("max_sequence_length")
     inputs = model.family.example_inputs(d, batch=1, text_len=model.family.text_len(model.pipeline, msl),
                                          generator=torch.Generator().manual_seed(0))
-    return {"parameters": parameter_count(d), "flops_per_forward": forward_flops(d, inputs)}
+    return {"parameters": parameter_count(d), "flops_per_forward": count_flops(d, inputs)}  # meta: no compute
 
 
 def _zero_writers_(modules: dict, group: StructureGroup, removed: list[int]) -> None:
@@ -196,7 +196,9 @@ def prune_structured_(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, 
             accs, t_calib = calibrator.hessians(readers, f"calibrate group {gi + 1}/{len(chunks)}")
         t0 = time.perf_counter()
         states: dict[str, obs.ReaderState] = {}
+        layer_seconds = dict.fromkeys(readers, 0.0)  # each reader's own solve time, for its LayerRecord
         for name in readers:
+            t_layer = time.perf_counter()
             W = modules[name].weight.detach()
             originals.setdefault(name, W.clone())
             if name in accs:
@@ -206,6 +208,7 @@ def prune_structured_(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, 
                     states[name] = obs.ReaderState.create(W, accs[name].H, cfg.percdamp, gone)
                 except obs.CholeskyError as exc:
                     raise PruneError(f"layer {name}: {exc}; raise --percdamp or use more calibration prompts") from None
+            layer_seconds[name] += time.perf_counter() - t_layer
         for group, n in tqdm(chunk, desc=f"remove structures {gi + 1}/{len(chunks)}", unit="group", leave=False,
                              disable=not progress):
             t1 = time.perf_counter()
@@ -221,11 +224,16 @@ def prune_structured_(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, 
             for s, c in zip(group.readers, cols, strict=True):
                 removed_cols.setdefault(s.linear, set()).update(c[gone].flatten().tolist())
             _zero_writers_(modules, group, gone)
+            # Coupled readers (joint heads: both output projections) share one greedy removal; its time is
+            # split evenly among them, as no reader's share of the shared rounds can be told apart.
+            for s in group.readers:
+                layer_seconds[s.linear] += (time.perf_counter() - t1) / len(group.readers)
             report.structures.append({"name": group.name, "kind": group.kind, "count": group.count,
                                       "kept": len(kept[group.name]), "removed": gone,
                                       "seconds": time.perf_counter() - t1})
         later = {name for names in chunk_readers[gi + 1:] for name in names}
         for name in readers:
+            t_layer = time.perf_counter()
             lin = modules[name]
             W_new = states[name].W if name in states else lin.weight.detach().float()
             W_new = W_new.clone()
@@ -242,7 +250,8 @@ def prune_structured_(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, 
                 name, tuple(W0.shape), len(cols) / W0.shape[1],
                 obs.reconstruction_error(W0, masked, H) if H is not None else None,
                 obs.reconstruction_error(W0, lin.weight.detach(), H) if H is not None else None,
-                states[name].damp if name in states else None, time.perf_counter() - t0)
+                states[name].damp if name in states else None,
+                layer_seconds[name] + time.perf_counter() - t_layer)
             if name not in later:
                 del originals[name]
         report.add_group(gi, [[g.name] for g, _ in chunk], t_calib, time.perf_counter() - t0, accs)
