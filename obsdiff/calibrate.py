@@ -9,13 +9,24 @@ Two calibrators fill Hessians for a group of linears (METHOD.md 6):
   so later denoising steps follow the trajectory of the partly pruned model.
 - `CachedCalibrator` ("cached", SparseGPT-style): one pipeline run caches the inputs of the first selected
   block for every (prompt batch, step); each group then runs only its own blocks on those inputs, which are
-  carried forward through pruned blocks. The trajectory stays the dense model's.
+  carried forward through pruned blocks. The trajectory stays the dense model's. A cache that does not fit
+  in memory spills to a file in the prune's working directory.
+
+Both stop a pipeline call in its last step once every hook of the group has fired (the rest of that step
+only computes output latents, which calibration never reads). Calibrators are context managers: `close()`
+deletes a spilled cache.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import random
+import shutil
+import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +36,11 @@ from tqdm.auto import tqdm
 from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.errors import ConfigError, UnsupportedModelError
 from obsdiff.hessian import HessianAccumulator, timestep_weights
-from obsdiff.hooks import HessianHooks, InputCapture, StepCounter, tensors_to
+from obsdiff.hooks import HessianHooks, InputCapture, LastStepCut, StepCounter, StopPass, tensors_to
 from obsdiff.loading import LoadedModel
 from obsdiff.models import Block
+
+log = logging.getLogger(__name__)
 
 _SUBJECTS = ("a red fox", "an old lighthouse", "a bowl of ramen", "a vintage car", "a mountain lake",
              "a city street at night", "a portrait of a woman", "a robot", "a sailing ship", "a cup of tea",
@@ -82,7 +95,11 @@ def encode_batches(model: LoadedModel, prompts: list[str], calib: CalibConfig) -
 @torch.no_grad()
 def run_pass(model: LoadedModel, batches: list[CalibBatch], calib: CalibConfig, counter: StepCounter,
              desc: str = "calibrate", progress: bool = True) -> None:
-    """One calibration pass over all batches; hooks registered by the caller see every denoiser call."""
+    """One calibration pass over all batches; hooks registered by the caller see every denoiser call.
+
+    A hook may raise `StopPass` when the rest of a pipeline call is not needed: the pass goes on with the
+    next batch.
+    """
     pipe = model.pipeline
     device = model.denoiser.device
     size = {k: model.generation_defaults[k] for k in ("height", "width") if k in model.generation_defaults}
@@ -90,46 +107,93 @@ def run_pass(model: LoadedModel, batches: list[CalibBatch], calib: CalibConfig, 
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress):
         counter.reset()
         gens = [torch.Generator(device=device).manual_seed(s) for s in batch.seeds]
-        pipe(**batch.embeddings, **size, num_inference_steps=calib.steps, guidance_scale=calib.guidance,
-             generator=gens, output_type="latent", callback_on_step_end=counter.on_step_end)
+        with contextlib.suppress(StopPass):
+            pipe(**batch.embeddings, **size, num_inference_steps=calib.steps, guidance_scale=calib.guidance,
+                 generator=gens, output_type="latent", callback_on_step_end=counter.on_step_end)
 
 
 # ------------------------------------------------------------------------------------------ calibrators
 
 
+def resolve_device(name: str | None, default: torch.device, option: str) -> torch.device:
+    """`name` as a usable torch device (None: `default`); a ConfigError if this machine has no such device."""
+    if name is None:
+        return default
+    device = torch.device(name)  # the spelling was validated by CalibConfig
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{option} {name!r} is not usable on this machine ({first}); use cpu or the model's "
+                          "device") from None
+    return device
+
+
 class Calibrator:
-    """Encodes the calibration prompts once, then runs hooked passes that fill Hessians for given linears."""
+    """Encodes the calibration prompts once, then runs hooked passes that fill Hessians for given linears.
+
+    `sync_timing`: synchronise the accelerator around timed sections so that `stats()`'s split of the time
+    is real (costs speed; on the CPU the split is always real).
+    """
 
     mode = "rerun"
 
-    def __init__(self, model: LoadedModel, prune: PruneConfig, calib: CalibConfig, progress: bool = True):
+    def __init__(self, model: LoadedModel, prune: PruneConfig, calib: CalibConfig, progress: bool = True,
+                 sync_timing: bool = False):
+        self.model, self.calib, self.progress, self.sync_timing = model, calib, progress, sync_timing
+        self.device = model.denoiser.device
+        self.hessian_device = resolve_device(calib.hessian_device, self.device, "--hessian-device")
         t0 = time.perf_counter()
-        self.model, self.calib, self.progress = model, calib, progress
         self.batches = encode_batches(model, calibration_prompts(calib, model.builtin), calib)
         self.encode_seconds = time.perf_counter() - t0
         self.weights = timestep_weights(calib.timestep_weighting, calib.steps, calib.alpha_min, calib.alpha_max)
         self.dtype = torch.float64 if prune.compute_dtype == "fp64" else torch.float32
         self.modules = dict(model.denoiser.named_modules())
-        self.device = model.denoiser.device
+        self.calib_seconds = 0.0  # all hessians() calls
+        self.hessian_seconds = 0.0  # inside the hooks' accumulation
+        self.io_seconds = 0.0  # cached mode: reading and writing cached block inputs
+        self.passes = 0  # pipeline runs
 
     def stats(self) -> dict:
-        """What the report records about calibration beyond the group timings."""
-        return {"mode": self.mode}
+        """What the report records about calibration beyond the group timings (seconds summed over groups;
+        `forward_seconds`: everything but the Hessian accumulation and cache I/O, i.e. denoiser forwards)."""
+        return {"mode": self.mode, "pipeline_runs": self.passes,
+                "forward_seconds": max(self.calib_seconds - self.hessian_seconds - self.io_seconds, 0.0),
+                "hessian_seconds": self.hessian_seconds, "hessian_device": str(self.hessian_device)}
+
+    def close(self) -> None:
+        """Release what the calibrator holds on disk (nothing in rerun mode)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _accumulators(self, linears: list[str]) -> dict[str, HessianAccumulator]:
-        return {name: HessianAccumulator(self.modules[name].in_features, self.device, self.dtype, self.calib.max_tokens,
-                                         seed=self.calib.seed + i) for i, name in enumerate(linears)}
+        return {name: HessianAccumulator(self.modules[name].in_features, self.hessian_device, self.dtype,
+                                         self.calib.max_tokens, seed=self.calib.seed + i)
+                for i, name in enumerate(linears)}
+
+    def _hooks(self, counter: StepCounter, accs: dict[str, HessianAccumulator],
+               cut: LastStepCut | None = None) -> HessianHooks:
+        hooks = HessianHooks(counter, self.weights, sync=self.sync_timing, cut=cut)
+        for name, acc in accs.items():
+            hooks.watch(self.modules[name], acc)
+        return hooks
 
     def hessians(self, linears: list[str], desc: str) -> tuple[dict[str, HessianAccumulator], float]:
         """One pass over the current model; returns an accumulator per linear (by name) and the seconds."""
         t0 = time.perf_counter()
         counter = StepCounter()
         accs = self._accumulators(linears)
-        with HessianHooks(counter, self.weights) as hooks:
-            for name, acc in accs.items():
-                hooks.watch(self.modules[name], acc)
+        with self._hooks(counter, accs, LastStepCut(counter)) as hooks:
             run_pass(self.model, self.batches, self.calib, counter, desc=desc, progress=self.progress)
-        return accs, time.perf_counter() - t0
+        self.passes += 1
+        self.hessian_seconds += hooks.seconds
+        seconds = time.perf_counter() - t0
+        self.calib_seconds += seconds
+        return accs, seconds
 
 
 class CachedCalibrator(Calibrator):
@@ -139,52 +203,111 @@ class CachedCalibrator(Calibrator):
     through the current (pruned) weights of the blocks before it. A group's Hessians come from running its
     blocks on the frontier inputs after moving the frontier up to its first block. Groups must be asked for
     in forward order, as the prune loop does; asking for an earlier block (a second sweep, like the
-    sensitivity allocation followed by the prune) captures again.
+    sensitivity allocation followed by the prune) captures again. A capture that `hessians` starts
+    records the inputs of the group's first block and accumulates the group's Hessians in the same
+    pipeline run.
+
+    The cache lives on `calib.cache_device`; with `workdir` (the prune's staging directory) it spills to a
+    file there when it would not fit in that device's free memory (`calib.cache_spill`).
     """
 
     mode = "cached"
 
     def __init__(self, model: LoadedModel, prune: PruneConfig, calib: CalibConfig, blocks: list[Block],
-                 progress: bool = True):
-        super().__init__(model, prune, calib, progress)
+                 progress: bool = True, workdir: Path | None = None, sync_timing: bool = False):
+        if calib.cache_spill == "always" and workdir is None:
+            raise ConfigError("--cache-spill always needs a working directory to spill to (the prune's --out); "
+                              "use --cache-spill auto")
+        super().__init__(model, prune, calib, progress, sync_timing)
         self.family = model.family
         self.blocks = blocks
         self.block_of = block_positions(blocks, self.modules)
-        self.cache_device = torch.device(calib.cache_device) if calib.cache_device else self.device
-        self.cache: list[tuple[dict, int]] | None = None
+        self.cache_device = resolve_device(calib.cache_device, self.device, "--cache-device")
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.cache: MemoryCache | SpillCache | None = None
         self.frontier = 0
         self.captures = 0
         self.capture_seconds = 0.0
         self.advance_seconds = 0.0
         self.cache_bytes = 0
+        self.cache_location = "memory"
 
     def stats(self) -> dict:
-        return {"mode": self.mode, "captures": self.captures, "capture_seconds": self.capture_seconds,
-                "advance_seconds": self.advance_seconds, "cache_bytes": self.cache_bytes,
-                "cache_calls": len(self.cache or ()), "cache_device": str(self.cache_device)}
+        return super().stats() | {
+            "captures": self.captures, "capture_seconds": self.capture_seconds,
+            "advance_seconds": self.advance_seconds, "io_seconds": self.io_seconds, "cache_bytes": self.cache_bytes,
+            "cache_calls": len(self.cache or ()), "cache_device": str(self.cache_device),
+            "cache_location": self.cache_location}
 
-    def _capture(self) -> None:
+    def close(self) -> None:
+        """Drop the cache; a spilled one's file is deleted."""
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+
+    def capture(self, block: int = 0, accs: dict[str, HessianAccumulator] | None = None) -> None:
+        """One pipeline run over the model as it is now, caching the inputs of `blocks[block]` (the new frontier).
+
+        With `accs`, the hooks of those accumulators fill them in the same run.
+        """
         t0 = time.perf_counter()
-        self.cache = None  # free the old cache before filling a new one
+        self.close()  # free the old cache before filling a new one
         counter = StepCounter()
+        cut = LastStepCut(counter)
         calls = len(self.batches) * self.calib.steps  # one denoiser call per step (CFG rows share it)
+        store: list = []
 
-        def check_fits(kwargs: dict) -> None:
-            per_call = tensor_bytes(kwargs)
-            need, free = calls * per_call, free_bytes(self.cache_device)
-            if free is not None and need > 0.9 * free:
-                raise ConfigError(
-                    f"cached calibration would keep {need / 2**30:.1f} GiB of block inputs ({calls} calls x "
-                    f"{per_call / 2**20:.0f} MiB) but {self.cache_device} has {free / 2**30:.1f} GiB "
-                    "free; use --cache-device cpu, fewer --num-prompts or --steps, or --calibration-mode rerun")
+        def open_store(kwargs: dict) -> None:
+            store.append(self._open_cache(calls, tensor_bytes(kwargs)))
 
-        with InputCapture(self.blocks[0].module, counter, self.cache_device, check_fits) as capture:
-            run_pass(self.model, self.batches, self.calib, counter, desc="capture block inputs",
-                     progress=self.progress)
-        self.cache, self.frontier = capture.calls, 0
-        self.cache_bytes = max(self.cache_bytes, sum(tensor_bytes(kw) for kw, _ in self.cache))
+        def sink(kwargs: dict, step: int) -> None:
+            t1 = time.perf_counter()
+            store[0].append(kwargs, step)
+            self.io_seconds += time.perf_counter() - t1
+
+        hooks = self._hooks(counter, accs or {}, cut)
+        try:
+            with hooks, InputCapture(self.blocks[block].module, counter, on_first=open_store, sink=sink, cut=cut):
+                run_pass(self.model, self.batches, self.calib, counter, desc="capture block inputs",
+                         progress=self.progress)
+        except BaseException:
+            if store:
+                store[0].close()
+            raise
+        self.passes += 1
+        self.hessian_seconds += hooks.seconds
+        self.cache, self.frontier = store[0], block
+        self.cache_bytes = max(self.cache_bytes, self.cache.nbytes)
+        self.cache_location = self.cache.location
         self.captures += 1
         self.capture_seconds += time.perf_counter() - t0
+
+    def _open_cache(self, calls: int, per_call: int) -> MemoryCache | SpillCache:
+        """Where this capture's block inputs go: memory of the cache device if they fit, else a spill file."""
+        spill = self.calib.cache_spill
+        need, free = calls * per_call, free_bytes(self.cache_device)
+        fits = free is None or need <= 0.9 * free
+        if spill == "always" or (not fits and spill == "auto" and self.workdir is not None):
+            disk = shutil.disk_usage(self.workdir).free
+            if need <= 0.9 * disk:
+                if not fits:
+                    log.info("block inputs (%.1f GiB) do not fit in %s: spilling to %s", need / 2**30,
+                             self.cache_device, self.workdir)
+                return SpillCache(self.workdir, need)
+            if spill == "always":
+                raise ConfigError(f"cached calibration would spill {need / 2**30:.1f} GiB of block inputs but "
+                                  f"{self.workdir} has {disk / 2**30:.1f} GiB free; free disk space or use "
+                                  "--cache-spill auto")
+            fits = False
+        if not fits:
+            where = f"{self.cache_device} has {free / 2**30:.1f} GiB free"
+            if self.workdir is not None and spill == "auto":
+                where += f" and {self.workdir} {shutil.disk_usage(self.workdir).free / 2**30:.1f} GiB"
+            raise ConfigError(
+                f"cached calibration would keep {need / 2**30:.1f} GiB of block inputs ({calls} calls x "
+                f"{per_call / 2**20:.0f} MiB) but {where}; use --cache-device cpu, fewer --num-prompts or "
+                "--steps, or --calibration-mode rerun")
+        return MemoryCache(self.cache_device)
 
     @torch.no_grad()
     def _run_blocks(self, start: int, stop: int, kwargs: dict) -> dict:
@@ -197,7 +320,8 @@ class CachedCalibrator(Calibrator):
         """Move the frontier up to the group's first block, then run the group's blocks with hooks.
 
         Both happen in one sweep over the cached calls, so each call's inputs travel to the model's device
-        once (the advance only runs blocks before the hooked ones, which no hook sees).
+        once (the advance only runs blocks before the hooked ones, which no hook sees). Without a usable
+        cache, the capture run itself fills the Hessians.
         """
         t0 = time.perf_counter()
         outside = [n for n in linears if n not in self.block_of]
@@ -206,31 +330,192 @@ class CachedCalibrator(Calibrator):
                               "--blocks only")
         first = min(self.block_of[n] for n in linears)
         last = max(self.block_of[n] for n in linears)
+        accs = self._accumulators(linears)
         if self.cache is None or first < self.frontier:
-            self._capture()
+            self.capture(first, accs)
+        else:
+            self._sweep(first, last, accs, desc)
+        seconds = time.perf_counter() - t0
+        self.calib_seconds += seconds
+        return accs, seconds
+
+    def _sweep(self, first: int, last: int, accs: dict[str, HessianAccumulator], desc: str) -> None:
         start, advancing = self.frontier, self.frontier < first
         counter = StepCounter()
-        accs = self._accumulators(linears)
-        with HessianHooks(counter, self.weights) as hooks:
-            for name, acc in accs.items():
-                hooks.watch(self.modules[name], acc)
-            for i, (kwargs, step) in enumerate(tqdm(self.cache, desc=desc, unit="call", leave=False,
-                                                      disable=not self.progress)):
-                kwargs = tensors_to(kwargs, self.device)
+        cache = self.cache
+        with self._hooks(counter, accs) as hooks:
+            for i in tqdm(range(len(cache)), desc=desc, unit="call", leave=False, disable=not self.progress):
+                t1 = time.perf_counter()
+                kwargs, step = cache.read(i, self.device)
+                self.io_seconds += time.perf_counter() - t1
                 if advancing:
                     t1 = time.perf_counter()
                     kwargs = self._run_blocks(start, first, kwargs)
-                    self.cache[i] = (tensors_to(kwargs, self.cache_device), step)
+                    t2 = time.perf_counter()
+                    cache.write(i, kwargs)
                     self._sync()
-                    self.advance_seconds += time.perf_counter() - t1
+                    t3 = time.perf_counter()
+                    self.advance_seconds += t2 - t1
+                    self.io_seconds += t3 - t2
                 counter.step = step
                 self._run_blocks(first, last + 1, kwargs)
+        self.hessian_seconds += hooks.seconds
         self.frontier = first
-        return accs, time.perf_counter() - t0
 
-    def _sync(self) -> None:  # so that the advance's share of the time is measured on an accelerator too
-        if self.device.type != "cpu":
+    def _sync(self) -> None:  # only when asked to measure: the advance's share of the time on an accelerator
+        if self.sync_timing and self.device.type != "cpu":
             torch.accelerator.synchronize(self.device)
+
+
+# ------------------------------------------------------------------------------------------ block-input caches
+
+
+class MemoryCache:
+    """Cached block inputs, one `(kwargs, step)` per denoiser call, as tensors on `device`."""
+
+    location = "memory"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.calls: list[tuple[dict, int]] = []
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def append(self, kwargs: dict, step: int) -> None:
+        kwargs = tensors_to(kwargs, self.device)
+        self.calls.append((kwargs, step))
+        self.nbytes += tensor_bytes(kwargs)
+
+    def read(self, i: int, device: torch.device) -> tuple[dict, int]:
+        kwargs, step = self.calls[i]
+        return tensors_to(kwargs, device), step
+
+    def write(self, i: int, kwargs: dict) -> None:
+        self.calls[i] = (tensors_to(kwargs, self.device), self.calls[i][1])
+
+    def __getitem__(self, i: int) -> tuple[dict, int]:
+        return self.calls[i]
+
+    def close(self) -> None:
+        self.calls = []
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one cached tensor lies in a spill file."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * torch.empty(0, dtype=self.dtype).element_size()
+
+
+_ALIGN = 64  # bytes; every tensor starts aligned, so a byte view can be reinterpreted as any dtype
+
+
+class SpillCache:
+    """Cached block inputs in a memory-mapped file in `workdir`, one record per denoiser call.
+
+    Records keep the structure of the block's keyword inputs in memory and the tensors in the file; the
+    frontier is written back in place (same shapes, as the chained blocks give), anything else is
+    appended. The file starts at `capacity` bytes and grows if needed; `close()` (or garbage collection, or
+    interpreter exit) deletes it.
+    """
+
+    location = "file"
+
+    def __init__(self, workdir: Path, capacity: int):
+        fd, name = tempfile.mkstemp(prefix="obsdiff-block-inputs-", suffix=".bin", dir=workdir)
+        os.close(fd)
+        self.path = Path(name)
+        self._finalizer = weakref.finalize(self, _unlink, self.path)
+        self._capacity = 0
+        self._buf = torch.empty(0, dtype=torch.uint8)
+        self._end = 0
+        self.records: list[tuple[object, int]] = []
+        self._reserve(max(capacity, _ALIGN))
+
+    @property
+    def nbytes(self) -> int:
+        return self._end
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _reserve(self, size: int) -> None:
+        if size > self._capacity:
+            self._capacity = max(size, 2 * self._capacity)
+            # mapping the file again with a larger size extends it; older views keep the old mapping alive
+            self._buf = torch.from_file(str(self.path), shared=True, size=self._capacity, dtype=torch.uint8)
+
+    def _new_slot(self, t: torch.Tensor) -> _Slot:
+        slot = _Slot(self._end, tuple(t.shape), t.dtype)
+        self._end = -(-(self._end + slot.nbytes) // _ALIGN) * _ALIGN
+        self._reserve(self._end)
+        return slot
+
+    def _store(self, obj, old=None):
+        """`obj` with each tensor written to the file and replaced by its slot (reusing `old`'s if it fits)."""
+        if isinstance(obj, torch.Tensor):
+            slot = old if isinstance(old, _Slot) and old.shape == tuple(obj.shape) and old.dtype == obj.dtype \
+                else self._new_slot(obj)
+            self._view(slot).copy_(obj.detach().reshape(-1).view(torch.uint8))
+            return slot
+        if isinstance(obj, dict):
+            old = old if isinstance(old, dict) else {}
+            return {k: self._store(v, old.get(k)) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            old = old if isinstance(old, list | tuple) and len(old) == len(obj) else [None] * len(obj)
+            return type(obj)(self._store(v, o) for v, o in zip(obj, old, strict=True))
+        return obj
+
+    def _view(self, slot: _Slot) -> torch.Tensor:
+        return self._buf[slot.offset:slot.offset + slot.nbytes]
+
+    def _load(self, obj, device: torch.device):
+        if isinstance(obj, _Slot):
+            t = self._view(obj).view(obj.dtype).view(obj.shape)
+            return t.to(device) if device.type != "cpu" else t  # on the CPU: a view of the mapped file
+        if isinstance(obj, dict):
+            return {k: self._load(v, device) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return type(obj)(self._load(v, device) for v in obj)
+        return obj
+
+    def append(self, kwargs: dict, step: int) -> None:
+        self.records.append((self._store(kwargs), step))
+
+    def read(self, i: int, device: torch.device) -> tuple[dict, int]:
+        skeleton, step = self.records[i]
+        return self._load(skeleton, device), step
+
+    def write(self, i: int, kwargs: dict) -> None:
+        skeleton, step = self.records[i]
+        self.records[i] = (self._store(kwargs, skeleton), step)
+
+    def __getitem__(self, i: int) -> tuple[dict, int]:
+        return self.read(i, torch.device("cpu"))
+
+    def close(self) -> None:
+        self.records = []
+        self._buf = torch.empty(0, dtype=torch.uint8)
+        self._finalizer()
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def block_positions(blocks: list[Block], names) -> dict[str, int]:
@@ -264,14 +549,15 @@ def free_bytes(device: torch.device) -> int | None:
 
 
 def make_calibrator(model: LoadedModel, prune: PruneConfig, calib: CalibConfig, blocks: list[Block],
-                    progress: bool = True) -> Calibrator:
+                    progress: bool = True, workdir: Path | None = None, sync_timing: bool = False) -> Calibrator:
     """The calibrator of `calib.mode` over the selected `blocks` (forward order).
 
-    Cached mode is refused before any prompt is encoded for families whose denoiser is not a chain of blocks.
+    `workdir`: where cached mode may spill its block inputs (the prune's staging directory). Cached mode is
+    refused before any prompt is encoded for families whose denoiser is not a chain of blocks.
     """
     if calib.mode == "rerun":
-        return Calibrator(model, prune, calib, progress)
+        return Calibrator(model, prune, calib, progress, sync_timing)
     if not model.family.chains_blocks:
         raise UnsupportedModelError(f"the {model.family.name} denoiser is not a plain chain of blocks, so block "
                                     "inputs cannot be cached; use --calibration-mode rerun")
-    return CachedCalibrator(model, prune, calib, blocks, progress)
+    return CachedCalibrator(model, prune, calib, blocks, progress, workdir, sync_timing)

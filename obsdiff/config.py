@@ -14,6 +14,22 @@ from obsdiff.hessian import WEIGHTINGS
 METHODS = ("obs-diff", "sparsegpt", "wanda", "magnitude")
 SPARSITY_TYPES = ("unstructured", "2:4", "4:8", "structured")
 CALIBRATION_MODES = ("rerun", "cached")
+CACHE_SPILL = ("auto", "always", "never")
+
+
+def _check_device(option: str, name: str | None) -> None:
+    """A ConfigError unless `name` is None or spells a real device (cpu, cuda, cuda:1, mps, ...)."""
+    if name is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{option} {name!r} is not a device name; use cpu, cuda, cuda:N or another torch "
+                          "device") from None
+    if device.type == "meta":
+        raise ConfigError(f"{option} {name!r} holds no data; use cpu or an accelerator")
 
 
 def _nm(sparsity_type: str) -> tuple[int, int] | None:
@@ -160,12 +176,23 @@ class CalibConfig:
     # the first block's inputs, then groups propagate them block by block (METHOD.md 6, the faster variant)
     mode: str = "rerun"
     cache_device: str | None = None  # where cached block inputs live (None: the model's device; "cpu" offloads)
+    # cached mode, a cache too big for cache_device's free memory: "auto" spills it to a file in the prune's
+    # working directory, "always" spills whatever its size, "never" refuses (the pre-spill behaviour)
+    cache_spill: str = "auto"
+    # where the group's Hessians accumulate (None: the model's device; "cpu" keeps them out of accelerator memory)
+    hessian_device: str | None = None
 
     def __post_init__(self):
         if self.mode not in CALIBRATION_MODES:
             raise ConfigError(f"unknown --calibration-mode {self.mode!r}; choose rerun or cached")
         if self.cache_device is not None and self.mode != "cached":
             raise ConfigError("--cache-device only applies to --calibration-mode cached")
+        if self.cache_spill not in CACHE_SPILL:
+            raise ConfigError(f"unknown --cache-spill {self.cache_spill!r}; choose one of {', '.join(CACHE_SPILL)}")
+        if self.cache_spill != "auto" and self.mode != "cached":
+            raise ConfigError("--cache-spill only applies to --calibration-mode cached")
+        for option, name in (("--cache-device", self.cache_device), ("--hessian-device", self.hessian_device)):
+            _check_device(option, name)
         if self.timestep_weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown --timestep-weighting {self.timestep_weighting!r}; "
                               f"choose one of {', '.join(WEIGHTINGS)}")
