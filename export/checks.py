@@ -81,27 +81,44 @@ def _providers() -> list[str]:
 
 
 def _session(path: Path, provider: str, dtype: str, tmp: Path):
-    """An onnxruntime session, or one on an fp32-retyped copy where the runtime lacks half kernels."""
+    """An onnxruntime session, or one on an fp32-retyped copy where the runtime lacks half kernels.
+
+    Graphs with external data or over `graph.EXTERNAL_COPY_BYTES` are retyped by `graph.float_view` (the
+    weights stay in their file, Cast nodes widen them at run time) next to `path`; the view's files are
+    named `.<stem>.fp32view.onnx*` and removed by `check_parity`. Constant folding is off for big graphs:
+    it would materialize an fp32 (or, where the runtime inserts its own casts, a second) copy of every weight.
+    """
     onnx = G.require("onnx")
     ort = G.require("onnxruntime")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, torch.get_num_threads())
     opts.log_severity_level = 3
+    head = onnx.load(str(path), load_external_data=False)
+    big = G.has_external_data(head) or G.weight_bytes(head) > G.EXTERNAL_COPY_BYTES
+    kwargs = {"disabled_optimizers": ["ConstantFolding"]} if big else {}
     native_error = None
     if dtype != "bf16":  # no bf16 numpy feeds, and ORT CPU has no bf16 Conv/MatMul kernels
         try:
-            return ort.InferenceSession(str(path), opts, providers=[provider]), "native"
+            return ort.InferenceSession(str(path), opts, providers=[provider], **kwargs), "native"
         except Exception as exc:  # NOT_IMPLEMENTED kernels, type errors
             native_error = first_line(exc)
     elem = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}.get(dtype)
     if elem is None:
         raise RuntimeError(native_error)
-    copy_path = tmp / f"upcast_{provider}.onnx"
-    if not copy_path.exists():
-        G.save_graph(G.upcast_copy(onnx.load(str(path)), elem), copy_path, external_data=True)
-    mode = f"{dtype} graph retyped to fp32 (onnxruntime {provider} has no {dtype} kernels" + (
+    how = "in memory"
+    if big:
+        copy_path = path.parent / f".{path.stem}.fp32view.onnx"
+        if not copy_path.exists():
+            G.float_view(path, elem, copy_path)
+        how = "weights cast at run time from external data"
+    else:
+        copy_path = tmp / f"upcast_{provider}.onnx"
+        if not copy_path.exists():
+            G.save_graph(G.upcast_copy(onnx.load(str(path)), elem), copy_path, external_data=True)
+    del head
+    mode = f"{dtype} graph retyped to fp32 ({how}; onnxruntime {provider} has no {dtype} kernels" + (
         f": {native_error})" if native_error else ")") + "; checks structure and weights, not half arithmetic"
-    return ort.InferenceSession(str(copy_path), opts, providers=[provider]), mode
+    return ort.InferenceSession(str(copy_path), opts, providers=[provider], **kwargs), mode
 
 
 def compare(ref: np.ndarray, out: np.ndarray) -> dict:
@@ -117,23 +134,41 @@ def compare(ref: np.ndarray, out: np.ndarray) -> dict:
             "ref_max_abs": scale, "finite": finite}
 
 
-def check_parity(path: str | Path, reference: Callable[[Sequence[torch.Tensor]], tuple[list[np.ndarray], str]],
-                 cases: list[tuple[dict, tuple[torch.Tensor, ...]]], dtype: str, tolerance: float | None = None,
-                 output_names: Sequence[str] = ()) -> dict:
-    """Run the graph with onnxruntime (CPU, and CUDA when available) and PyTorch on the same `cases`.
+@contextlib.contextmanager
+def _removing_views(path: Path):
+    """Remove the fp32 views `_session` writes next to `path` (they share its external data file)."""
+    try:
+        yield
+    finally:
+        for f in path.parent.glob(f".{path.stem}.fp32view.onnx*"):
+            f.unlink(missing_ok=True)
 
-    `cases`: (point, positional inputs) pairs; `reference(inputs)` returns the torch outputs as numpy and
-    a description of how they were computed. Passes when every output's max |diff| / max |ref| is within
-    `tolerance` (by precision: `TOLERANCES`) and ORT's outputs are finite where torch's are.
-    """
-    tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
-    path = Path(path)
+
+def torch_references(reference: Callable[[Sequence[torch.Tensor]], tuple[list[np.ndarray], str]],
+                     cases: list[tuple[dict, tuple[torch.Tensor, ...]]]) -> tuple[list[list[np.ndarray]], str | None]:
+    """The torch outputs of every case (numpy) and how they were computed: computed before the graph is
+    loaded into onnxruntime, so the torch model can be freed first."""
     refs, ref_mode = [], None
     for _, args in cases:
         outs, ref_mode = reference(args)
         refs.append(outs)
+    return refs, ref_mode
+
+
+def check_parity(path: str | Path, reference, cases: list[tuple[dict, tuple[torch.Tensor, ...]]], dtype: str,
+                 tolerance: float | None = None, output_names: Sequence[str] = ()) -> dict:
+    """Run the graph with onnxruntime (CPU, and CUDA when available) and PyTorch on the same `cases`.
+
+    `cases`: (point, positional inputs) pairs; `reference` is either a function of the inputs that returns
+    the torch outputs as numpy and a description of how they were computed, or `torch_references`' result
+    for `cases`. Passes when every output's max |diff| / max |ref| is within `tolerance` (by precision:
+    `TOLERANCES`) and ORT's outputs are finite where torch's are.
+    """
+    tolerance = TOLERANCES[dtype] if tolerance is None else tolerance
+    path = Path(path)
+    refs, ref_mode = torch_references(reference, cases) if callable(reference) else reference
     runs, worst, worst_abs, failures = [], 0.0, 0.0, []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _removing_views(path):
         for provider in _providers():
             try:
                 sess, mode = _session(path, provider, dtype, Path(tmp))
@@ -162,6 +197,7 @@ def check_parity(path: str | Path, reference: Callable[[Sequence[torch.Tensor]],
                     elif c["max_rel"] > tolerance:
                         failures.append(f"{n} max relative error {c['max_rel']:.3g} > {tolerance:g} ({provider}, "
                                         f"{point})")
+            del sess, inputs  # one session at a time: each holds the weights
     record = {"status": "failed" if failures else "passed", "tolerance_rel": tolerance, "max_rel": worst,
               "max_abs": worst_abs, "reference": ref_mode, "points": [p for p, _ in cases], "runs": runs}
     if failures:
@@ -256,35 +292,64 @@ def check_pruned_weights(model, base_dir: str | Path, prefix: str, weights: dict
     return record
 
 
-def polygraphy_sparsity(path: str | Path, max_weights: int) -> dict:
-    """Polygraphy's own 2:4 detection (`polygraphy inspect sparsity`): how many weight tensors are 2:4.
+def nm_crosscheck(path: str | Path, nm: tuple[int, int], expected: int, polygraphy_max_weights: int) -> dict:
+    """Count the graph's N:M weight tensors independently of `check_pruned_weights`, one tensor at a time.
 
-    Its check is a pure-Python loop over every weight, so large models are skipped (`max_weights`).
+    Polygraphy's `SparsityPruner` walks the graph without weights and names every MatMul/Gemm/Conv weight
+    initializer with the axis its 2:4 pattern runs along (the GEMM reduction dimension). Each candidate
+    is then read alone from the external data file (`graph.read_initializer`, offset and length) and
+    checked: by polygraphy's own `process_tensor` (a pure-Python loop) when the candidates hold at most
+    `polygraphy_max_weights` values and the pattern is 2:4, else by a vectorized numpy scan of the same
+    rule (at most N non-zeros in every group of M consecutive values along the axis). `tool` records which.
+    Fails when fewer tensors hold the pattern than the `expected` pruned linears.
     """
+    import time
+
     try:
         from polygraphy.logger import G_LOGGER
-        from polygraphy.tools.sparse import SparsityPruner
+        from polygraphy.tools import sparse
     except ImportError:
-        return {"status": "skipped", "reason": "skipped: polygraphy not installed"}
+        return {"status": "skipped", "reason": "skipped: polygraphy not installed (it finds the weights and axes)"}
     onnx = G.require("onnx")
+    from onnx import numpy_helper
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    n, m = nm
     head = onnx.load(str(path), load_external_data=False)
-    n = sum(int(np.prod(t.dims)) for t in head.graph.initializer)
-    if n > max_weights:
-        return {"status": "skipped", "reason": f"skipped: {n} weights exceed the limit of {max_weights} for "
-                                               "polygraphy's pure-Python scan"}
-    model = onnx.load(str(path))
-    record = {"status": "passed"}
-    if any(t.data_type == onnx.TensorProto.BFLOAT16 for t in model.graph.initializer):
-        # polygraphy 0.53's bf16 branch reuses a loop variable and reports no sparse tensor; bf16 -> fp32 is
-        # exact, zeros included, so scan an fp32 copy
-        model = G.upcast_copy(model, onnx.TensorProto.BFLOAT16)
-        record["note"] = "bf16 weights scanned as fp32 (exact): polygraphy's own bf16 scan misreads them"
-    pruner = SparsityPruner(model)
-    with G_LOGGER.verbosity(G_LOGGER.CRITICAL), contextlib.redirect_stdout(io.StringIO()), \
-            warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # its float32 min() scan overflows harmlessly
-        pruner.check()
-    return record | {"sparse_2_4_tensors": len(pruner.sparse_tensors)}
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL), contextlib.redirect_stdout(io.StringIO()):
+        infos = sparse.SparsityPruner(head)._walk_nodes()  # reads dims and types only
+    by_name = {t.name: t for t in head.graph.initializer}
+    infos = [p for p in infos if by_name[p.name].dims[p.axis] % m == 0]
+    weights = sum(int(np.prod(by_name[p.name].dims)) for p in infos)
+    use_polygraphy = nm == (2, 4) and weights <= polygraphy_max_weights
+    tool = ("polygraphy SparsityPruner walk + polygraphy process_tensor (one tensor at a time)" if use_polygraphy
+            else f"polygraphy SparsityPruner walk + streamed numpy {n}:{m} scan (one tensor at a time)")
+    sparse_names = []
+    for p in infos:
+        arr = G.read_initializer(by_name[p.name], path.parent)
+        if use_polygraphy:
+            with G_LOGGER.verbosity(G_LOGGER.CRITICAL), contextlib.redirect_stdout(io.StringIO()), \
+                    warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # its float32 min() scan overflows harmlessly
+                # bf16 arrives widened to fp32 (exact): polygraphy 0.53's own bf16 branch misreads tensors
+                holds = sparse.process_tensor(p, numpy_helper.from_array(arr.astype(np.float32, copy=False),
+                                                                         p.name), True)
+        else:
+            groups = np.moveaxis(arr, p.axis, -1).reshape(-1, arr.shape[p.axis] // m, m)
+            holds = bool(((groups != 0).sum(-1) <= n).all())
+        del arr
+        if holds:
+            sparse_names.append(p.name)
+    record = {"tool": tool, "pattern": f"{n}:{m}", "weights": weights, "tensors": len(infos),
+              "sparse_tensors": len(sparse_names), "expected_at_least": expected,
+              "agrees": len(sparse_names) >= expected, "seconds": time.perf_counter() - t0}
+    if nm == (2, 4):
+        record["sparse_2_4_tensors"] = len(sparse_names)
+    if record["agrees"]:
+        return {"status": "passed"} | record
+    return {"status": "failed", "reason": f"the independent scan finds {len(sparse_names)} {n}:{m} weight tensors, "
+                                          f"fewer than the {expected} pruned linears"} | record
 
 
 # ------------------------------------------------------------------------------------- structured

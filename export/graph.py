@@ -17,6 +17,9 @@ from obsdiff.errors import MissingDependencyError
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install "obsdiff[onnx]"'
+# Graphs whose weights exceed this many bytes are never copied through an in-memory protobuf (which cannot
+# pass 2 GB and doubles the memory): copies keep their weights in external data, read tensor by tensor.
+EXTERNAL_COPY_BYTES = 1 << 30
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # dynamo exporter: the torch module path of each node
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -258,29 +261,143 @@ def linear_weights(model, prefix: str) -> dict[str, WeightRef]:
     return found
 
 
-def initializer_arrays(model, names: set[str], base_dir: str | Path) -> dict:
-    """numpy arrays of the named initializers (bfloat16 as float32), reading external data from `base_dir`."""
+def _numpy_dtype(elem_type: int):
+    onnx = require("onnx")
+    if elem_type == onnx.TensorProto.BFLOAT16:
+        return "uint16"  # numpy has no bfloat16: read the bits, widen them in `read_initializer`
+    return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the main graph's initializers, from their dims and types (no data is read)."""
+    import numpy as np
+
+    return sum(int(np.prod(t.dims, dtype=np.int64)) * np.dtype(_numpy_dtype(t.data_type)).itemsize
+               for t in model.graph.initializer)
+
+
+def read_initializer(tensor, base_dir: str | Path):
+    """One initializer as a numpy array (bfloat16 widened to float32, exactly).
+
+    External data is read from its file by offset and length, so only this tensor is in memory.
+    """
+    import numpy as np
+
     onnx = require("onnx")
     from onnx import numpy_helper
 
-    out = {}
+    dims = tuple(tensor.dims)
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        arr = numpy_helper.to_array(tensor)
+        return arr.astype("float32") if tensor.data_type == onnx.TensorProto.BFLOAT16 else arr
+    info = {e.key: e.value for e in tensor.external_data}
+    dtype = np.dtype(_numpy_dtype(tensor.data_type))
+    count = int(np.prod(dims, dtype=np.int64))
+    length = int(info.get("length", count * dtype.itemsize))
+    if length != count * dtype.itemsize:
+        raise ValueError(f"initializer {tensor.name}: {length} bytes of external data for {count} {dtype} values")
+    arr = np.fromfile(Path(base_dir) / info["location"], dtype=dtype, count=count, offset=int(info.get("offset", 0)))
+    if arr.size != count:
+        raise ValueError(f"initializer {tensor.name}: {info['location']} ends after {arr.size} of {count} values")
+    if tensor.data_type == onnx.TensorProto.BFLOAT16:
+        arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.reshape(dims)
+
+
+def iter_initializers(model, names, base_dir: str | Path):
+    """(name, array) of the named main-graph initializers, one at a time (see `read_initializer`)."""
     for t in model.graph.initializer:
-        if t.name not in names:
-            continue
-        arr = numpy_helper.to_array(t, base_dir=str(base_dir))
-        out[t.name] = arr.astype("float32") if t.data_type == onnx.TensorProto.BFLOAT16 else arr
-    return out
+        if t.name in names:
+            yield t.name, read_initializer(t, base_dir)
+
+
+def initializer_arrays(model, names: set[str], base_dir: str | Path) -> dict:
+    """numpy arrays of the named initializers (bfloat16 as float32), reading external data from `base_dir`."""
+    return dict(iter_initializers(model, names, base_dir))
+
+
+def float_view(path: str | Path, from_type: int, view_path: str | Path) -> int:
+    """Write `view_path`: the graph at `path` retyped from FLOAT16/BFLOAT16 to FLOAT without converting weights.
+
+    Each `from_type` initializer of the main graph keeps its stored bytes (external data stays in the file
+    `path` points at; embedded ones larger than 1 KiB move to `<view_path>.data`, tensor by tensor) and is
+    widened by a Cast node in front of the graph. Values, inputs, outputs, Cast targets and constants are
+    retyped as in `upcast_copy`. `view_path` must sit in the directory of `path` (the external data
+    locations are relative to it). Run it with constant folding off, or the runtime materializes fp32
+    copies of all weights. Returns the number of initializers cast.
+    """
+    onnx = require("onnx")
+    from onnx import numpy_helper
+
+    path, view_path = Path(path), Path(view_path)
+    if view_path.parent.resolve() != path.parent.resolve():
+        raise ValueError(f"{view_path} must be in the directory of {path} (relative external data locations)")
+    model = onnx.load(str(path), load_external_data=False)
+    float32 = onnx.TensorProto.FLOAT
+    data_name = view_path.name + ".data"
+    taken = {t.name for t in model.graph.initializer}
+    casts = []
+    with open(view_path.parent / data_name, "wb") as data:
+        for t in model.graph.initializer:
+            if t.data_type != from_type:
+                continue
+            if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > 1024:
+                offset = data.tell()
+                data.write(t.raw_data)
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", data_name), ("offset", str(offset)),
+                                   ("length", str(data.tell() - offset))):
+                    t.external_data.add(key=key, value=value)
+            stored = f"{t.name}::stored"
+            while stored in taken:
+                stored += "_"
+            casts.append(onnx.helper.make_node("Cast", [stored], [t.name], to=float32, name=f"{stored}::cast"))
+            t.name = stored
+    for i, node in enumerate(casts):
+        model.graph.node.insert(i, node)
+
+    def retype_small(t):
+        if t.data_type == from_type:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype("float32"), t.name))
+
+    for g in all_graphs(model.graph):
+        if g is not model.graph:
+            for t in g.initializer:
+                retype_small(t)
+        _retype_values(g, from_type, retype_small)
+    onnx.save_model(model, str(view_path))
+    if not (view_path.parent / data_name).stat().st_size:
+        (view_path.parent / data_name).unlink()
+    return len(casts)
+
+
+def _retype_values(g, from_type: int, retype_tensor) -> None:
+    """Values, Cast/dtype attributes and tensor attributes of graph `g` from `from_type` to FLOAT."""
+    onnx = require("onnx")
+    float32 = onnx.TensorProto.FLOAT
+    for vi in [*g.input, *g.output, *g.value_info]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type == from_type:
+            vi.type.tensor_type.elem_type = float32
+    for node in g.node:
+        for attr in node.attribute:
+            if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i == from_type:
+                attr.i = float32
+            elif attr.type == onnx.AttributeProto.TENSOR:
+                retype_tensor(attr.t)
 
 
 def upcast_copy(model, from_type: int):
     """A copy of a fully loaded model with every `from_type` (FLOAT16/BFLOAT16) tensor, value, constant and
     Cast target retyped to FLOAT: for checking a graph's structure and weights on a runtime that has no
-    kernels for that type. Arithmetic then happens in fp32: it does not check half-precision numerics."""
+    kernels for that type. Arithmetic then happens in fp32: it does not check half-precision numerics.
+    In memory, so only for graphs under `EXTERNAL_COPY_BYTES`; larger ones take `float_view`."""
     onnx = require("onnx")
     from onnx import numpy_helper
 
-    float32 = onnx.TensorProto.FLOAT
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    model = copy
 
     def retype_tensor(t):
         if t.data_type == from_type:
@@ -290,13 +407,5 @@ def upcast_copy(model, from_type: int):
     for g in all_graphs(model.graph):
         for t in g.initializer:
             retype_tensor(t)
-        for vi in [*g.input, *g.output, *g.value_info]:
-            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type == from_type:
-                vi.type.tensor_type.elem_type = float32
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i == from_type:
-                    attr.i = float32
-                elif attr.type == onnx.AttributeProto.TENSOR:
-                    retype_tensor(attr.t)
+        _retype_values(g, from_type, retype_tensor)
     return model

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
 import logging
 import os
@@ -21,6 +22,7 @@ import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -233,53 +235,58 @@ def _numpy_outputs(out) -> list:
     return [C._to_numpy(o) for o in outs]
 
 
-def _run_checks(comp: Component, loaded, cfg: ExportConfig, path: Path) -> dict:
+def _run_checks(comp: Component, loaded, cfg: ExportConfig, path: Path, references, owned: bool) -> dict:
+    """Every check of one exported graph. The checks that need the torch module run first; then, if this
+    export owns the module, it is freed (`_release`) before parity loads the graph into onnxruntime, and the
+    N:M cross-check reads the graph's weights one tensor at a time."""
     checks: dict[str, dict] = {}
     record, inferred = C.check_model(path)
     checks["onnx_checker"] = record
     if inferred is None:
         return checks
     checks["no_float64"] = C.check_no_float64(inferred)
+    del inferred
+    run = loaded.run if comp.kind == "transformer" else None
+    prefix = WRAPPER_ATTR + "."
+    nm, expected = None, 0
+    if comp.kind == "transformer":
+        model = G.load_graph(path)
+        if run is None or not run.get("layers"):
+            checks["pruned_weights"] = {"status": "skipped", "reason": "skipped: not a pruned run"}
+        else:
+            from obsdiff.obs import parse_nm
+
+            sparsity_type = (run.get("prune") or {}).get("sparsity_type", "unstructured")
+            nm = None if sparsity_type in ("unstructured", "structured") else parse_nm(sparsity_type)
+            mods = dict(comp.module.named_modules())
+            names = [r["name"] for r in run["layers"] if not r.get("skipped")]
+            missing = [n for n in names if not isinstance(mods.get(n), nn.Linear)]
+            if missing:
+                raise ExportCheckError(f"the run lists pruned layer {missing[0]} that the denoiser does not have; "
+                                       "the run directory does not match its model")
+            weights = {n: mods[n].weight.detach() for n in names}
+            checks["pruned_weights"] = C.check_pruned_weights(model, path.parent, prefix, weights, nm)
+            if nm is not None:
+                expected = sum(1 for w in weights.values() if w.shape[1] % nm[1] == 0)
+            del weights, mods
+        if run is not None and run.get("shrink_plan"):
+            family = loaded.family
+            linears = {n: m for b in family.blocks(comp.module) for n, m in family.prunable_linears(b).items()}
+            checks["structured_shapes"] = C.check_structured_shapes(model, path.parent, prefix, linears,
+                                                                    _dense_shapes(comp.module, linears))
+            del linears
+        del model
+    if owned:
+        _release(comp, loaded)
     if cfg.parity:
-        cases = [(p, comp.inputs_at(p, cfg.seed + 1 + k)) for k, p in enumerate(parity_points(comp.io))]
-        checks["parity"] = C.check_parity(path, _reference(comp), cases, comp.dtype, output_names=comp.io.outputs)
+        cases, refs = references
+        checks["parity"] = C.check_parity(path, refs, cases, comp.dtype, output_names=comp.io.outputs)
     else:
         checks["parity"] = {"status": "skipped", "reason": "skipped: parity=False"}
-    if comp.kind != "transformer":
-        return checks
-    run = loaded.run
-    prefix = WRAPPER_ATTR + "."
-    model = G.load_graph(path)
-    if run is None or not run.get("layers"):
-        checks["pruned_weights"] = {"status": "skipped", "reason": "skipped: not a pruned run"}
-    else:
-        from obsdiff.obs import parse_nm
-
-        sparsity_type = (run.get("prune") or {}).get("sparsity_type", "unstructured")
-        nm = None if sparsity_type in ("unstructured", "structured") else parse_nm(sparsity_type)
-        mods = dict(comp.module.named_modules())
-        names = [r["name"] for r in run["layers"] if not r.get("skipped")]
-        missing = [n for n in names if not isinstance(mods.get(n), nn.Linear)]
-        if missing:
-            raise ExportCheckError(f"the run lists pruned layer {missing[0]} that the denoiser does not have; "
-                                   "the run directory does not match its model")
-        weights = {n: mods[n].weight.detach() for n in names}
-        checks["pruned_weights"] = C.check_pruned_weights(model, path.parent, prefix, weights, nm)
-        if nm is not None:
-            checks["polygraphy_sparsity"] = C.polygraphy_sparsity(path, cfg.polygraphy_max_weights)
-            if nm == (2, 4) and "sparse_2_4_tensors" in checks["polygraphy_sparsity"]:
-                rec = checks["polygraphy_sparsity"]
-                expected = sum(1 for w in weights.values() if w.shape[1] % 4 == 0)
-                rec["expected_at_least"] = expected
-                rec["agrees"] = rec["sparse_2_4_tensors"] >= expected
-                if not rec["agrees"]:
-                    log.warning("polygraphy sees %d 2:4 tensors, obsdiff pruned %d", rec["sparse_2_4_tensors"],
-                                expected)
-    if run is not None and run.get("shrink_plan"):
-        family = loaded.family
-        linears = {n: m for b in family.blocks(comp.module) for n, m in family.prunable_linears(b).items()}
-        checks["structured_shapes"] = C.check_structured_shapes(model, path.parent, prefix, linears,
-                                                                _dense_shapes(comp.module, linears))
+    if nm is not None:
+        checks["nm_crosscheck"] = C.nm_crosscheck(path, nm, expected, cfg.polygraphy_max_weights)
+        if checks["nm_crosscheck"]["status"] == "failed":
+            log.warning("%s", checks["nm_crosscheck"]["reason"])
     return checks
 
 
@@ -312,11 +319,53 @@ def _source(loaded, comp: Component) -> dict:
 
 
 def _load(model, cfg: ExportConfig):
-    from obsdiff.loading import LoadedModel, as_loaded, load_pipeline
+    """The model to export and whether this export owns it (and may cast and free its components)."""
+    from obsdiff.loading import LoadedModel, as_loaded
 
     if isinstance(model, str | Path):
-        return load_pipeline(str(model), device=cfg.device, dtype="fp32"), True
+        return _load_components(str(model), cfg), True
     return (model if isinstance(model, LoadedModel) else as_loaded(model)), False
+
+
+def _load_components(ref: str, cfg: ExportConfig):
+    """Load only what is exported: the denoiser alone (in the export precision) for the default export, with
+    the pipeline's other exported parts only when asked for; shapes and text lengths come from configs.
+
+    Without the pipeline, the family's ONNX methods get a stand-in that has the denoiser and, per tokenizer,
+    its configured `model_max_length`: all they read from a pipeline.
+    """
+    import json
+
+    from obsdiff.loading import LoadedModel, _from_pretrained, load_denoiser
+
+    kinds = cfg.components()
+    denoiser, family, info = load_denoiser(ref, cfg.dtype_for("transformer")[0], cfg.device,
+                                           weights="transformer" in kinds)
+    if kinds == ["transformer"]:
+        tokenizers = {k: SimpleNamespace(model_max_length=v) for k, v in info["tokenizer_max_length"].items()}
+        pipeline = SimpleNamespace(**{family.denoiser_attr: denoiser}, **tokenizers)
+    else:
+        index = json.loads((info["path"] / "model_index.json").read_text())
+        unwanted = {k for k in index if k.startswith("text_encoder")} if "text-encoders" not in kinds else set()
+        unwanted |= {"vae"} if "vae-decoder" not in kinds else set()
+        skip = {k: None for k in unwanted if k in index and (index[k] or [None])[0] is not None}
+        # the other parts load in fp32 and are cast in place per component (the VAE may have to stay fp32)
+        pipeline = _from_pretrained(info["path"], info["ref"], torch.float32,
+                                    **{family.denoiser_attr: denoiser}, **skip)
+        if cfg.device != "cpu":
+            pipeline.to(cfg.device)
+    return LoadedModel(ref=ref, path=info["path"], pipeline=pipeline, family=family, builtin=info["builtin"],
+                       generation_defaults=info["generation_defaults"], run=info["run"])
+
+
+def _release(comp: Component, loaded) -> None:
+    """Drop every reference this export holds to the component's torch module, so its memory is freed before
+    onnxruntime loads the graph's copy of the weights."""
+    attr = {"transformer": loaded.family.denoiser_attr, "vae-decoder": "vae"}.get(comp.kind, comp.name)
+    if getattr(loaded.pipeline, attr, None) is not None:
+        setattr(loaded.pipeline, attr, None)
+    comp.module = comp.make_kwargs = comp.context = None
+    gc.collect()
 
 
 def export_onnx(model, out_dir: str | Path, config: ExportConfig | None = None, force: bool = False) -> dict:
@@ -339,7 +388,7 @@ def export_onnx(model, out_dir: str | Path, config: ExportConfig | None = None, 
               "ranges": ranges, "components": {}}
     with staged_dir(out_dir, force=force) as tmp:
         for comp in components:
-            sidecar = _export_component(comp, loaded, cfg, tmp)
+            sidecar = _export_component(comp, loaded, cfg, tmp, owned)
             report["components"][comp.name] = {k: sidecar[k] for k in ("file", "bytes", "dtype", "export_seconds")} | {
                 "checks": {k: v["status"] for k, v in sidecar["checks"].items()}}
         report |= {"seconds": time.perf_counter() - t_start, "versions": versions(), "machine": machine(),
@@ -348,16 +397,24 @@ def export_onnx(model, out_dir: str | Path, config: ExportConfig | None = None, 
     return report
 
 
-def _export_component(comp: Component, loaded, cfg: ExportConfig, out: Path) -> dict:
+def _export_component(comp: Component, loaded, cfg: ExportConfig, out: Path, owned: bool) -> dict:
     path = out / f"{comp.name}.onnx"
     log.info("exporting %s (%s, %s exporter)", comp.name, comp.dtype, cfg.exporter)
+    t_ref = time.perf_counter()
+    # torch outputs first: the module can then be freed before onnxruntime holds the graph's weights
+    references = None
+    if cfg.parity:
+        cases = [(p, comp.inputs_at(p, cfg.seed + 1 + k)) for k, p in enumerate(parity_points(comp.io))]
+        references = (cases, C.torch_references(_reference(comp), cases))
+    ref_seconds = time.perf_counter() - t_ref
     t0 = time.perf_counter()
     _run_exporter(comp, cfg, path)
+    gc.collect()  # the exporter's program (and its tensors) is garbage now
     passes = _finalize(comp, cfg, path)
     export_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
-    checks = _run_checks(comp, loaded, cfg, path)
-    check_seconds = time.perf_counter() - t1
+    checks = _run_checks(comp, loaded, cfg, path, references, owned)
+    check_seconds = time.perf_counter() - t1 + ref_seconds
     model = G.load_graph(path)
     inputs, outputs = _io_records(comp, model)
     data = [out / name for name in G.external_files(model)]

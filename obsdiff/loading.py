@@ -183,3 +183,137 @@ def _load_run(ref: str, device, dtype) -> LoadedModel:
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(ref=ref, path=base_path, pipeline=pipe, family=family, builtin=builtin,
                        generation_defaults=_generation_defaults(builtin), run=record)
+
+
+def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | torch.device | None = "cpu",
+                  weights: bool = True) -> tuple[torch.nn.Module, ModelFamily, dict]:
+    """Load only the denoiser of `ref` (pipeline directory, `builtin:NAME` or run directory) in `dtype`.
+
+    No text encoder, VAE or tokenizer is built. The model is built on the meta device from its config (a
+    run's shrink plan replayed, as `io.build_run_denoiser` does) and its safetensors are read tensor by
+    tensor, each cast to `dtype` as it is read (modules the class keeps in fp32 stay fp32) and checked
+    strictly: the peak is the model in `dtype` plus one tensor, whatever precision the files hold.
+    `weights=False` returns the meta-device model (for callers that need only `denoiser.config`).
+    Returns (denoiser, family, info); `info` holds what callers would otherwise take from the pipeline:
+    `ref`, `path` (pipeline directory), `builtin`, `run` (the run record or None), `generation_defaults`
+    and `tokenizer_max_length` ({tokenizer attribute: model_max_length} from each tokenizer's config file,
+    for the ones that state it).
+    """
+    import json
+
+    from obsdiff import io
+    from obsdiff.artifacts import sha256_file
+    from obsdiff.models import FAMILIES, get_family
+
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    run_path = Path(ref).expanduser()
+    record = io.read_run(run_path) if run_path.is_dir() and io.is_run_dir(run_path) else None
+    path, builtin = resolve_model(record["base_model"] if record else ref)
+    index = _read_json(path / "model_index.json")
+    if record is not None:
+        family = get_family(record.get("family", "sd3"))
+        io.check_base_matches(run_path, path / family.denoiser_attr, record["base_model"])
+        folder = run_path / io.DENOISER_DIR
+        files = [run_path / record["denoiser_file"]]
+        if weights and not files[0].is_file():
+            raise ModelLoadError(f"run {ref!r} lacks its weights {record['denoiser_file']}; re-run obsdiff prune")
+        if weights and record.get("denoiser_sha256") and sha256_file(files[0]) != record["denoiser_sha256"]:
+            raise ModelLoadError(f"{files[0]} does not match the hash in {io.RUN_FILE}: the file is corrupt or was "
+                                 "replaced; re-run obsdiff prune")
+    else:
+        # the family is told by the denoiser class model_index.json names, as family_for_pipeline does
+        family = next((f for f in FAMILIES.values() if (index.get(f.denoiser_attr) or [None, None])[1]
+                       in f.denoiser_classes), None)
+        if family is None:
+            classes = [v[1] for v in index.values() if isinstance(v, list) and len(v) == 2 and v[1]]
+            raise ModelLoadError(f"{ref!r} has no denoiser of a supported family (components: "
+                                 f"{', '.join(classes)}); supported: {', '.join(FAMILIES)}")
+        folder = path / family.denoiser_attr
+        files = _safetensors_files(folder) if weights else []
+    config = _read_json(folder / "config.json")
+
+    def build(where: str):
+        import diffusers
+
+        from obsdiff.shrink import replay_plan_
+
+        try:
+            cls = getattr(diffusers, config["_class_name"])
+        except (KeyError, AttributeError):
+            raise ModelLoadError(f"{folder / 'config.json'} does not name a diffusers model class") from None
+        with torch.device(where):
+            model = cls.from_config(config)
+        if record is not None and record.get("shrink_plan"):
+            groups = [g for b in family.blocks(model) for g in family.structure_groups(b)]
+            replay_plan_(model, groups, record["shrink_plan"])
+        return model
+
+    denoiser = build("meta")
+    if weights:
+        state = _read_state_cast(files, torch_dtype, getattr(denoiser, "_keep_in_fp32_modules", None) or [])
+        expected = denoiser.state_dict()
+        bad = sorted(set(expected) ^ set(state)) or [k for k in state if state[k].shape != expected[k].shape]
+        if bad:
+            raise ModelLoadError(f"the weights in {files[0].parent} do not fit the model built from "
+                                 f"{folder / 'config.json'} (first: {bad[0]}); the files are damaged or mixed")
+        denoiser.load_state_dict(state, strict=True, assign=True)
+        if any(t.is_meta for t in [*denoiser.parameters(), *denoiser.buffers()]):  # unsaved buffers
+            denoiser = build("cpu")
+            denoiser.load_state_dict(state, strict=True, assign=True)
+        del state
+        denoiser.to(device)
+    denoiser.eval()
+    max_lengths = {}
+    for attr in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        try:
+            tok = json.loads((path / attr / "tokenizer_config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(tok.get("model_max_length"), int):
+            max_lengths[attr] = tok["model_max_length"]
+    log.info("loaded the %s of %s (%s family) on %s in %s", family.denoiser_attr, ref, family.name, device,
+             torch_dtype)
+    info = {"ref": ref, "path": path, "builtin": builtin, "run": record,
+            "generation_defaults": _generation_defaults(builtin), "tokenizer_max_length": max_lengths}
+    return denoiser, family, info
+
+
+def _read_json(file: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{file} is missing or unreadable ({exc}); pass a diffusers pipeline or run "
+                             "directory") from None
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a diffusers model folder: one file, or the shards its index names."""
+    single = folder / "diffusion_pytorch_model.safetensors"
+    if single.is_file():
+        return [single]
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        return [folder / f for f in sorted(set(_read_json(index).get("weight_map", {}).values()))]
+    raise ModelLoadError(f"{folder} has no diffusion_pytorch_model.safetensors (or sharded index); obsdiff "
+                         "reads safetensors weights only: re-save the model with safe_serialization=True")
+
+
+def _read_state_cast(files: list[Path], dtype: torch.dtype, keep_fp32: list[str]) -> dict[str, torch.Tensor]:
+    """All tensors of `files`, floating ones cast to `dtype` one at a time (`keep_fp32` modules to fp32)."""
+    from safetensors import SafetensorError, safe_open
+
+    state = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open handles are not mappings)
+                    t = f.get_tensor(key)
+                    if t.is_floating_point():
+                        t = t.to(torch.float32 if any(k in key.split(".") for k in keep_fp32) else dtype)
+                    state[key] = t
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{file} is not a readable safetensors file ({exc})") from None
+    return state

@@ -64,7 +64,7 @@ def test_two_four_run_keeps_its_pattern_in_the_graph(sd3_runs):
     pruned = checks["pruned_weights"]
     assert pruned["checked"] == len(record["layers"]) == 21 and pruned["missing"] == pruned["violating"] == 0
     assert pruned["found_via"]["name_scopes"] == 21 and pruned["zero_fraction"] == pytest.approx(0.5)
-    poly = checks["polygraphy_sparsity"]
+    poly = checks["nm_crosscheck"]
     assert poly["sparse_2_4_tensors"] >= 21 and poly["agrees"]
     assert s["source"]["run"]["denoiser_sha256"] == record["denoiser_sha256"]
     assert s["source"]["run"]["prune"]["sparsity_type"] == "2:4"
@@ -225,7 +225,7 @@ def test_sdxl_legacy_dense_and_two_four(tmp_path):
     pruned = checks["pruned_weights"]
     assert pruned["checked"] == len(report.pruned_layers) > 0 and pruned["violating"] == pruned["missing"] == 0
     assert pruned["found_via"]["name_scopes"] == pruned["checked"]  # legacy node names map back to modules
-    assert checks["polygraphy_sparsity"]["agrees"] and checks["parity"]["status"] == "passed"
+    assert checks["nm_crosscheck"]["agrees"] and checks["parity"]["status"] == "passed"
 
 
 @pytest.mark.slow
@@ -254,7 +254,7 @@ def test_sd3_two_four_bf16_opset22(sd3_runs, tmp_path):
     s = sidecar(tmp_path / "onnx")
     assert s["inputs"][0]["dtype"] == "bfloat16" and s["checks"]["parity"]["tolerance_rel"] == 5e-2
     assert "retyped to fp32" in s["checks"]["parity"]["runs"][0]["mode"]
-    assert s["checks"]["pruned_weights"]["violating"] == 0 and s["checks"]["polygraphy_sparsity"]["agrees"]
+    assert s["checks"]["pruned_weights"]["violating"] == 0 and s["checks"]["nm_crosscheck"]["agrees"]
 
 
 def test_failed_check_is_a_one_line_error_and_leaves_nothing(tiny_sd3_dir, tmp_path, monkeypatch):
