@@ -49,20 +49,35 @@ def prepare_hessian(H: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, tor
     return H, W, dead
 
 
-def damped_inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, float]:
-    """`U` with `(H + lambda I)^-1 = U^T U`, `lambda = percdamp * mean(diag H)`.
+def damped_inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, dead: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, float]:
+    """`U` with `(H + lambda I)^-1 = U^T U`, `lambda = percdamp * mean(diag H)`; H is (d, d).
 
     Escalates the damping 10x, 100x, 1000x when a factorisation fails; returns U and the percdamp used.
+    `dead` (bool, (d,)): inputs whose diagonal counts as 1 (METHOD.md 3.1; their rows and columns are zero).
+    Dead inputs and damping only touch the diagonal, so H's diagonal is changed in place and restored
+    before returning: no d x d copy of H is made (H must not be read concurrently).
     """
-    mean_diag = torch.diag(H).mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    for factor in DAMPING_ESCALATION:
-        damp = percdamp * factor
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
-        if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0 and torch.isfinite(U).all():
-                return U, damp
+    diag = H.diagonal()
+    H_diag = diag.clone()
+    base = H_diag if dead is None else H_diag.masked_fill(dead, 1.0)
+    mean_diag = base.mean()
+    try:
+        for factor in DAMPING_ESCALATION:
+            damp = percdamp * factor
+            diag.copy_(base + damp * mean_diag)
+            L, info = torch.linalg.cholesky_ex(H)
+            if info == 0:
+                Hinv = torch.cholesky_inverse(L)
+                del L  # free d x d before the next factorisation
+                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+                del Hinv
+                # a finite diagonal is enough: any non-finite entry of U makes the weights non-finite,
+                # which the caller checks, and a full d x d scan is not free at d = 15k
+                if info == 0 and torch.isfinite(U.diagonal()).all():
+                    return U, damp
+    finally:
+        diag.copy_(H_diag)
     raise CholeskyError(f"Hessian not positive definite even with percdamp {damp:g}")
 
 
@@ -82,6 +97,14 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True).reshape(rows, cols)
 
 
+def _nm_mask_t(score_t: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """`nm_mask` for a transposed score (cols, rows): groups of M consecutive rows of every column."""
+    cols, rows = score_t.shape
+    groups = score_t.reshape(cols // m, m, rows)
+    idx = torch.topk(groups, m - n, dim=1, largest=False).indices
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, idx, True).reshape(cols, rows)
+
+
 def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, nm: tuple[int, int] | None = None,
               block_size: int = 128, percdamp: float = 0.01, compensate: bool = True) -> ObsResult:
     """Blocked OBS (SparseGPT solver) for unstructured sparsity or an N:M pattern along the input dim.
@@ -89,46 +112,64 @@ def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, n
     Unstructured: exactly `round(sparsity * W.numel())` weights are pruned; each column block gets its share
     by cumulative rounding, chosen by `w^2 / U_jj^2` (the OBS saliency, eq. 3 of SparseGPT).
     `compensate=False` prunes with the same saliency but skips every weight update (ablation).
-    Computes in the dtype of `H` (float32 or float64); returns the weight in that dtype.
+    Computes in the dtype and on the device of `H` (float32 or float64); returns the weight in that dtype.
+    `H` is not modified (its diagonal is changed during the factorisation and restored); `W` is copied once.
+
+    Cost: the factorisations (d_in^3) and the lazy updates (d_out d_in^2) dominate. Inside a column block
+    the per-column rank-1 updates only span a sub-block of <= 32 columns; the rest of the block gets one
+    product per sub-block (the same lazy-update identity one level down), so the Python loop does three
+    small kernels per column. Results are deterministic; they differ from an unblocked loop by float rounding.
     """
     if (sparsity is None) == (nm is None):
         raise ValueError("give exactly one of sparsity (unstructured) or nm (N:M)")
-    H, W, _ = prepare_hessian(H, W.to(H.dtype))
     d_out, d_in = W.shape
     if nm is not None:
         n, m = nm
         if d_in % m or block_size % m:
             raise ValueError(f"N:M with M={m} needs d_in ({d_in}) and block size ({block_size}) divisible by M")
-    U, damp = damped_inverse_cholesky(H, percdamp)
+    dead = torch.diagonal(H) == 0  # inputs that are always zero (METHOD.md 3.1)
+    W = W.to(H.dtype, copy=True)
+    W[:, dead] = 0.0
+    U, damp = damped_inverse_cholesky(H, percdamp, dead)
     mask = torch.zeros_like(W, dtype=torch.bool)
+    sub = max(m, 32 // m * m) if nm is not None else 32  # sub-block: whole N:M groups
     for b in range(0, d_in, block_size):
         e = min(b + block_size, d_in)
-        W1 = W[:, b:e].clone()
+        # transposed (columns as contiguous rows of length d_out): the per-column kernels below are memory
+        # bound and run several times faster on contiguous rows than on strided columns
+        W1 = W[:, b:e].T.contiguous()
         U1 = U[b:e, b:e]
-        d = torch.diag(U1)
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        d = torch.diagonal(U1)
+        d2 = (d**2)[:, None]
         if nm is None:
             count = round(sparsity * d_out * e) - round(sparsity * d_out * b)
-            mask1 = smallest_mask(W1**2 / d[None, :] ** 2, count)
+            mask1 = smallest_mask(W1**2 / d2, count)
+        elif not compensate:  # nothing changes W1 before a group's decision: decide the whole block at once
+            mask1 = _nm_mask_t(W1**2 / d2, n, m)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(e - b):
-            if nm is not None and i % m == 0:
-                # decided on the already-compensated weights of this group (SparseGPT's N:M rule)
-                mask1[:, i:i + m] = nm_mask(W1[:, i:i + m] ** 2 / d[None, i:i + m] ** 2, n, m)
-            w = W1[:, i]
-            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
-            err = (w - q) / d[i]
-            if compensate:
-                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Q1[:, i] = q
-            Err1[:, i] = err
-        W[:, b:e] = Q1
-        mask[:, b:e] = mask1
         if compensate:
-            W[:, e:] -= Err1 @ U[b:e, e:]  # lazy batch update of all later columns
-    W[mask] = 0.0
+            sel = mask1 / d[:, None]  # err = w * sel: (w - q) / U_jj with q = 0 where pruned, w where kept
+            for s in range(0, e - b, sub):
+                t = min(s + sub, e - b)
+                for i in range(s, t):
+                    if nm is not None and i % m == 0:
+                        # decided on the already-compensated weights of this group (SparseGPT's N:M rule)
+                        mask1[i:i + m] = _nm_mask_t(W1[i:i + m] ** 2 / d2[i:i + m], n, m)
+                        sel[i:i + m] = mask1[i:i + m] / d[i:i + m, None]
+                    if i + 1 < t:
+                        err = W1[i] * sel[i]
+                        W1[i + 1:t].addr_(U1[i, i + 1:t], err, alpha=-1)
+                # row i of W1 never changes after its turn, so the sub-block's errors are recomputed at once
+                if t < e - b:
+                    Err = W1[s:t] * sel[s:t]
+                    W1[t:].addmm_(U1[s:t, t:].T, Err, alpha=-1)
+            if e < d_in:
+                Err1 = W1 * sel
+                W[:, e:].addmm_(Err1.T, U[b:e, e:], alpha=-1)  # lazy batch update of all later columns
+                del Err1
+        W[:, b:e] = W1.masked_fill_(mask1, 0.0).T
+        mask[:, b:e] = mask1.T
     return ObsResult(W, mask, damp)
 
 
@@ -159,6 +200,27 @@ def reconstruction_error(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) 
     num = ((dW @ H) * dW).sum()
     den = ((W.to(torch.float64) @ H) * W.to(torch.float64)).sum()
     return float(num / den) if den > 0 else 0.0
+
+
+def layer_errors(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
+    """The two relative output errors of a pruned layer: mask alone, and with OBS compensation.
+
+    `tr(P H P^T) / tr(W H W^T)` with `P` = W where `W_new == 0` (the pruned weights), and
+    `tr(dW H dW^T) / tr(W H W^T)` with `dW = W - W_new`: the same numbers as `reconstruction_error` with
+    `W.masked_fill(W_new == 0, 0)` and with `W_new`, from three products with H in H's dtype and device
+    (float32 in practice) instead of four float64 ones; sums in float64. Relative difference to the
+    float64 result: ~1e-6 on real-width layers (tested < 1e-4). W, W_new: (d_out, d_in); H: (d_in, d_in).
+    """
+    W = W.to(H.dtype)
+    W_new = W_new.to(H.dtype)
+
+    def quad(A: torch.Tensor) -> float:  # tr(A H A^T)
+        return float((A @ H).mul_(A).sum(dtype=torch.float64))
+
+    den = quad(W)
+    if not den > 0:
+        return 0.0, 0.0
+    return quad(W.masked_fill(W_new != 0, 0.0)) / den, quad(W - W_new) / den
 
 
 # --- structured OBS (METHOD.md section 4) ------------------------------------------------------------------

@@ -43,8 +43,10 @@ class LayerRecord:
     error_no_compensation: float | None  # relative output error with the mask alone
     error: float | None  # relative output error after OBS compensation (what is kept)
     percdamp: float | None  # damping actually used (escalated if the Cholesky factorisation failed)
-    seconds: float
+    seconds: float  # solve_seconds + error_seconds (+ write-back)
     skipped: str | None = None
+    solve_seconds: float = 0.0  # the pruning solve (OBS: factorisations, column sweep)
+    error_seconds: float = 0.0  # the two reconstruction errors
 
 
 @dataclass
@@ -160,12 +162,17 @@ def split_groups(units: list[Unit], groups: int) -> list[list[Unit]]:
 
 
 def prune_layer(W: torch.Tensor, H: torch.Tensor | None, cfg: PruneConfig) -> tuple[torch.Tensor, float | None]:
-    """Pruned weight (compute dtype) for one linear, and the damping used (OBS methods only)."""
+    """Pruned weight (compute dtype) for one linear, and the damping used (OBS methods only).
+
+    Solves on W's device: H is moved there (Hessians may be parked on the CPU while the model is on a GPU).
+    """
     dtype = torch.float64 if cfg.compute_dtype == "fp64" else torch.float32
     W = W.detach().to(dtype)
     sparsity = None if cfg.nm else cfg.sparsity
+    if H is not None:
+        H = H.to(W.device, dtype)  # no copy when it is already there
     if cfg.method in ("obs-diff", "sparsegpt"):
-        res = obs.obs_prune(W, H.to(dtype), sparsity, cfg.nm, cfg.block_size, cfg.percdamp, cfg.compensate)
+        res = obs.obs_prune(W, H, sparsity, cfg.nm, cfg.block_size, cfg.percdamp, cfg.compensate)
         return res.weight, res.damp
     if cfg.method == "wanda":
         mask = obs.wanda_mask(W, torch.diag(H), sparsity, cfg.nm)
@@ -177,6 +184,8 @@ def prune_layer(W: torch.Tensor, H: torch.Tensor | None, cfg: PruneConfig) -> tu
 def _solve_unit(unit: Unit, modules: dict[str, nn.Module], H: torch.Tensor | None, cfg: PruneConfig
                 ) -> list[LayerRecord]:
     records = []
+    if H is not None:  # once per unit (its linears share H), on the weights' device
+        H = H.to(modules[unit[0]].weight.device, torch.float64 if cfg.compute_dtype == "fp64" else torch.float32)
     for name in unit:
         lin = modules[name]
         t0 = time.perf_counter()
@@ -185,15 +194,18 @@ def _solve_unit(unit: Unit, modules: dict[str, nn.Module], H: torch.Tensor | Non
             W_new, damp = prune_layer(W, H, cfg)
         except obs.CholeskyError as exc:
             raise PruneError(f"layer {name}: {exc}; raise --percdamp or use more calibration prompts") from None
-        if not torch.isfinite(W_new).all():
+        if not torch.isfinite(W_new).all():  # also waits for an asynchronous device, so the split below is honest
             raise PruneError(f"layer {name}: pruning produced non-finite weights; raise --percdamp or use fp64")
+        t_solve = time.perf_counter()
         err0 = err = None
         if H is not None:
-            err0 = obs.reconstruction_error(W, W.masked_fill(W_new == 0, 0.0), H)
-            err = obs.reconstruction_error(W, W_new, H)
+            err0, err = obs.layer_errors(W, W_new, H)
+        t_error = time.perf_counter()
         lin.weight.data.copy_(W_new.to(lin.weight.dtype))
+        del W_new
         achieved = float((lin.weight == 0).float().mean())
-        records.append(LayerRecord(name, tuple(W.shape), achieved, err0, err, damp, time.perf_counter() - t0))
+        records.append(LayerRecord(name, tuple(W.shape), achieved, err0, err, damp, time.perf_counter() - t0,
+                                   solve_seconds=t_solve - t0, error_seconds=t_error - t_solve))
     return records
 
 

@@ -6,11 +6,13 @@ import torch
 from obsdiff.obs import (
     CholeskyError,
     damped_inverse_cholesky,
+    layer_errors,
     magnitude_mask,
     nm_mask,
     obs_prune,
     parse_nm,
     reconstruction_error,
+    smallest_mask,
     wanda_mask,
 )
 
@@ -133,3 +135,110 @@ def test_wanda_prunes_per_row_and_weighs_inputs():
 def test_parse_nm_rejects_bad_patterns(bad):
     with pytest.raises(ValueError):
         parse_nm(bad)
+
+
+# --- the fast solver against the straightforward one ---------------------------------------------------------
+
+
+def reference_obs_prune(W, H, sparsity=None, nm=None, block_size=128, percdamp=0.01):
+    """The blocked solver written plainly (METHOD.md section 3): one rank-1 update of the whole rest of the
+    block per column, explicit damping with an identity matrix, per-block clones."""
+    H = H.clone()
+    W = W.clone().to(H.dtype)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += percdamp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    d_out, d_in = W.shape
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for b in range(0, d_in, block_size):
+        e = min(b + block_size, d_in)
+        W1, U1 = W[:, b:e].clone(), U[b:e, b:e]
+        d = torch.diag(U1)
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        if nm is None:
+            count = round(sparsity * d_out * e) - round(sparsity * d_out * b)
+            mask1 = smallest_mask(W1**2 / d[None, :] ** 2, count)
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(e - b):
+            if nm is not None and i % nm[1] == 0:
+                mask1[:, i:i + nm[1]] = nm_mask(W1[:, i:i + nm[1]] ** 2 / d[None, i:i + nm[1]] ** 2, *nm)
+            w = W1[:, i]
+            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
+            err = (w - q) / d[i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Q1[:, i], Err1[:, i] = q, err
+        W[:, b:e], mask[:, b:e] = Q1, mask1
+        W[:, e:] -= Err1 @ U[b:e, e:]
+    W[mask] = 0.0
+    return W, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["unstructured", "2:4", "4:8", "1:4"])
+@pytest.mark.parametrize("block_size", [128, 48])
+def test_fast_solver_matches_the_straightforward_one(kind, block_size, dtype):
+    # d_in 320: several column blocks, sub-blocks inside each, and a ragged last block
+    W, H = layer(d_out=24, d_in=320, tokens=512, seed=6, dtype=dtype)
+    H[7, :] = H[:, 7] = 0  # one dead input
+    nm = parse_nm(kind)
+    sparsity = 0.5 if nm is None else None
+    H_before = H.clone()
+    ref_W, ref_mask = reference_obs_prune(W, H, sparsity, nm, block_size)
+    res = obs_prune(W, H, sparsity, nm, block_size=block_size)
+    assert torch.equal(H, H_before)  # the diagonal is restored bitwise
+    assert torch.equal(res.mask, ref_mask)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert torch.allclose(res.weight, ref_W, rtol=0, atol=tol * float(ref_W.abs().max()))
+    assert int((res.weight == 0).sum()) >= int(res.mask.sum())
+    if nm is None:
+        assert int(res.mask.sum()) == round(0.5 * W.numel())
+    else:
+        n, m = nm
+        assert bool((res.mask.reshape(24, -1, m).sum(-1) == m - n).all())
+        assert bool(((res.weight != 0).reshape(24, -1, m).sum(-1) <= n).all())
+
+
+def test_fast_solver_is_deterministic_and_leaves_inputs_alone():
+    W, H = layer(d_out=32, d_in=256, tokens=512, seed=7, dtype=torch.float32)
+    W0, H0 = W.clone(), H.clone()
+    a = obs_prune(W, H, sparsity=0.6)
+    b = obs_prune(W, H, sparsity=0.6)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask)
+    assert torch.equal(W, W0) and torch.equal(H, H0)
+
+
+def test_nm_without_compensation_decides_every_group_on_the_original_weights():
+    W, H = layer(d_out=8, d_in=64, seed=8, dtype=torch.float32)
+    res = obs_prune(W, H, nm=(2, 4), block_size=32, compensate=False)
+    U, _ = damped_inverse_cholesky(H)
+    assert torch.equal(res.mask, nm_mask(W**2 / torch.diag(U)[None, :] ** 2, 2, 4))
+    assert torch.equal(res.weight, W * ~res.mask)
+
+
+def test_damping_restores_the_diagonal_after_failure():
+    H = torch.diag(torch.tensor([1.0, -100.0])).double()
+    with pytest.raises(CholeskyError):
+        damped_inverse_cholesky(H, percdamp=0.01)
+    assert H.diagonal().tolist() == [1.0, -100.0]
+
+
+def test_layer_errors_match_float64_reconstruction_error():
+    # realistic: correlated inputs with a decaying spectrum, OBS-compensated 50 % and 2:4 layers
+    g = torch.Generator().manual_seed(9)
+    d_in = 512
+    mix = torch.randn(d_in, d_in, generator=g) * torch.logspace(0, -2, d_in)[:, None]
+    X = torch.randn(2048, d_in, generator=g) @ mix + 0.1 * torch.randn(d_in, generator=g)
+    H = 2 * X.T @ X / X.shape[0]
+    W = torch.randn(192, d_in, generator=g) * 0.02
+    for kw in ({"sparsity": 0.5}, {"nm": (2, 4)}):
+        W_new = obs_prune(W, H, **kw).weight
+        err0, err = layer_errors(W, W_new, H)
+        ref0 = reconstruction_error(W, W.masked_fill(W_new == 0, 0.0), H)
+        ref = reconstruction_error(W, W_new, H)
+        assert 0 < ref < ref0
+        assert err0 == pytest.approx(ref0, rel=1e-4) and err == pytest.approx(ref, rel=1e-4)
+    assert layer_errors(W, W, H)[1] == 0.0
+    assert layer_errors(torch.zeros_like(W), W, H) == (0.0, 0.0)
