@@ -165,6 +165,10 @@ def read_prompts(path: Path) -> tuple[str, ...]:
               help="rerun: every group re-runs the pipeline (the paper's method); cached: one run caches block "
                    "inputs and groups propagate them block by block (faster, dense trajectory; SD3/Flux)")
 @click.option("--cache-device", default=None, help="cached mode: where block inputs are kept, e.g. cpu [model device]")
+@click.option("--cache-spill", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="cached mode: keep block inputs in a memory-mapped file in OUT.partial when they do not fit")
+@click.option("--hessian-device", default=None,
+              help="where Hessians accumulate: cpu keeps them off the accelerator [model device]")
 @click.option("--timestep-weighting", default="log_decrease", show_default=True,
               help="log_decrease, log_increase, linear_decrease, linear_increase or uniform")
 @click.option("--blocks", default=None, help="block range START:END to prune (END exclusive) [all]")
@@ -178,20 +182,36 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 @click.option("--solver-precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
               help="precision of Hessians and the OBS solver")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-memory", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GIB",
+              help="memory budget on the model's device: choose the calibration groups so every group fits, "
+                   "or refuse before loading")
+@click.option("--dry-run", is_flag=True, help="print the memory plan (per group and device) and exit; loads no weights")
+@click.option("--resume", is_flag=True, help="continue an interrupted prune from its last finished group (OUT.partial)")
+@click.option("--save-dtype", type=click.Choice(["base", "fp32", "fp16", "bf16"]), default="base", show_default=True,
+              help="dtype of the saved weights (base: the base model's own)")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="run directory")
 @FORCE
 @DEVICE
 @DTYPE
 def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structure_cost, joint_scoring,
           ffn_per_round, allocation, prompts, num_prompts, steps, guidance, batch_size, groups,
-          calibration_mode, cache_device, timestep_weighting, blocks, percdamp, block_size, no_compensate,
-          skip_indivisible, max_tokens, height, width, solver_precision, seed, out, force, device, dtype) -> None:
-    """Prune a denoiser with OBS-Diff (or a baseline) and save a run directory."""
+          calibration_mode, cache_device, cache_spill, hessian_device, timestep_weighting, blocks, percdamp,
+          block_size, no_compensate, skip_indivisible, max_tokens, height, width, solver_precision, seed, max_memory,
+          dry_run, resume, save_dtype, out, force, device, dtype) -> None:
+    """Prune a denoiser with OBS-Diff (or a baseline) and save a run directory.
+
+    Finished calibration groups are kept in OUT.partial until the run is saved: after a crash, Ctrl-C or a
+    kill, the same command with --resume continues where it stopped.
+    """
     from obsdiff.artifacts import check_writable
     from obsdiff.config import CalibConfig, PruneConfig
-    from obsdiff.io import save_run
-    from obsdiff.loading import load_pipeline
-    from obsdiff.prune import prune_
+    from obsdiff.errors import Interrupted
+    from obsdiff.io import check_can_save, save_run
+    from obsdiff.loading import load_pipeline, resolve_device
+    from obsdiff.memory import check_fits
+    from obsdiff.planner import choose_groups, describe, plan_memory, skeleton
+    from obsdiff.prune import open_checkpoint, prune_
+    from obsdiff.resume import Checkpoint
 
     # Validate everything before the (slow) model load, so bad input fails at once and writes nothing.
     pcfg = PruneConfig(method=method, sparsity=sparsity, sparsity_type=sparsity_type, percdamp=percdamp,
@@ -202,13 +222,33 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
     ccfg = CalibConfig(prompts=prompts, num_prompts=num_prompts, steps=steps, guidance=guidance,
                        batch_size=batch_size, groups=groups, timestep_weighting=timestep_weighting, seed=seed,
                        max_tokens=max_tokens, height=height, width=width, mode=calibration_mode,
-                       cache_device=cache_device)
+                       cache_device=cache_device, cache_spill=cache_spill, hessian_device=hessian_device)
     if prompts != "builtin":
         read_prompts(Path(prompts))
-    check_writable(out, force)
-    loaded = load_pipeline(model, device=device, dtype=dtype)
-    report = prune_(loaded, pcfg, ccfg)
-    save_run(loaded, report.to_dict(), out, force=force)
+    if not dry_run:
+        check_writable(out, force)
+        Checkpoint.check_leftover(out, resume=resume, force=force)
+    # Plan from configs and safetensors headers: a prune that cannot fit is refused before any weight loads.
+    torch_device = resolve_device(device)
+    sketch, weights = skeleton(model, dtype)
+    if max_memory is not None:
+        ccfg, plan = choose_groups(sketch, pcfg, ccfg, max_memory, torch_device, hessian_device, weights)
+    else:
+        plan = plan_memory(sketch, pcfg, ccfg, torch_device, hessian_device, weights)
+    if dry_run:
+        click.echo(describe(plan))
+        return
+    check_fits(plan, torch_device, plan.limit)
+    save_as = check_can_save(sketch, out, force, None if save_dtype == "base" else save_dtype)
+    loaded = load_pipeline(model, device=torch_device, dtype=dtype)
+    checkpoint = open_checkpoint(loaded, pcfg, ccfg, out, resume=resume, force=force)
+    try:
+        report = prune_(loaded, pcfg, ccfg, checkpoint=checkpoint)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; {checkpoint.done} finished groups are kept in {checkpoint.path}: run the "
+                          "same command with --resume to continue") from None
+    save_run(loaded, report.to_dict() | {"memory_plan": plan.to_dict()}, out, force=force, dtype=save_as)
+    checkpoint.remove()
     done = report.pruned_layers
     errs = [r.error for r in done if r.error is not None]
     errs0 = [r.error_no_compensation for r in done if r.error_no_compensation is not None]

@@ -26,3 +26,9 @@ class MissingDependencyError(ObsdiffError):
 class OutputExistsError(ObsdiffError):
     """The output path exists and `--force` was not given."""
 
+
+
+class Interrupted(ObsdiffError):
+    """The user stopped a long command (Ctrl-C); the message says what was kept and how to continue."""
+
+    exit_code = 130

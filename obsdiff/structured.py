@@ -8,9 +8,11 @@ of removed structures so later passes see the pruned model. Finally every linear
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
 from tqdm.auto import tqdm
@@ -21,8 +23,10 @@ from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.errors import ConfigError
 from obsdiff.flops import count_flops, parameter_count
 from obsdiff.loading import LoadedModel
+from obsdiff.memory import text_encoders_parked
 from obsdiff.models import StructureGroup
 from obsdiff.prune import LayerRecord, PruneError, PruneReport, calibration_chunks, select_blocks
+from obsdiff.resume import Checkpoint
 from obsdiff.shrink import plan_to_json, shrink_, structure_columns, structure_indices
 
 log = logging.getLogger(__name__)
@@ -158,9 +162,8 @@ def _zero_writers_(modules: dict, group: StructureGroup, removed: list[int]) -> 
 
 
 def prune_structured_(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, progress: bool,
-                      t_start: float) -> PruneReport:
+                      t_start: float, checkpoint: Checkpoint | None = None) -> PruneReport:
     denoiser = model.denoiser
-    modules = dict(denoiser.named_modules())
     planned, warnings = plan_structures(model, cfg)
     for w in warnings:
         log.warning(w)
@@ -168,14 +171,53 @@ def prune_structured_(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, 
                          base_model=model.ref, warnings=warnings)
     before = model_stats(model)
     blocks = select_blocks(model.family.blocks(denoiser), cfg.blocks)
-    calibrator = make_calibrator(model, cfg, calib, blocks, progress) if cfg.needs_calibration else None
+    calibrator = None
+    if cfg.needs_calibration:
+        calibrator = make_calibrator(model, cfg, calib, blocks, progress,
+                                     **({"workdir": checkpoint.path} if checkpoint else {}))
+    with contextlib.ExitStack() as stack:
+        if calibrator is not None:
+            stack.enter_context(calibrator)
+            stack.enter_context(text_encoders_parked(model))
+        report = _prune_groups(model, cfg, calib, calibrator, planned, report, blocks, progress, checkpoint)
+    shrink_(denoiser, [g for g, _ in report_active(report, planned)], report_kept(report))
+    after = model_stats(model)
+    report.model_stats = {"before": before, "after": after,
+                          "parameter_ratio": after["parameters"] / before["parameters"],
+                          "flop_ratio": after["flops_per_forward"] / before["flops_per_forward"]}
+    report.shrink_plan = plan_to_json([g for g, _ in report_active(report, planned)], report_kept(report))
+    report.total_seconds = time.perf_counter() - t_start
+    return report
+
+
+def report_active(report: PruneReport, planned: list[tuple[StructureGroup, int]]) -> list[tuple[StructureGroup, int]]:
+    """The structure groups that lose something, with their final counts (after any allocation)."""
+    removed = {s["name"]: len(s["removed"]) for s in report.structures}
+    return [(g, removed[g.name]) for g, _ in planned if removed.get(g.name)]
+
+
+def report_kept(report: PruneReport) -> dict[str, list[int]]:
+    """Kept structure indices per group, from the report's records of what each group removed."""
+    return {s["name"]: [i for i in range(s["count"]) if i not in set(s["removed"])] for s in report.structures}
+
+
+def _prune_groups(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, calibrator, planned, report, blocks,
+                  progress: bool, checkpoint: Checkpoint | None) -> PruneReport:
+    """Remove structures group by group (calibrating each on the partly pruned model); writers' rows of removed
+    structures are zeroed so later groups see the pruned model. Slicing happens afterwards, once."""
+    denoiser = model.denoiser
+    modules = dict(denoiser.named_modules())
     positions = block_positions(blocks, modules)
 
     def chunk(items: list) -> list[list]:  # (group, count) items in forward order -> calibration groups
         return calibration_chunks(items, calib.groups, lambda item: positions[item[0].readers[0].linear])
 
     report.encode_seconds = calibrator.encode_seconds if calibrator else 0.0
-    if cfg.allocation == "sensitivity":
+    resuming = checkpoint is not None and checkpoint.done > 0
+    if resuming:
+        counts = checkpoint.extra["planned"]
+        planned = [(g, counts[g.name]) for g, _ in planned]
+    elif cfg.allocation == "sensitivity":
         if calibrator is None:
             raise ConfigError("--allocation sensitivity needs Hessians; use it with obs-diff or sparsegpt")
         t0 = time.perf_counter()
@@ -189,7 +231,25 @@ def prune_structured_(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, 
     chunks = chunk(active) if calibrator else [active]
     report.calib["groups"] = len(chunks)
     chunk_readers = [list(dict.fromkeys(s.linear for g, _ in chunk for s in g.readers)) for chunk in chunks]
-    for gi, chunk in enumerate(tqdm(chunks, desc="groups", unit="group", disable=not progress)):
+    start = 0
+    if resuming:
+        if calibrator is not None and calibrator.mode == "cached":
+            calibrator.capture()  # on the dense model, as the uninterrupted run did
+        start = checkpoint.done
+        done_readers = {name for names in chunk_readers[:start] for name in names}
+        for name in {n for names in chunk_readers[start:] for n in names} & done_readers:
+            originals[name] = modules[name].weight.detach().clone()  # dense, before the restore
+        checkpoint.restore_(denoiser)
+        encode_seconds = report.encode_seconds
+        report = PruneReport.from_dict(checkpoint.report)
+        report.encode_seconds = encode_seconds
+        state = checkpoint.extra
+        removed_cols = {k: set(v) for k, v in state["removed_cols"].items()}
+        kept = state["kept"]
+        records = {r["name"]: LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in state["records"]}
+    bar = tqdm(total=len(chunks), initial=start, desc="groups", unit="group", disable=not progress)
+    for gi in range(start, len(chunks)):
+        chunk = chunks[gi]
         readers = chunk_readers[gi]
         accs, t_calib = ({}, 0.0)
         if calibrator:
@@ -256,14 +316,21 @@ def prune_structured_(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, 
                 del originals[name]
         report.add_group(gi, [[g.name] for g, _ in chunk], t_calib, time.perf_counter() - t0, accs)
         del accs, states
-
+        if checkpoint is not None:
+            changed = {f"{name}.weight": modules[name].weight for name in readers}
+            for group, _ in chunk:
+                for s in group.writers:
+                    lin = modules[s.linear]
+                    changed[f"{s.linear}.weight"] = lin.weight
+                    if lin.bias is not None:
+                        changed[f"{s.linear}.bias"] = lin.bias
+            report.layers = list(records.values())
+            checkpoint.save_group(gi, changed, report.to_dict(), {
+                "planned": {g.name: n for g, n in planned}, "kept": kept,
+                "removed_cols": {k: sorted(v) for k, v in removed_cols.items()},
+                "records": [asdict(r) for r in records.values()]})
+        bar.update()
+    bar.close()
     report.layers = list(records.values())
     report.calibration = calibrator.stats() if calibrator else {}
-    shrink_(denoiser, [g for g, _ in active], kept)
-    after = model_stats(model)
-    report.model_stats = {"before": before, "after": after,
-                          "parameter_ratio": after["parameters"] / before["parameters"],
-                          "flop_ratio": after["flops_per_forward"] / before["flops_per_forward"]}
-    report.shrink_plan = plan_to_json([g for g, _ in active], kept)
-    report.total_seconds = time.perf_counter() - t_start
     return report

@@ -201,6 +201,10 @@ class ModelFamily(ABC):
         """Text tokens the denoiser sees per image at generation time (None: `example_inputs` default)."""
         return None
 
+    def guidance_rows(self, guidance_scale: float) -> int:
+        """Denoiser batch rows per prompt at this guidance: 2 with classifier-free guidance, else 1."""
+        return 2 if guidance_scale > 1.0 else 1
+
     def next_block_inputs(self, output, inputs: dict) -> dict:
         """The keyword inputs of the next block, from one block's `output` and its keyword `inputs`.
 

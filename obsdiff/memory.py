@@ -1,0 +1,373 @@
+"""Memory of a prune, planned before any work: per group and per device, from shapes alone.
+
+The denoiser is rebuilt on the meta device (no memory, seconds even at 12 B parameters) and run once at the
+calibration shape under a dispatch mode that counts the bytes of live intermediate tensors: that gives
+every prunable linear's input shape (so the Hessians, the hook transients and the cached block inputs) and
+the activation peak of one forward, exactly, for any family. Weights come from the loaded modules or from the
+safetensors headers on disk (nothing is read but the headers). What remains is a model of the solver's
+workspace, measured against peak RSS in `bench/scale.py`.
+
+Peak of a prune = max over its phases, per device:
+  encode:     weights (text encoders on the device)
+  calibrate:  denoiser + group Hessians + activations + one call's hook transient (+ cached inputs)
+  solve:      denoiser + group Hessians + the largest layer's solver workspace
+Text encoders and the VAE leave the accelerator after the prompts are encoded (`text_encoders_parked`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from obsdiff.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+# Solver workspace per layer, in multiples of d_in^2 and d_out * d_in float32 values: H's damped copy, its
+# Cholesky factor, the inverse and U (blocked OBS) or the running inverse (structured); W in the compute dtype,
+# the updated copy and the error terms. Fitted against peak RSS on SD3-Medium-width layers (bench/scale.py).
+SOLVE_H_COPIES = 4
+SOLVE_W_COPIES = 4
+
+
+# ---------------------------------------------------------------------------------------- measuring on meta
+
+
+class _LiveBytes:
+    """Bytes of live tensors created inside a `TorchDispatchMode`, and their peak (views and in-place ops
+    allocate nothing and are not counted)."""
+
+    def __init__(self):
+        self.live = 0
+        self.peak = 0
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def track(self, out) -> None:
+        from torch.utils._pytree import tree_flatten
+
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                n = t.numel() * t.element_size()
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, n)
+
+
+class FusedAttention(torch.overrides.TorchFunctionMode):
+    """Attention as the fused kernels run it (flash / memory-efficient on GPUs, flash on CPUs): an output the
+    size of the query, no (tokens x tokens) score matrix. On the meta device SDPA would otherwise decompose
+    into the math path and count scores that real runs never hold."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q, v = args[0], args[2] if len(args) > 2 else kwargs["value"]
+            return q.new_empty((*q.shape[:-1], v.shape[-1]))
+        return func(*args, **kwargs)
+
+
+def _allocates(func) -> bool:
+    return not any(r.alias_info is not None for r in func._schema.returns)
+
+
+@dataclass
+class ForwardProfile:
+    """What one denoiser forward at the calibration shape needs, measured on the meta device."""
+
+    linear_inputs: dict[str, tuple[int, ...]]  # dotted linear name -> input shape of its (first) call
+    activation_peak: int  # bytes of intermediate tensors alive at once
+    block_input_bytes: int  # one call's keyword inputs of the first selected block (cached calibration)
+
+
+def profile_forward(denoiser: nn.Module, inputs: dict, first_block: nn.Module | None = None) -> ForwardProfile:
+    """Run `denoiser` (on the meta device, with meta `inputs`) once and measure shapes and live bytes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from obsdiff.calibrate import tensor_bytes
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    block_bytes = [0]
+    live = _LiveBytes()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if _allocates(func):
+                live.track(out)
+            return out
+
+    handles = []
+    for name, mod in denoiser.named_modules():
+        if isinstance(mod, nn.Linear):
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, args, n=name: shapes.setdefault(n, tuple(args[0].shape)) and None))
+    if first_block is not None:
+        def on_block(mod, args, kwargs):
+            if not block_bytes[0]:
+                block_bytes[0] = tensor_bytes(kwargs) + tensor_bytes(args)
+
+        handles.append(first_block.register_forward_pre_hook(on_block, with_kwargs=True))
+    try:
+        with torch.no_grad(), FusedAttention(), Count():
+            denoiser(**inputs, return_dict=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return ForwardProfile(shapes, live.peak, block_bytes[0])
+
+
+def meta_twin(denoiser: nn.Module, shrink_plan: list | None = None, family=None) -> nn.Module:
+    """The same architecture on the meta device (shrunk like a structured run when given its plan)."""
+    if all(p.is_meta for p in denoiser.parameters()):
+        return denoiser
+    with torch.device("meta"):
+        twin = type(denoiser).from_config(denoiser.config)
+    if shrink_plan:
+        from obsdiff.shrink import replay_plan_
+
+        groups = [g for b in family.blocks(twin) for g in family.structure_groups(b)]
+        replay_plan_(twin, groups, shrink_plan)
+    return twin
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+FLOAT_TYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def safetensors_bytes(folder: Path, dtype: torch.dtype | None = None) -> int:
+    """Bytes the tensors of a component folder take once loaded (floats converted to `dtype`), from headers."""
+    total = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            numel = 1
+            for d in info["shape"]:
+                numel *= d
+            size = DTYPE_BYTES.get(info["dtype"], 4)
+            if dtype is not None and info["dtype"] in FLOAT_TYPES:
+                size = torch.tensor([], dtype=dtype).element_size()
+            total += numel * size
+    return total
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def component_bytes(pipeline) -> dict[str, int]:
+    """Bytes of every module component of a loaded pipeline."""
+    return {name: module_bytes(c) for name, c in pipeline.components.items() if isinstance(c, nn.Module)}
+
+
+def disk_component_bytes(pipeline_dir: Path, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes of every component of a diffusers folder once loaded in `dtype`, read from safetensors headers."""
+    index = json.loads((pipeline_dir / "model_index.json").read_text())
+    out = {}
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        folder = pipeline_dir / name
+        if folder.is_dir() and any(folder.glob("*.safetensors")):
+            out[name] = safetensors_bytes(folder, dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- devices
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on `device`: an accelerator's free memory, or the host's available RAM; None if unknown."""
+    if device.type != "cpu":
+        get_info = getattr(torch.accelerator, "get_memory_info", None)  # recent torch only
+        if get_info is not None:
+            return int(get_info(device)[0])
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def current_rss() -> int:
+    """Resident memory of this process now (bytes; 0 where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process so far (bytes)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class GroupPlan:
+    index: int
+    layers: list[str]  # the hooked linears (one per shared input)
+    hessian_bytes: int
+    hook_bytes: int  # one call's input converted for accumulation
+    solve_bytes: int  # the largest layer's solver workspace
+    calls: int  # denoiser calls that feed this group's Hessians
+    peak: dict[str, int] = field(default_factory=dict)  # device -> predicted bytes
+
+
+@dataclass
+class MemoryPlan:
+    device: str
+    hessian_device: str
+    cache_device: str | None
+    weights: dict[str, int]  # component -> bytes
+    activation_bytes: int
+    cache_bytes: int
+    baseline_bytes: int  # the process before loading (Python, torch, libraries)
+    groups: list[GroupPlan]
+    peak: dict[str, int]  # device -> predicted peak bytes
+    limit: int | None = None  # bytes allowed on the model's device
+    chosen_groups: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        from obsdiff.cli_utils import format_table
+
+        devices = sorted(self.peak)
+        rows = [[g.index, len(g.layers), g.hessian_bytes / 2**20, g.calls,
+                 *[g.peak.get(d, 0) / GiB for d in devices]] for g in self.groups]
+        return format_table(["group", "layers", "Hessians MiB", "denoiser calls",
+                             *[f"peak {d} GiB" for d in devices]], rows)
+
+
+def plan_groups(units_by_group: list[list[str]], profile: ForwardProfile, linear_shapes: dict[str, tuple[int, int]],
+                calls_per_pass: int, weights: dict[str, int], denoiser_name: str, device: str, hessian_device: str,
+                cache_device: str | None = None, solver_bytes: int = 4, max_tokens: int | None = None,
+                baseline_bytes: int = 0) -> MemoryPlan:
+    """Predicted peak bytes per device for a prune whose groups hook `units_by_group` (linear names).
+
+    `profile` is one forward at one batch of calibration rows; `calls_per_pass` the denoiser calls of one
+    calibration pass; `linear_shapes` the (d_out, d_in) of every hooked linear; `weights` the bytes of the loaded
+    components; `solver_bytes` 4 (fp32 Hessians and solves) or 8 (fp64).
+    """
+    denoiser_bytes = weights.get(denoiser_name, 0)
+    others = sum(v for k, v in weights.items() if k != denoiser_name)
+    cache_bytes = profile.block_input_bytes * calls_per_pass if cache_device else 0
+    host = "cpu"
+
+    def add(peaks: dict, where: str, n: int) -> None:
+        peaks[where] = peaks.get(where, 0) + n
+
+    groups = []
+    for i, names in enumerate(units_by_group):
+        hess = sum(linear_shapes[n][1] ** 2 for n in names) * solver_bytes
+        hook = 0
+        for n in names:
+            shape = profile.linear_inputs.get(n)
+            if shape is not None:
+                tokens = max(1, _prod(shape[:-1]))
+                hook = max(hook, min(tokens, max_tokens or tokens) * shape[-1] * solver_bytes)
+        solve = max((SOLVE_H_COPIES * d_in**2 + SOLVE_W_COPIES * d_out * d_in) * solver_bytes
+                    for d_out, d_in in (linear_shapes[n] for n in names)) if names else 0
+        phases = []
+        for transient in (profile.activation_peak + hook, solve):  # calibration, then the solves
+            peaks: dict[str, int] = {}
+            add(peaks, device, denoiser_bytes + transient)
+            add(peaks, hessian_device, hess)
+            add(peaks, host, baseline_bytes + others)  # parked components (all of it on a CPU)
+            if cache_device:
+                add(peaks, cache_device, cache_bytes)
+            phases.append(peaks)
+        peak = {d: max(p.get(d, 0) for p in phases) for p in phases for d in p}
+        groups.append(GroupPlan(i, list(names), hess, hook, solve, calls_per_pass, peak))
+
+    encode: dict[str, int] = {}
+    add(encode, device, denoiser_bytes + others)  # the text encoders run where the denoiser does
+    add(encode, host, baseline_bytes)
+    peak = dict(encode)
+    for g in groups:
+        for d, n in g.peak.items():
+            peak[d] = max(peak.get(d, 0), n)
+    return MemoryPlan(device, hessian_device, cache_device, weights, profile.activation_peak, cache_bytes,
+                      baseline_bytes, groups, peak)
+
+
+def _prod(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+@contextlib.contextmanager
+def text_encoders_parked(model):
+    """Text encoders (and every other component but the denoiser and the VAE) on the host while the denoiser
+    calibrates on an accelerator; back where they were afterwards. A no-op on the CPU.
+
+    The VAE stays: it is small, and some pipelines (Flux, SDXL) take their execution device from it.
+    """
+    pipeline = model.pipeline
+    denoiser = model.denoiser
+    if denoiser.device.type == "cpu" or not hasattr(pipeline, "components"):
+        yield
+        return
+    moved = {}
+    for name, comp in pipeline.components.items():
+        if isinstance(comp, nn.Module) and comp is not denoiser and name != "vae":
+            device = next(iter(comp.parameters()), torch.empty(0)).device
+            if device.type != "cpu":
+                moved[name] = device
+                comp.to("cpu")
+    if moved:
+        log.info("parked %s on the CPU during calibration", ", ".join(moved))
+        getattr(torch, denoiser.device.type).empty_cache() if hasattr(torch, denoiser.device.type) else None
+    try:
+        yield
+    finally:
+        for name, device in moved.items():
+            pipeline.components[name].to(device)
+
+
+def check_fits(plan: MemoryPlan, device: torch.device, limit: int | None = None) -> None:
+    """Refuse, in one line, a plan whose peak exceeds the limit or the free memory of its devices."""
+    for where, need in sorted(plan.peak.items()):
+        free = available_bytes(torch.device(where))
+        cap = limit if (limit is not None and where == plan.device) else None
+        if cap is None and free is not None and where == "cpu":
+            free += current_rss()  # what this process already holds is part of the predicted peak
+        allowed = cap if cap is not None else free
+        if allowed is not None and need > allowed:
+            what = "--max-memory" if cap is not None else f"free memory on {where}"
+            raise ConfigError(
+                f"this prune needs about {need / GiB:.1f} GiB on {where} but {what} is {allowed / GiB:.1f} GiB; "
+                "use --dtype bf16, --hessian-device cpu, --cache-device cpu, fewer --num-prompts/--batch-size, "
+                "more --groups, or see --dry-run")

@@ -1,0 +1,221 @@
+"""The memory plan of a prune before it starts: `--dry-run`, `--max-memory`, and the up-front refusal.
+
+Works on a loaded model or on a *skeleton* read from disk (configs and safetensors headers; the denoiser on
+the meta device), so a model that cannot fit is refused before a single weight is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
+from obsdiff.errors import ConfigError, ModelLoadError
+from obsdiff.loading import LoadedModel, parse_dtype
+from obsdiff.memory import (
+    ForwardProfile,
+    GiB,
+    MemoryPlan,
+    component_bytes,
+    current_rss,
+    disk_component_bytes,
+    meta_twin,
+    plan_groups,
+    profile_forward,
+)
+from obsdiff.prune import block_positions, calibration_chunks, plan_units, select_blocks
+
+log = logging.getLogger(__name__)
+
+
+def skeleton(ref: str, dtype: str | torch.dtype = "fp32") -> tuple[LoadedModel, dict[str, int]]:
+    """`ref` as a model whose denoiser lives on the meta device, and its components' bytes in `dtype`.
+
+    Reads configs and safetensors headers only (no weights), so planning a 12 B model takes seconds and no RAM.
+    """
+    import diffusers
+
+    from obsdiff import io
+    from obsdiff.loading import _generation_defaults, quiet_libraries, resolve_model
+    from obsdiff.models import get_family
+
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    path = Path(ref).expanduser()
+    record = None
+    if path.is_dir() and io.is_run_dir(path):
+        record = io.read_run(path)
+        base, builtin = resolve_model(record["base_model"])
+    else:
+        base, builtin = resolve_model(ref)
+    try:
+        index = json.loads((base / "model_index.json").read_text())
+        family_names = {v[1] for v in index.values() if isinstance(v, list) and len(v) == 2}
+        from obsdiff.models.registry import FAMILIES
+
+        family = next(f for f in FAMILIES.values() if set(f.denoiser_classes) & family_names)
+        config = json.loads((base / family.denoiser_attr / "config.json").read_text())
+        cls = getattr(diffusers, config["_class_name"])
+    except StopIteration:
+        from obsdiff.models import supported_families
+
+        raise ConfigError(f"{ref!r} has no denoiser of a supported family ({supported_families()})") from None
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot read the configs of {ref!r} ({exc}); pass a diffusers pipeline folder") from None
+    with torch.device("meta"), quiet_libraries():  # diffusers warns about casting with `to()`
+        denoiser = cls.from_config(config).to(torch_dtype)
+    if record is not None:
+        family = get_family(record.get("family", family.name))
+        denoiser = meta_twin(denoiser, record.get("shrink_plan"), family)
+    vae_cfg = _read_json(base / "vae" / "config.json")
+    tok_cfg = _read_json(base / "tokenizer" / "tokenizer_config.json")
+    vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
+    pipeline = SimpleNamespace(
+        **{family.denoiser_attr: denoiser}, vae_scale_factor=vae_scale,
+        tokenizer=SimpleNamespace(model_max_length=tok_cfg.get("model_max_length", 77)),
+        default_sample_size=config.get("sample_size", 128) if isinstance(config.get("sample_size", 128), int) else 128)
+    model = LoadedModel(ref=ref, path=base, pipeline=pipeline, family=family, builtin=builtin,
+                        generation_defaults=_generation_defaults(builtin), run=record)
+    return model, disk_component_bytes(base, torch_dtype)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def calibration_latent_size(model: LoadedModel, calib: CalibConfig) -> tuple[int, int]:
+    """Latent height and width of the calibration images."""
+    pipe = model.pipeline
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    default_px = model.generation_defaults.get("height") or getattr(pipe, "default_sample_size", 128) * scale
+    h = calib.height or model.generation_defaults.get("height") or default_px
+    w = calib.width or model.generation_defaults.get("width") or default_px
+    return max(1, h // scale), max(1, w // scale)
+
+
+def hooked_groups(model: LoadedModel, prune: PruneConfig, calib: CalibConfig) -> list[list[str]]:
+    """The linears whose Hessians each calibration group accumulates, as the prune will chunk them."""
+    denoiser = model.denoiser
+    blocks = select_blocks(model.family.blocks(denoiser), prune.blocks)
+    names = [n for n, _ in denoiser.named_modules()]
+    positions = block_positions(blocks, names)
+    if prune.structured:
+        from obsdiff.structured import plan_structures
+
+        planned, _ = plan_structures(model, prune)
+        active = [(g, n) for g, n in planned if n > 0]
+        chunks = calibration_chunks(active, calib.groups, lambda item: positions[item[0].readers[0].linear])
+        return [list(dict.fromkeys(s.linear for g, _ in chunk for s in g.readers)) for chunk in chunks]
+    units, _ = plan_units(model, prune)
+    if not prune.needs_calibration:
+        return [[u[0] for u in units]]
+    return [[u[0] for u in chunk] for chunk in calibration_chunks(units, calib.groups, lambda u: positions[u[0]])]
+
+
+def forward_profile(model: LoadedModel, prune: PruneConfig, calib: CalibConfig) -> ForwardProfile:
+    """One calibration call of `model`'s denoiser, measured on its meta twin (`memory.profile_forward`)."""
+    calib = resolve_calib(calib, model.builtin, prune.method)
+    twin = meta_twin(model.denoiser, (model.run or {}).get("shrink_plan"), model.family)
+    rows = calib.batch_size * model.family.guidance_rows(calib.guidance)
+    h, w = calibration_latent_size(model, calib)
+    msl = model.generation_defaults.get("max_sequence_length")
+    with torch.device("meta"):
+        inputs = model.family.example_inputs(twin, batch=rows, height=h, width=w,
+                                             text_len=model.family.text_len(model.pipeline, msl))
+    inputs = {k: _to_meta(v) for k, v in inputs.items()}
+    blocks = select_blocks(model.family.blocks(twin), prune.blocks)
+    return profile_forward(twin, inputs, blocks[0].module if calib.mode == "cached" else None)
+
+
+def plan_memory(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = None,
+                device: str | torch.device | None = None, hessian_device: str | None = None,
+                weights: dict[str, int] | None = None, baseline_bytes: int | None = None,
+                profile: ForwardProfile | None = None) -> MemoryPlan:
+    """The predicted memory of pruning `model` (loaded or a `skeleton`) on `device` [the denoiser's].
+
+    `profile` (from `forward_profile`) can be passed when planning the same calibration shape repeatedly.
+    """
+    calib = resolve_calib(calib or CalibConfig(), model.builtin, prune.method)
+    denoiser = model.denoiser
+    device = torch.device(device) if device is not None else denoiser.device
+    if device.type == "meta":
+        device = torch.device("cpu")
+    dev = "cpu" if device.type == "cpu" else str(device)
+    weights = weights if weights is not None else component_bytes(model.pipeline)
+    twin = meta_twin(denoiser, (model.run or {}).get("shrink_plan"), model.family)
+    profile = profile or forward_profile(model, prune, calib)
+    shapes = {n: (m.out_features, m.in_features) for n, m in twin.named_modules() if isinstance(m, torch.nn.Linear)}
+    batches = -(-calib.num_prompts // calib.batch_size)
+    cache_device = None
+    if calib.mode == "cached":
+        cache_device = dev if calib.cache_device is None else _device_name(calib.cache_device)
+    h_dev = dev if hessian_device in (None, "auto") else _device_name(hessian_device)
+    groups = hooked_groups(_with_denoiser(model, twin), prune, calib)
+    calls = batches * calib.steps if prune.needs_calibration else 0
+    return plan_groups(groups, profile, shapes, calls, weights, model.family.denoiser_attr, dev, h_dev, cache_device,
+                       8 if prune.compute_dtype == "fp64" else 4, calib.max_tokens,
+                       current_rss() if baseline_bytes is None else baseline_bytes)
+
+
+def choose_groups(model: LoadedModel, prune: PruneConfig, calib: CalibConfig, max_memory: float,
+                  device=None, hessian_device: str | None = None, weights: dict[str, int] | None = None,
+                  baseline_bytes: int | None = None) -> tuple[CalibConfig, MemoryPlan]:
+    """The calibration config with the fewest groups (at least the requested number) whose predicted peak on
+    the model's device stays within `max_memory` GiB, and its plan; a one-line refusal if even one group
+    per block does not fit."""
+    calib = resolve_calib(calib, model.builtin, prune.method)
+    limit = int(max_memory * GiB)
+    blocks = select_blocks(model.family.blocks(model.denoiser), prune.blocks)
+    start = calib.groups or len(blocks)
+    plan = None
+    profile = forward_profile(model, prune, calib)
+    for groups in range(start, len(blocks) + 1):
+        trial = replace(calib, groups=groups)
+        plan = plan_memory(model, prune, trial, device, hessian_device, weights, baseline_bytes, profile)
+        if plan.peak[plan.device] <= limit:
+            plan.limit, plan.chosen_groups = limit, len(plan.groups)
+            return trial, plan
+    worst = max(plan.groups, key=lambda g: g.peak.get(plan.device, 0))
+    raise ConfigError(
+        f"--max-memory {max_memory:g} GiB is too small: with one group per block the largest group still needs "
+        f"{worst.peak[plan.device] / GiB:.1f} GiB on {plan.device} (Hessians {worst.hessian_bytes / GiB:.1f} GiB); "
+        "use --hessian-device cpu, --dtype bf16, a smaller --batch-size, or more memory")
+
+
+def _device_name(name: str) -> str:
+    d = torch.device(name)
+    return "cpu" if d.type == "cpu" else str(d)
+
+
+def _to_meta(v):
+    if isinstance(v, torch.Tensor):
+        return v.to("meta")
+    if isinstance(v, dict):
+        return {k: _to_meta(x) for k, x in v.items()}
+    return v
+
+
+def _with_denoiser(model: LoadedModel, denoiser: torch.nn.Module) -> LoadedModel:
+    """`model` seen through another denoiser object (the meta twin), for planning only."""
+    pipeline = SimpleNamespace(**{model.family.denoiser_attr: denoiser})
+    return replace(model, pipeline=pipeline)
+
+
+def describe(plan: MemoryPlan) -> str:
+    """The plan as a person reads it: the groups table and the peaks per device."""
+    lines = [plan.table(), ""]
+    weights = ", ".join(f"{k} {v / GiB:.2f}" for k, v in plan.weights.items())
+    lines.append(f"weights (GiB): {weights}")
+    lines.append(f"activations of one forward: {plan.activation_bytes / GiB:.2f} GiB"
+                 + (f"; cached block inputs: {plan.cache_bytes / GiB:.2f} GiB on {plan.cache_device}"
+                    if plan.cache_device else ""))
+    peaks = ", ".join(f"{d} {n / GiB:.2f} GiB" for d, n in sorted(plan.peak.items()))
+    lines.append(f"predicted peak: {peaks}" + (f" (limit {plan.limit / GiB:.2f} GiB)" if plan.limit else ""))
+    return "\n".join(lines)
