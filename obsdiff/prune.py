@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -24,7 +24,9 @@ from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
 from obsdiff.errors import ConfigError, ObsdiffError
 from obsdiff.hessian import HessianAccumulator
 from obsdiff.loading import LoadedModel, as_loaded
+from obsdiff.memory import text_encoders_parked
 from obsdiff.models import Block
+from obsdiff.resume import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,15 @@ class PruneReport:
         d = asdict(self)
         d["sparsity"] = self.sparsity
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PruneReport:
+        """The report back from `to_dict` (e.g. a checkpoint's JSON): records as dataclasses, shapes as tuples."""
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in d.pop("layers", [])]
+        groups = [GroupRecord(**g) for g in d.pop("groups", [])]
+        return cls(**d, layers=layers, groups=groups)
 
 
 def select_blocks(blocks: list[Block], span: tuple[int, int] | None) -> list[Block]:
@@ -210,13 +221,14 @@ def _solve_unit(unit: Unit, modules: dict[str, nn.Module], H: torch.Tensor | Non
 
 
 def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = None,
-           progress: bool = True) -> PruneReport:
+           progress: bool = True, checkpoint: Checkpoint | None = None) -> PruneReport:
     """Prune `model`'s denoiser in place and return the report. Shapes never change.
 
     `model` is a `LoadedModel` (from `load_pipeline`) or an in-memory diffusers pipeline.
 
     Calibration settings left unset take the model's defaults (`config.resolve_calib`); SparseGPT and
-    Wanda calibrate once with uniform step weights.
+    Wanda calibrate once with uniform step weights. With a `checkpoint` (`open_checkpoint`), every finished
+    group is stored and a checkpoint that already holds groups is continued after its last one.
     """
     t_start = time.perf_counter()
     model = as_loaded(model)
@@ -224,7 +236,7 @@ def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = N
     if prune.structured:
         from obsdiff.structured import prune_structured_
 
-        return prune_structured_(model, prune, calib, progress, t_start)
+        return prune_structured_(model, prune, calib, progress, t_start, checkpoint)
     denoiser = model.denoiser
     modules = dict(denoiser.named_modules())
     units, skipped = plan_units(model, prune)
@@ -243,20 +255,67 @@ def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = N
         return report
 
     blocks = select_blocks(model.family.blocks(denoiser), prune.blocks)
-    calibrator = make_calibrator(model, prune, calib, blocks, progress)
-    report.encode_seconds = calibrator.encode_seconds
-    positions = block_positions(blocks, modules)
-    chunks = calibration_chunks(units, calib.groups, lambda unit: positions[unit[0]])
-    report.calib["groups"] = len(chunks)
-    for g, chunk in enumerate(tqdm(chunks, desc="groups", unit="group", disable=not progress)):
-        # the unit's linears share one input: hook (and accumulate for) its first linear only
-        accs, t_calib = calibrator.hessians([unit[0] for unit in chunk], f"calibrate group {g + 1}/{len(chunks)}")
-        t0 = time.perf_counter()
-        for unit in tqdm(chunk, desc=f"prune group {g + 1}/{len(chunks)}", unit="unit", leave=False,
-                         disable=not progress):
-            report.layers.extend(_solve_unit(unit, modules, accs[unit[0]].H, prune))
-        report.add_group(g, [list(u) for u in chunk], t_calib, time.perf_counter() - t0, accs)
-        del accs
-    report.calibration = calibrator.stats()
+    calibrator = make_calibrator(model, prune, calib, blocks, progress,
+                                 workdir=checkpoint.path if checkpoint else None)
+    with calibrator, text_encoders_parked(model):
+        report.encode_seconds = calibrator.encode_seconds
+        positions = block_positions(blocks, modules)
+        chunks = calibration_chunks(units, calib.groups, lambda unit: positions[unit[0]])
+        report.calib["groups"] = len(chunks)
+        start = 0
+        if checkpoint is not None and checkpoint.done:
+            report, start = resume_from(checkpoint, calibrator, denoiser, report), checkpoint.done
+        bar = tqdm(total=len(chunks), initial=start, desc="groups", unit="group", disable=not progress)
+        for g in range(start, len(chunks)):
+            chunk = chunks[g]
+            # the unit's linears share one input: hook (and accumulate for) its first linear only
+            accs, t_calib = calibrator.hessians([unit[0] for unit in chunk], f"calibrate group {g + 1}/{len(chunks)}")
+            t0 = time.perf_counter()
+            for unit in tqdm(chunk, desc=f"prune group {g + 1}/{len(chunks)}", unit="unit", leave=False,
+                             disable=not progress):
+                report.layers.extend(_solve_unit(unit, modules, accs[unit[0]].H, prune))
+            report.add_group(g, [list(u) for u in chunk], t_calib, time.perf_counter() - t0, accs)
+            del accs
+            if checkpoint is not None:
+                checkpoint.save_group(g, {f"{name}.weight": modules[name].weight for unit in chunk for name in unit},
+                                      report.to_dict())
+            bar.update()
+        bar.close()
+        report.calibration = calibrator.stats()
     report.total_seconds = time.perf_counter() - t_start
     return report
+
+
+def resume_from(checkpoint: Checkpoint, calibrator: Calibrator, denoiser: nn.Module, report: PruneReport
+                ) -> PruneReport:
+    """Re-apply a checkpoint's finished groups to the dense `denoiser`; the report as it was after them.
+
+    Cached calibration captures its block inputs on the dense model first, as the uninterrupted run did, and
+    carries them through the restored blocks when the next group asks, so the next group's Hessians are
+    bitwise those of the uninterrupted run.
+    """
+    if calibrator.mode == "cached":
+        calibrator.capture()
+    checkpoint.restore_(denoiser)
+    restored = PruneReport.from_dict(checkpoint.report)
+    restored.encode_seconds = report.encode_seconds
+    return restored
+
+
+def run_settings(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = None) -> dict:
+    """Everything that determines a prune's result, for a checkpoint to compare against on resume."""
+    import obsdiff
+
+    model = as_loaded(model)
+    calib = resolve_calib(calib or CalibConfig(), model.builtin, prune.method)
+    denoiser = model.denoiser
+    config = {k: v for k, v in dict(getattr(denoiser, "config", {})).items() if not k.startswith("_")}
+    return {"prune": prune.to_dict(), "calib": calib.to_dict(), "model": model.ref, "family": model.family.name,
+            "denoiser_config": config, "dtype": str(denoiser.dtype).removeprefix("torch."),
+            "device": denoiser.device.type, "torch": torch.__version__, "obsdiff": obsdiff.__version__}
+
+
+def open_checkpoint(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None, out, resume: bool = False,
+                    force: bool = False) -> Checkpoint:
+    """The staging directory of a prune that will be saved to `out` (see `obsdiff.resume`)."""
+    return Checkpoint.open(out, run_settings(model, prune, calib), resume=resume, force=force)
