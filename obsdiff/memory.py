@@ -71,7 +71,8 @@ class FusedAttention(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
-            q, v = args[0], args[2] if len(args) > 2 else kwargs["value"]
+            q = args[0] if args else kwargs["query"]
+            v = args[2] if len(args) > 2 else kwargs["value"]
             return q.new_empty((*q.shape[:-1], v.shape[-1]))
         return func(*args, **kwargs)
 

@@ -176,7 +176,7 @@ def choose_groups(model: LoadedModel, prune: PruneConfig, calib: CalibConfig, ma
     start = calib.groups or len(blocks)
     plan = None
     profile = forward_profile(model, prune, calib)
-    for groups in range(start, len(blocks) + 1):
+    for groups in range(start, len(blocks) + 1) if start <= len(blocks) else [start]:
         trial = replace(calib, groups=groups)
         plan = plan_memory(model, prune, trial, device, hessian_device, weights, baseline_bytes, profile)
         if plan.peak[plan.device] <= limit:

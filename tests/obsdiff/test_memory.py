@@ -1,0 +1,110 @@
+"""The memory planner: shapes from a meta-device forward, Hessian and cache bytes equal to what a prune holds,
+group counts chosen for a budget, one-line refusals, and --dry-run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from obsdiff.cli import cli
+from obsdiff.config import CalibConfig, PruneConfig
+from obsdiff.errors import ConfigError
+from obsdiff.loading import as_loaded
+from obsdiff.memory import GiB, check_fits, component_bytes, profile_forward
+from obsdiff.planner import choose_groups, plan_memory, skeleton
+from obsdiff.prune import prune_
+from tests.conftest import tiny_flux, tiny_sd3
+
+CALIB = dict(num_prompts=4, steps=2, batch_size=2, guidance=2.0)
+
+
+@pytest.mark.parametrize("make", [tiny_sd3, tiny_flux])
+def test_meta_forward_sees_the_real_input_shapes(make):
+    model = as_loaded(make())
+    d = model.denoiser
+    inputs = model.family.example_inputs(d, batch=2, height=8, width=8, text_len=8,
+                                         generator=torch.Generator().manual_seed(0))
+    real = {}
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: real.setdefault(n, tuple(a[0].shape)) and None)
+               for n, m in d.named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        d(**inputs, return_dict=False)
+    for h in handles:
+        h.remove()
+    from obsdiff.memory import meta_twin
+
+    twin = meta_twin(d)
+    profile = profile_forward(twin, {k: v.to("meta") for k, v in inputs.items()})
+    assert profile.linear_inputs == real
+    assert profile.activation_peak > 0
+    assert all(p.device.type == "cpu" for p in d.parameters())  # the model itself is untouched
+
+
+@pytest.mark.parametrize("mode,prune", [("rerun", PruneConfig(sparsity=0.5)), ("cached", PruneConfig(sparsity=0.5)),
+                                        ("rerun", PruneConfig(sparsity_type="structured", sparsity=0.5))])
+def test_planned_hessian_and_cache_bytes_are_what_the_prune_holds(mode, prune):
+    calib = CalibConfig(**CALIB, groups=2 if mode == "rerun" else None, mode=mode)
+    model = as_loaded(tiny_sd3(num_layers=3))
+    plan = plan_memory(model, prune, calib)
+    report = prune_(model, prune, calib, progress=False)
+    assert [g.hessian_bytes for g in plan.groups] == [g.hessian_bytes for g in report.groups]
+    if mode == "cached":
+        assert plan.cache_bytes == report.calibration["cache_bytes"]
+    assert plan.peak["cpu"] > sum(component_bytes(model.pipeline).values())
+
+
+def test_skeleton_reads_sizes_from_disk_without_loading(tiny_sd3_dir):
+    from obsdiff.loading import load_pipeline
+
+    sketch, weights = skeleton(str(tiny_sd3_dir), "fp32")
+    assert all(p.is_meta for p in sketch.denoiser.parameters())
+    loaded = component_bytes(load_pipeline(str(tiny_sd3_dir)).pipeline)
+    assert weights.keys() == loaded.keys()
+    for k in weights:
+        assert weights[k] == pytest.approx(loaded[k], rel=0.3), k
+    assert weights["transformer"] == sum(t.numel() for t in sketch.denoiser.state_dict().values()) * 4
+
+
+def test_max_memory_chooses_more_groups_and_refuses_what_cannot_fit():
+    model = as_loaded(tiny_sd3(num_layers=4, num_heads=4, head_dim=32))
+    prune = PruneConfig(sparsity=0.5)
+    calib = CalibConfig(**CALIB, groups=1)
+    one = plan_memory(model, prune, calib, baseline_bytes=0)
+    per_block = plan_memory(model, prune, CalibConfig(**CALIB, groups=4), baseline_bytes=0)
+    assert per_block.peak["cpu"] < one.peak["cpu"]
+    budget = (one.peak["cpu"] + per_block.peak["cpu"]) / 2 / GiB
+    chosen, plan = choose_groups(model, prune, calib, budget, baseline_bytes=0)
+    assert 1 < chosen.groups <= 4 and plan.peak["cpu"] <= budget * GiB
+    with pytest.raises(ConfigError, match=r"--max-memory .* is too small: with one group per block"):
+        choose_groups(model, prune, calib, per_block.peak["cpu"] / GiB * 0.5, baseline_bytes=0)
+    with pytest.raises(ConfigError, match="needs about .* GiB on cpu but --max-memory is"):
+        check_fits(one, torch.device("cpu"), limit=int(per_block.peak["cpu"] * 0.5))
+
+
+def test_hessians_on_the_host_leave_the_accelerator_plan():
+    model = as_loaded(tiny_sd3(num_layers=2))
+    prune, calib = PruneConfig(sparsity=0.5), CalibConfig(**CALIB)
+    on_gpu = plan_memory(model, prune, calib, device="cuda", baseline_bytes=0)
+    on_host = plan_memory(model, prune, calib, device="cuda", hessian_device="cpu", baseline_bytes=0)
+    hess = max(g.hessian_bytes for g in on_gpu.groups)
+    assert on_gpu.peak["cuda"] - on_host.peak["cuda"] == pytest.approx(hess, rel=0.01)
+    assert on_host.peak["cpu"] > on_gpu.peak["cpu"]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_sd3_dir, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["prune", "--model", str(tiny_sd3_dir), "--sparsity", "0.5", "--groups", "2",
+                                 "--dry-run", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "Hessians MiB" in r.output and "predicted peak: cpu" in r.output
+    assert r.output.count("\n| 1 ") == 1  # two groups: rows 0 and 1
+    assert not out.exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_prune_refuses_before_loading_when_max_memory_is_too_small(tiny_sd3_dir, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["prune", "--model", str(tiny_sd3_dir), "--sparsity", "0.5", "--max-memory", "0.001",
+                                 "--out", str(out)])
+    assert r.exit_code == 2 and "--max-memory 0.001 GiB is too small" in r.output
+    assert not out.exists() and not (tmp_path / "run.partial").exists()
