@@ -1,0 +1,132 @@
+"""Seconds of one layer's OBS solve at the widths of real denoisers, next to its dense linear-algebra floor.
+
+    flock /tmp/obsdiff-bigmem.lock python bench/solve_widths.py [--quick] [--repeats 3]
+        [--out bench/results/solve_widths.json]
+
+For each layer shape (d_out x d_in, the layer of that input width in SD3-Medium, SD3.5-Large or Flux.1-dev),
+one thread, random weights and a random SPD Hessian `H = 2 X^T X / N` (X: N > d_in rows):
+- `floor`: the solve's dense linear algebra alone: Cholesky of the damped H, `cholesky_inverse`, the upper
+  Cholesky of the inverse, and the lazy block products `Err @ U[b:e, e:]` subtracted from W (block 128);
+- `obs_prune` for 50 % unstructured and 2:4, and their ratio to the floor (goal: <= 2 at every width);
+- the per-layer error report (`obs.layer_errors`: both relative errors, float32) and, up to
+  `--legacy-max-width`, the float64 `reconstruction_error` called twice as the report did before.
+Medians over `--repeats` interleaved rounds (one round from d_in 9728 up). The full run holds H matrices of
+up to 15360^2 floats (~5 GB peak) and takes about half an hour on a 2-core CPU; `--quick` stops at 6144.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from common import save_results  # bench/ is the script's directory
+
+from obsdiff import obs
+from obsdiff.cli_utils import format_table
+
+# (layer, d_out, d_in)
+SHAPES = [
+    ("SD3-Medium attn.to_out.0", 1536, 1536),
+    ("SD3.5-Large attn.to_out.0", 2432, 2432),
+    ("Flux.1-dev attn.to_out.0", 3072, 3072),
+    ("SD3-Medium ff.net.2", 1536, 6144),
+    ("SD3.5-Large ff.net.2", 2432, 9728),
+    ("Flux.1-dev ff.net.2", 3072, 12288),
+    ("Flux.1-dev single proj_out", 3072, 15360),
+]
+BLOCK = 128
+
+
+def problem(d_out: int, d_in: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(d_in + 256, d_in, generator=g)
+    H = X.T @ X
+    H *= 2 / X.shape[0]
+    del X
+    return torch.randn(d_out, d_in, generator=g) * 0.02, H
+
+
+def floor(W: torch.Tensor, H: torch.Tensor) -> None:
+    """The dense linear algebra every blocked OBS solve must do, with nothing else around it."""
+    U, _ = obs.damped_inverse_cholesky(H)
+    W = W.clone()
+    d_in = W.shape[1]
+    Err = torch.zeros(W.shape[0], BLOCK)
+    for b in range(0, d_in, BLOCK):
+        e = min(b + BLOCK, d_in)
+        if e < d_in:
+            W[:, e:].addmm_(Err[:, :e - b], U[b:e, e:], alpha=-1)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(name: str, d_out: int, d_in: int, repeats: int, legacy: bool) -> dict:
+    t_build = time.perf_counter()
+    W, H = problem(d_out, d_in)
+    t_build = time.perf_counter() - t_build
+    W_new = obs.obs_prune(W, H, 0.5).weight
+    cases = {
+        "floor": lambda: floor(W, H),
+        "unstructured": lambda: obs.obs_prune(W, H, 0.5),
+        "2:4": lambda: obs.obs_prune(W, H, nm=(2, 4)),
+        "errors": lambda: obs.layer_errors(W, W_new, H),
+    }
+    if legacy:
+        cases["errors_fp64"] = lambda: (obs.reconstruction_error(W, W.masked_fill(W_new == 0, 0.0), H),
+                                        obs.reconstruction_error(W, W_new, H))
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(repeats):  # interleaved: load changes hit every case alike
+        for k, fn in cases.items():
+            times[k].append(timed(fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    row = {"layer": name, "d_out": d_out, "d_in": d_in, "repeats": repeats, "build_seconds": t_build,
+           "seconds": med, "all_seconds": times,
+           "ratio_unstructured": med["unstructured"] / med["floor"], "ratio_2_4": med["2:4"] / med["floor"]}
+    err0, err = obs.layer_errors(W, W_new, H)
+    row["errors"] = {"mask_only": err0, "compensated": err}
+    if legacy:
+        ref0 = obs.reconstruction_error(W, W.masked_fill(W_new == 0, 0.0), H)
+        ref = obs.reconstruction_error(W, W_new, H)
+        row["errors"] |= {"rel_diff_fp64": max(abs(err0 - ref0) / ref0, abs(err - ref) / ref)}
+    return row
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="input widths up to 6144, one round")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds below d_in 9728 (median reported)")
+    ap.add_argument("--legacy-max-width", type=int, default=9728,
+                    help="time the float64 error report up to this input width (it is slow)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "solve_widths.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    shapes = [s for s in SHAPES if s[2] <= 6144] if args.quick else SHAPES
+    rows = []
+    headers = ["layer", "d_out x d_in", "floor s", "50 % s", "ratio", "2:4 s", "ratio", "errors s", "fp64 errors s"]
+    table = []
+    for name, d_out, d_in in shapes:
+        repeats = 1 if args.quick or d_in >= 9728 else args.repeats
+        r = measure(name, d_out, d_in, repeats, legacy=d_in <= args.legacy_max_width)
+        rows.append(r)
+        s = r["seconds"]
+        table.append([name, f"{d_out} x {d_in}", s["floor"], s["unstructured"], r["ratio_unstructured"], s["2:4"],
+                      r["ratio_2_4"], s["errors"], s.get("errors_fp64")])
+        print(format_table(headers, table[-1:]).splitlines()[-1], flush=True)
+    text = ("# OBS solve at real layer widths (one thread)\n\n" + format_table(headers, table) +
+            "\n\nfloor: Cholesky of the damped H, cholesky_inverse, upper Cholesky of the inverse and the lazy block"
+            " products alone. ratio: solve / floor. errors: `obs.layer_errors` (both relative errors, float32);"
+            " fp64 errors: `reconstruction_error` twice in float64 (the report before).")
+    print("\n" + text)
+    save_results(args.out, text, {"threads": 1, "block_size": BLOCK, "rows": rows}, t_start)
+
+
+if __name__ == "__main__":
+    main()
