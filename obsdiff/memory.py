@@ -264,10 +264,19 @@ class MemoryPlan:
         from obsdiff.cli_utils import format_table
 
         devices = sorted(self.peak)
-        rows = [[g.index, len(g.layers), g.hessian_bytes / 2**20, g.calls,
+        rows = [[g.index, _span(g.layers), len(g.layers), g.hessian_bytes / 2**20, g.solve_bytes / 2**20, g.calls,
                  *[g.peak.get(d, 0) / GiB for d in devices]] for g in self.groups]
-        return format_table(["group", "layers", "Hessians MiB", "denoiser calls",
+        return format_table(["group", "layers", "inputs", "Hessians MiB", "solve MiB", "denoiser calls",
                              *[f"peak {d} GiB" for d in devices]], rows)
+
+
+def _span(names: list[str]) -> str:
+    """`first .. last` of a group's layer names (they are in forward order)."""
+    if not names:
+        return ""
+    if len(names) == 1:
+        return names[0]
+    return f"{names[0]} .. {names[-1]}"
 
 
 def plan_groups(units_by_group: list[list[str]], profile: ForwardProfile, linear_shapes: dict[str, tuple[int, int]],
