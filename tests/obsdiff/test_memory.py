@@ -100,8 +100,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_sd3_dir, tmp_path):
                                  "--dry-run", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert "Hessians MiB" in r.output and "predicted peak: cpu" in r.output
-    assert re.search(r"\| 1 +\| transformer_blocks\.0\.ff_context\.net\.2 \.\. transformer_blocks\.1\.ff\.net\.2 +\| 6 ",
-                     r.output)
+    row = r"\| 1 +\| transformer_blocks\.0\.ff_context\.net\.2 \.\. transformer_blocks\.1\.ff\.net\.2 +\| 6 "
+    assert re.search(row, r.output)
     assert not out.exists() and not (tmp_path / "run.partial").exists()
 
 
