@@ -359,7 +359,9 @@ def text_encoders_parked(model):
                 comp.to("cpu")
     if moved:
         log.info("parked %s on the CPU during calibration", ", ".join(moved))
-        getattr(torch, denoiser.device.type).empty_cache() if hasattr(torch, denoiser.device.type) else None
+        empty_cache = getattr(torch.accelerator, "empty_cache", None)  # recent torch only
+        if empty_cache is not None:
+            empty_cache()  # hand the freed blocks back, so the Hessians can use them
     try:
         yield
     finally:
