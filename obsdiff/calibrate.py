@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.errors import ConfigError, UnsupportedModelError
 from obsdiff.hessian import HessianAccumulator, timestep_weights
-from obsdiff.hooks import HessianHooks, InputCapture, LastStepCut, StepCounter, StopPass, tensors_to
+from obsdiff.hooks import CallCut, HessianHooks, InputCapture, LastStepCut, StepCounter, StopPass, tensors_to
 from obsdiff.loading import LoadedModel
 from obsdiff.models import Block
 
@@ -176,7 +176,7 @@ class Calibrator:
                 for i, name in enumerate(linears)}
 
     def _hooks(self, counter: StepCounter, accs: dict[str, HessianAccumulator],
-               cut: LastStepCut | None = None) -> HessianHooks:
+               cut: LastStepCut | CallCut | None = None) -> HessianHooks:
         hooks = HessianHooks(counter, self.weights, sync=self.sync_timing, cut=cut)
         for name, acc in accs.items():
             hooks.watch(self.modules[name], acc)
@@ -343,7 +343,8 @@ class CachedCalibrator(Calibrator):
         start, advancing = self.frontier, self.frontier < first
         counter = StepCounter()
         cache = self.cache
-        with self._hooks(counter, accs) as hooks:
+        cut = CallCut()  # the hooked blocks' output is not needed: stop at their last hook
+        with self._hooks(counter, accs, cut) as hooks:
             for i in tqdm(range(len(cache)), desc=desc, unit="call", leave=False, disable=not self.progress):
                 t1 = time.perf_counter()
                 kwargs, step = cache.read(i, self.device)
@@ -358,7 +359,10 @@ class CachedCalibrator(Calibrator):
                     self.advance_seconds += t2 - t1
                     self.io_seconds += t3 - t2
                 counter.step = step
-                self._run_blocks(first, last + 1, kwargs)
+                cut.start()
+                with contextlib.suppress(StopPass):
+                    self._run_blocks(first, last + 1, kwargs)
+                cut.finish()
         self.hessian_seconds += hooks.seconds
         self.frontier = first
 
@@ -427,12 +431,11 @@ class SpillCache:
     interpreter exit) deletes it.
     """
 
-    location = "file"
-
     def __init__(self, workdir: Path, capacity: int):
         fd, name = tempfile.mkstemp(prefix="obsdiff-block-inputs-", suffix=".bin", dir=workdir)
         os.close(fd)
         self.path = Path(name)
+        self.location = str(self.path)
         self._finalizer = weakref.finalize(self, _unlink, self.path)
         self._capacity = 0
         self._buf = torch.empty(0, dtype=torch.uint8)

@@ -60,6 +60,27 @@ class LastStepCut:
             raise StopPass
 
 
+class CallCut:
+    """Ends a run of hooked blocks once every hook has fired as often as in the first run (`start` before
+    each run, `finish` after it): the rest of the last hooked block computes outputs nobody reads."""
+
+    def __init__(self):
+        self.expected: int | None = None
+        self._fires = 0
+
+    def start(self) -> None:
+        self._fires = 0
+
+    def fired(self) -> None:
+        self._fires += 1
+        if self._fires == self.expected:
+            raise StopPass
+
+    def finish(self) -> None:
+        if self.expected is None:
+            self.expected = self._fires
+
+
 class HessianHooks:
     """Forward pre-hooks that feed each watched linear's input into its accumulator.
 
@@ -70,7 +91,7 @@ class HessianHooks:
     """
 
     def __init__(self, counter: StepCounter, weights: list[float], sync: bool = False,
-                 cut: LastStepCut | None = None):
+                 cut: LastStepCut | CallCut | None = None):
         self.counter = counter
         self.weights = weights
         self.sync = sync

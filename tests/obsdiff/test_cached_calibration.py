@@ -20,11 +20,11 @@ CALIB = dict(num_prompts=4, steps=3, guidance=2.0, batch_size=2)
 BUILDERS = {"sd3": tiny_sd3, "flux": tiny_flux}
 
 
-def calibrators(model, mode: str, **calib):
+def calibrators(model, mode: str, workdir=None, **calib):
     prune = PruneConfig(sparsity=0.5)
     cfg = resolve_calib(CalibConfig(**(CALIB | calib), mode=mode), None, "obs-diff")
     blocks = model.family.blocks(model.denoiser)
-    return make_calibrator(model, prune, cfg, blocks, progress=False)
+    return make_calibrator(model, prune, cfg, blocks, progress=False, workdir=workdir)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -195,3 +195,124 @@ def test_flux_cached_prune_covers_double_and_single_blocks():
     assert any(b.startswith("single_transformer_blocks") for b in blocks)
     assert len(report.groups) == 4 and report.calibration["captures"] == 1
     assert all(r.sparsity == 0.5 for r in report.pruned_layers)
+
+
+def per_block_hessians(model, cal, prune: bool = True):
+    """Hessians of every unit, one group per block in forward order; each block is pruned (half its weights
+    zeroed) after its group, so later groups read a frontier carried through pruned blocks."""
+    units, _ = P.plan_units(model, PruneConfig(sparsity=0.5))
+    modules = dict(model.denoiser.named_modules())
+    out = {}
+    for b in range(len(cal.blocks)):
+        names = [u[0] for u in units if cal.block_of[u[0]] == b]
+        accs, _ = cal.hessians(names, f"block {b}")
+        out |= {n: a.H.clone() for n, a in accs.items()}
+        if prune:
+            with torch.no_grad():
+                for unit in units:
+                    for n in unit:
+                        if cal.block_of[n] == b:
+                            modules[n].weight.mul_((torch.arange(modules[n].weight.numel()) % 2).view_as(
+                                modules[n].weight).float())
+    return out
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_spilled_cache_gives_bitwise_identical_hessians_and_is_deleted(family, tmp_path):
+    in_memory = calibrators(as_loaded(BUILDERS[family]()), "cached")
+    expected = per_block_hessians(in_memory.model, in_memory)
+    model = as_loaded(BUILDERS[family]())
+    cfg = resolve_calib(CalibConfig(**CALIB, mode="cached", cache_spill="always"), None, "obs-diff")
+    with make_calibrator(model, PruneConfig(sparsity=0.5), cfg, model.family.blocks(model.denoiser),
+                         progress=False, workdir=tmp_path) as cal:
+        got = per_block_hessians(model, cal)
+        stats = cal.stats()
+        path = stats["cache_location"]
+        assert path.startswith(str(tmp_path)) and (tmp_path / path.rsplit("/", 1)[1]).exists()
+        assert stats["cache_bytes"] >= in_memory.stats()["cache_bytes"] > 0 and stats["captures"] == 1
+    assert list(tmp_path.iterdir()) == []  # closing deleted the file
+    assert in_memory.stats()["cache_location"] == "memory"
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_a_spilled_capture_that_fails_leaves_no_file(tmp_path):
+    model = as_loaded(tiny_sd3())
+    cal = calibrators(model, "cached", cache_spill="always", workdir=tmp_path)
+    calls = {"n": 0}
+
+    def fail_on_third_call(module, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+
+    handle = cal.blocks[1].module.register_forward_pre_hook(fail_on_third_call, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            cal.hessians(["transformer_blocks.0.attn.to_q"], "x")
+    finally:
+        handle.remove()
+    assert list(tmp_path.iterdir()) == [] and cal.cache is None
+
+
+def test_a_failing_sweep_and_garbage_collection_delete_the_file(tmp_path):
+    import gc
+
+    model = as_loaded(tiny_sd3())
+    with pytest.raises(RuntimeError, match="boom"), calibrators(model, "cached", cache_spill="always",
+                                                                 workdir=tmp_path) as cal:
+        cal.capture()
+        assert len(list(tmp_path.iterdir())) == 1 and cal.frontier == 0 and len(cal.cache) == 2 * 3
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    cal = calibrators(model, "cached", cache_spill="always", workdir=tmp_path)
+    cal.capture()
+    assert len(list(tmp_path.iterdir())) == 1
+    del cal
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_spills_when_memory_is_short_and_refuses_without_room(monkeypatch, tmp_path):
+    import obsdiff.calibrate as C
+
+    monkeypatch.setattr(C, "free_bytes", lambda device: 1000)
+    model = as_loaded(tiny_sd3())
+    name = ["transformer_blocks.0.attn.to_q"]
+    with calibrators(model, "cached", workdir=tmp_path) as cal:  # cache_spill "auto"
+        cal.hessians(name, "x")
+        assert cal.stats()["cache_location"].startswith(str(tmp_path))
+    for kwargs in ({}, {"cache_spill": "never", "workdir": tmp_path}):  # no workdir / spilling forbidden
+        with pytest.raises(ConfigError, match=r"GiB of block inputs .* but cpu has 0.0 GiB free") as info:
+            calibrators(model, "cached", **kwargs).hessians(name, "x")
+        assert "\n" not in str(info.value)
+    monkeypatch.setattr(C.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    with pytest.raises(ConfigError, match=f"and {tmp_path} 0.0 GiB"):
+        calibrators(model, "cached", workdir=tmp_path).hessians(name, "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_spill_settings_are_validated(tmp_path):
+    with pytest.raises(ConfigError, match="cache-spill"):
+        CalibConfig(mode="cached", cache_spill="sometimes")
+    with pytest.raises(ConfigError, match="only applies to --calibration-mode cached"):
+        CalibConfig(cache_spill="always")
+    with pytest.raises(ConfigError, match="needs a working directory"):
+        calibrators(as_loaded(tiny_sd3()), "cached", cache_spill="always")
+
+
+def test_public_capture_then_groups_advance_from_block_0():
+    """`capture()` caches block 0's inputs of the model as it is; a later group advances from there, as a
+    capture started by `hessians` for that group would compute directly."""
+    model = as_loaded(tiny_sd3(num_layers=3))
+    name = ["transformer_blocks.2.attn.to_q"]
+    direct = calibrators(model, "cached")
+    expected, _ = direct.hessians(name, "direct")
+    assert direct.frontier == 2 and direct.stats()["captures"] == 1
+    cal = calibrators(model, "cached")
+    cal.capture()
+    assert cal.frontier == 0
+    got, _ = cal.hessians(name, "advanced")
+    assert cal.frontier == 2 and cal.stats()["captures"] == 1
+    torch.testing.assert_close(got[name[0]].H, expected[name[0]].H, rtol=1e-5, atol=1e-6)

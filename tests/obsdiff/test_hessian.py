@@ -53,3 +53,34 @@ def test_token_subsampling_is_seeded_and_bounded():
     a.add(x)
     b.add(x)
     assert a.tokens == 16 and torch.equal(a.H, b.H)
+
+
+@pytest.mark.parametrize("d", [255, 256, 300, 512])
+def test_wide_inputs_accumulate_the_lower_triangle_and_read_symmetric(d):
+    """From 2 tiles wide, only the lower triangle is multiplied; `H` is the full symmetric running mean."""
+    from obsdiff.hessian import TILE
+
+    g = torch.Generator().manual_seed(1)
+    calls = [(torch.randn(2, 30, d, generator=g, dtype=torch.float64), a) for a in (1.2, 0.9, 1.0)]
+    acc = HessianAccumulator(d, dtype=torch.float64)
+    for x, a in calls:
+        acc.add(x, a)
+    assert acc._upper_stale == (d >= 2 * TILE)
+    S = sum(a * x.shape[0] for x, a in calls)
+    H = sum(a * x.reshape(-1, d).T @ x.reshape(-1, d) for x, a in calls) * 2 / S
+    torch.testing.assert_close(acc.H, H, rtol=1e-12, atol=1e-12)
+    if d >= 2 * TILE:
+        assert torch.equal(acc.H, acc.H.T)
+    acc.add(calls[0][0], 1.0)  # adding after a read keeps the result right
+    S2 = S + 2
+    H2 = (H * S + 2 * calls[0][0].reshape(-1, d).T @ calls[0][0].reshape(-1, d)) / S2
+    torch.testing.assert_close(acc.H, H2, rtol=1e-12, atol=1e-12)
+
+
+def test_inputs_are_moved_to_the_accumulator_device_and_dtype():
+    acc = HessianAccumulator(8, device="cpu", dtype=torch.float64)
+    x = torch.randn(3, 4, 8, dtype=torch.float32)
+    acc.add(x, 1.0)
+    assert acc.device == torch.device("cpu") and acc.H.dtype == torch.float64
+    X = x.reshape(-1, 8).double()
+    torch.testing.assert_close(acc.H, 2 * X.T @ X / 3)
