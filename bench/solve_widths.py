@@ -1,7 +1,6 @@
 """Seconds of one layer's OBS solve at the widths of real denoisers, next to its dense linear-algebra floor.
 
-    flock /tmp/obsdiff-bigmem.lock python bench/solve_widths.py [--quick] [--repeats 3]
-        [--out bench/results/solve_widths.json]
+    python bench/solve_widths.py [--quick] [--repeats 3] [--out bench/results/solve_widths.json]
 
 For each layer shape (d_out x d_in, the layer of that input width in SD3-Medium, SD3.5-Large or Flux.1-dev),
 one thread, random weights and a random SPD Hessian `H = 2 X^T X / N` (X: N > d_in rows):
@@ -12,11 +11,14 @@ one thread, random weights and a random SPD Hessian `H = 2 X^T X / N` (X: N > d_
   `--legacy-max-width`, the float64 `reconstruction_error` called twice as the report did before.
 Medians over `--repeats` interleaved rounds (one round from d_in 9728 up). The full run holds H matrices of
 up to 15360^2 floats (~5 GB peak) and takes about half an hour on a 2-core CPU; `--quick` stops at 6144.
+Widths above 6144 (over 3 GB) run holding `/tmp/obsdiff-bigmem.lock`, so they never overlap another big job.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import statistics
 import time
 from pathlib import Path
@@ -98,6 +100,17 @@ def measure(name: str, d_out: int, d_in: int, repeats: int, legacy: bool) -> dic
     return row
 
 
+@contextlib.contextmanager
+def bigmem_lock(path: str = "/tmp/obsdiff-bigmem.lock"):
+    """The machine-wide lock that keeps jobs over 3 GB apart (as `flock PATH command` takes it)."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="input widths up to 6144, one round")
@@ -114,7 +127,8 @@ def main(argv=None) -> None:
     table = []
     for name, d_out, d_in in shapes:
         repeats = 1 if args.quick or d_in >= 9728 else args.repeats
-        r = measure(name, d_out, d_in, repeats, legacy=d_in <= args.legacy_max_width)
+        with bigmem_lock() if d_in > 6144 else contextlib.nullcontext():
+            r = measure(name, d_out, d_in, repeats, legacy=d_in <= args.legacy_max_width)
         rows.append(r)
         s = r["seconds"]
         table.append([name, f"{d_out} x {d_in}", s["floor"], s["unstructured"], r["ratio_unstructured"], s["2:4"],

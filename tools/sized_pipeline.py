@@ -3,7 +3,9 @@
     python tools/sized_pipeline.py NAME --layers N [--single-layers K] --dtype bf16 --out DIR [--force]
 
 NAME is one of obsdiff.testing.SIZED_MODELS (sd3-medium, sd3.5-large, sd3.5-medium, flux.1-dev, sdxl).
-The result is an ordinary diffusers pipeline directory: `obsdiff prune --model DIR ...` runs on it.
+The result is an ordinary diffusers pipeline directory: `obsdiff prune --model DIR --dtype D ...` runs on it.
+Pass obsdiff the same `--dtype` as here: diffusers 0.42 (without accelerate) loads these transformers in their
+saved dtype whatever dtype it is asked for, and a float32 run then fails on bf16 weights.
 Weights are random: use it for memory, speed and CLI runs at real width, never for quality.
 SD3-Medium at full depth takes ~1.5 min and ~9 GB of RAM to build on a 2-core CPU: run big builds under
 `flock /tmp/obsdiff-bigmem.lock`.
