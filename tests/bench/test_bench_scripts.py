@@ -45,3 +45,30 @@ def test_latency_bench(tmp_path):
         stages = {k: v["latency_ms"]["median"] for k, v in r["stages"].items()}
         assert all(v >= 0 for v in stages.values()) and stages["denoiser"] > 0
         assert r["denoiser_calls"] == 2  # one call per step: CFG's two halves share a batch
+
+
+def test_calibration_speed_bench(tmp_path):
+    """Baseline checkout vs current code, both modes: times, ratios, the profile split and equal quality."""
+    if not Path("/tmp/obsdiff-baseline/obsdiff").is_dir():
+        known = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", "7b6eeef^{commit}"], capture_output=True)
+        if known.returncode != 0:
+            import pytest
+
+            pytest.skip("the baseline commit 7b6eeef is not in this clone")
+    data = run_script("calibration_speed.py", tmp_path / "speed.json")
+    rows = {r["mode"]: r for r in data["rows"]}
+    assert set(rows) == {"rerun", "cached"}
+    assert rows["cached"]["groups"] == 6 and rows["rerun"]["groups"] == 4
+    for r in rows.values():
+        assert r["seconds"]["ratio"] > 0 and r["calibration_seconds"]["current"] > 0
+        stats = r["calibration_stats"]
+        assert stats["forward_seconds"] > 0 and stats["hessian_seconds"] > 0
+        base, cur = r["quality"]["baseline"], r["quality"]["current"]
+        assert base["digit_accuracy"] > 0.9 and cur["digit_accuracy"] > 0.9
+        assert abs(base["latent_rel_mse_vs_reference"] - cur["latent_rel_mse_vs_reference"]) < 0.01
+        assert math.isclose(r["mean_layer_error"]["baseline"], r["mean_layer_error"]["current"], rel_tol=0.02)
+    assert rows["cached"]["calibration_stats"]["cache_location"] == "memory"
+    profiles = {(p["mode"], p["code"]): p for p in data["profiles"]}
+    assert len(profiles) == 4
+    for p in profiles.values():
+        assert p["forwards"] > 0 and p["hessian"] > 0 and p["solve"] > 0
