@@ -242,3 +242,15 @@ def test_layer_errors_match_float64_reconstruction_error():
         assert err0 == pytest.approx(ref0, rel=1e-4) and err == pytest.approx(ref, rel=1e-4)
     assert layer_errors(W, W, H)[1] == 0.0
     assert layer_errors(torch.zeros_like(W), W, H) == (0.0, 0.0)
+
+
+def test_layer_errors_on_a_singular_hessian_and_dead_inputs():
+    # fewer tokens than inputs: H is singular, the Cholesky route gives way to dense products
+    W, H = layer(d_out=12, d_in=64, tokens=16, seed=10, dtype=torch.float32)
+    H[5, :] = H[:, 5] = 0
+    W0, H0 = W.clone(), H.clone()
+    W_new = obs_prune(W, H, sparsity=0.5, block_size=32).weight
+    err0, err = layer_errors(W, W_new, H)
+    assert torch.equal(W, W0) and torch.equal(H, H0)
+    assert err0 == pytest.approx(reconstruction_error(W, W.masked_fill(W_new == 0, 0.0), H), rel=1e-4)
+    assert err == pytest.approx(reconstruction_error(W, W_new, H), rel=1e-3, abs=1e-7)
