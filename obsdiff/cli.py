@@ -208,7 +208,7 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
     from obsdiff.errors import Interrupted
     from obsdiff.io import check_can_save, save_run
     from obsdiff.loading import load_pipeline, resolve_device
-    from obsdiff.memory import check_fits
+    from obsdiff.memory import check_fits, measured_peaks
     from obsdiff.planner import choose_groups, describe, plan_memory, skeleton
     from obsdiff.prune import open_checkpoint, prune_
     from obsdiff.resume import Checkpoint
@@ -240,6 +240,9 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
         return
     check_fits(plan, torch_device, plan.limit)
     save_as = check_can_save(sketch, out, force, None if save_dtype == "base" else save_dtype)
+    click.echo(f"plan: {len(plan.groups)} calibration groups, predicted peak "
+               + ", ".join(f"{n / 2**30:.1f} GiB on {d}" for d, n in sorted(plan.peak.items()))
+               + " (--dry-run shows the groups)", err=True)
     loaded = load_pipeline(model, device=torch_device, dtype=dtype)
     checkpoint = open_checkpoint(loaded, pcfg, ccfg, out, resume=resume, force=force)
     try:
@@ -247,7 +250,9 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; {checkpoint.done} finished groups are kept in {checkpoint.path}: run the "
                           "same command with --resume to continue") from None
-    save_run(loaded, report.to_dict() | {"memory_plan": plan.to_dict()}, out, force=force, dtype=save_as)
+    measured = measured_peaks(torch_device)
+    save_run(loaded, report.to_dict() | {"memory_plan": plan.to_dict(), "memory_measured": measured}, out,
+             force=force, dtype=save_as)
     checkpoint.remove()
     done = report.pruned_layers
     errs = [r.error for r in done if r.error is not None]
@@ -262,6 +267,8 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
             *([["parameters, pruned / dense", report.model_stats["parameter_ratio"]],
                ["FLOPs per forward, pruned / dense", report.model_stats["flop_ratio"]]] if report.model_stats else []),
             ["peak Hessian memory (MiB)", report.peak_hessian_bytes / 2**20],
+            *[[f"peak memory on {d} (GiB), planned / measured",
+               f"{plan.peak.get(d, 0) / 2**30:.2f} / {n / 2**30:.2f}"] for d, n in sorted(measured.items())],
             ["total seconds", report.total_seconds]]
     click.echo(format_table(["prune", "value"], rows))
     for warning in report.warnings:

@@ -229,6 +229,16 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def measured_peaks(device: torch.device) -> dict[str, int]:
+    """What this process actually peaked at: host RSS, and the accelerator's allocator peak when one is used."""
+    peaks = {"cpu": peak_rss()}
+    if device.type != "cpu":
+        get_peak = getattr(torch.accelerator, "max_memory_allocated", None)  # recent torch only
+        if get_peak is not None:
+            peaks[str(device)] = int(get_peak(device))
+    return peaks
+
+
 # ----------------------------------------------------------------------------------------------- the plan
 
 
