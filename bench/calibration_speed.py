@@ -178,23 +178,27 @@ def main(argv=None) -> int:
     rows, body = [], []
     for mode in MODES:
         row = {"mode": mode, "groups": runs["current", mode][0]["groups"]}
-        for key in ("seconds", "calibration_seconds"):
+        for key in ("seconds", "cpu_seconds", "calibration_seconds"):
             b, c = med("baseline", mode, key), med("current", mode, key)
             row[key] = {"baseline": b, "current": c, "ratio": c / b}
-        row["repeats"] = {impl: [r["seconds"] for r in runs[impl, mode]] for impl in impls}
+        row["repeats"] = {impl: [{k: r[k] for k in ("seconds", "cpu_seconds", "calibration_seconds")}
+                                 for r in runs[impl, mode]] for impl in impls}
         row["quality"] = {impl: qualities[impl, mode] for impl in impls}
         row["mean_layer_error"] = {impl: runs[impl, mode][0]["mean_layer_error"] for impl in impls}
         row["calibration_stats"] = runs["current", mode][0]["calibration"]
         rows.append(row)
         for impl in impls:
             q = qualities[impl, mode]
+            cur = impl == "current"
             body.append([mode, impl, row["groups"], round(med(impl, mode, "seconds"), 2),
-                         round(med(impl, mode, "calibration_seconds"), 2),
-                         round(row["seconds"]["ratio"], 3) if impl == "current" else "",
-                         round(row["calibration_seconds"]["ratio"], 3) if impl == "current" else "",
+                         round(med(impl, mode, "cpu_seconds"), 2), round(med(impl, mode, "calibration_seconds"), 2),
+                         round(row["seconds"]["ratio"], 3) if cur else "",
+                         round(row["cpu_seconds"]["ratio"], 3) if cur else "",
+                         round(row["calibration_seconds"]["ratio"], 3) if cur else "",
                          q["digit_accuracy"], round(q["latent_rel_mse_vs_reference"], 5),
                          round(row["mean_layer_error"][impl], 6)])
-    table = format_table(["mode", "code", "groups", "prune s", "calibration s", "prune ratio", "calibration ratio",
+    table = format_table(["mode", "code", "groups", "prune s", "prune CPU s", "calibration s", "prune ratio",
+                          "prune CPU ratio", "calibration ratio",
                           "digit_accuracy", "latent_rel_mse", "mean layer error"], body)
     parts = ["encode", "forwards", "hessian", "io", "solve", "error report", "other", "total"]
     prof_table = format_table(["mode", "code", *[f"{p} s" for p in parts]],
@@ -203,7 +207,8 @@ def main(argv=None) -> int:
     calib_desc = ", ".join(f"{k} {v}" for k, v in extra.items()) or "64 prompts x 20 steps, batch 16"
     head = (f"builtin:digits, obs-diff 50 %, calibration {calib_desc}; rerun 4 groups, cached one group per "
             f"block. Baseline = commit {BASELINE_COMMIT}. Medians of {repeats} interleaved run(s) per code and "
-            f"mode, one thread, each prune in its own process; {time.strftime('%Y-%m-%d')}. Quality on "
+            f"mode, one thread, each prune in its own process; {time.strftime('%Y-%m-%d')}. `prune CPU s`: the "
+            "process's CPU time (less sensitive than wall time to other load on a shared machine). Quality on "
             f"{num_images} images (dense: digit_accuracy {dense_m['digit_accuracy']:.3f}).")
     prof_head = ("**Where the time goes** (one cProfile run each; profiling overhead inflates all parts): "
                  "`forwards` = calibration minus Hessian accumulation and cache I/O; `error report` = the "
