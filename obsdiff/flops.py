@@ -61,7 +61,7 @@ def count_flops(denoiser: nn.Module, inputs: dict) -> int:
         with FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
             functional_call(denoiser, meta, args=(), kwargs={**meta_inputs, "return_dict": False})
     except (NotImplementedError, RuntimeError) as exc:
-        log.info("counting FLOPs on the meta device failed (%s); running the forward instead", exc)
+        log.warning("counting FLOPs on the meta device failed (%s); running the forward instead", exc)
         return forward_flops(denoiser, inputs)
     return int(counter.get_total_flops())
 
