@@ -118,8 +118,10 @@ def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, n
 
     Cost: the factorisations (d_in^3) and the lazy updates (d_out d_in^2) dominate. Inside a column block
     the per-column rank-1 updates only span a sub-block of <= 32 columns; the rest of the block gets one
-    product per sub-block (the same lazy-update identity one level down), so the Python loop does three
-    small kernels per column. Results are deterministic; they differ from an unblocked loop by float rounding.
+    product per sub-block (the same lazy-update identity one level down), so the Python loop does one
+    product and one rank-1 update per column (and an N:M group's mask at its first column). Results are
+    deterministic; they differ from the unblocked loop of METHOD.md by float rounding (masks agree except
+    at near-ties).
     """
     if (sparsity is None) == (nm is None):
         raise ValueError("give exactly one of sparsity (unstructured) or nm (N:M)")
@@ -137,7 +139,7 @@ def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, n
     for b in range(0, d_in, block_size):
         e = min(b + block_size, d_in)
         # transposed (columns as contiguous rows of length d_out): the per-column kernels below are memory
-        # bound and run several times faster on contiguous rows than on strided columns
+        # bound and faster on contiguous rows than on strided columns
         W1 = W[:, b:e].T.contiguous()
         U1 = U[b:e, b:e]
         d = torch.diagonal(U1)
