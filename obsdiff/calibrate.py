@@ -149,7 +149,7 @@ class Calibrator:
         self.weights = timestep_weights(calib.timestep_weighting, calib.steps, calib.alpha_min, calib.alpha_max)
         self.dtype = torch.float64 if prune.compute_dtype == "fp64" else torch.float32
         self.modules = dict(model.denoiser.named_modules())
-        self.calib_seconds = 0.0  # all hessians() calls
+        self.calib_seconds = 0.0  # all pipeline passes and sweeps
         self.hessian_seconds = 0.0  # inside the hooks' accumulation
         self.io_seconds = 0.0  # cached mode: reading and writing cached block inputs
         self.passes = 0  # pipeline runs
@@ -281,6 +281,7 @@ class CachedCalibrator(Calibrator):
         self.cache_location = self.cache.location
         self.captures += 1
         self.capture_seconds += time.perf_counter() - t0
+        self.calib_seconds += time.perf_counter() - t0
 
     def _open_cache(self, calls: int, per_call: int) -> MemoryCache | SpillCache:
         """Where this capture's block inputs go: memory of the cache device if they fit, else a spill file."""
@@ -335,11 +336,10 @@ class CachedCalibrator(Calibrator):
             self.capture(first, accs)
         else:
             self._sweep(first, last, accs, desc)
-        seconds = time.perf_counter() - t0
-        self.calib_seconds += seconds
-        return accs, seconds
+        return accs, time.perf_counter() - t0
 
     def _sweep(self, first: int, last: int, accs: dict[str, HessianAccumulator], desc: str) -> None:
+        t0 = time.perf_counter()
         start, advancing = self.frontier, self.frontier < first
         counter = StepCounter()
         cache = self.cache
@@ -365,6 +365,7 @@ class CachedCalibrator(Calibrator):
                 cut.finish()
         self.hessian_seconds += hooks.seconds
         self.frontier = first
+        self.calib_seconds += time.perf_counter() - t0
 
     def _sync(self) -> None:  # only when asked to measure: the advance's share of the time on an accelerator
         if self.sync_timing and self.device.type != "cpu":

@@ -76,3 +76,15 @@ def test_rerun_hessians_follow_the_pruned_model(model):
             w.copy_(saved)
     assert not torch.allclose(before[name].H, after[name].H)
     assert after[name].calls == before[name].calls == 2 * 3  # 2 batches x 3 steps, the last step cut short
+
+
+def test_cached_stats_split_capture_and_sweeps(model):
+    cal = calibrator(model, mode="cached")
+    _, s0 = cal.hessians(LINEARS[:2], "block 0")  # the capture run fills these
+    _, s1 = cal.hessians(LINEARS[2:], "block 1")  # a sweep: advance block 0, hooks in block 1
+    stats = cal.stats()
+    assert stats["pipeline_runs"] == stats["captures"] == 1 and stats["advance_seconds"] > 0
+    assert stats["hessian_seconds"] > 0 and stats["io_seconds"] >= 0 and stats["cache_location"] == "memory"
+    total = stats["forward_seconds"] + stats["hessian_seconds"] + stats["io_seconds"]
+    assert total == pytest.approx(s0 + s1, rel=0.05)
+    assert stats["capture_seconds"] <= s0
