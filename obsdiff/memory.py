@@ -292,12 +292,13 @@ def _span(names: list[str]) -> str:
 def plan_groups(units_by_group: list[list[str]], profile: ForwardProfile, linear_shapes: dict[str, tuple[int, int]],
                 calls_per_pass: int, weights: dict[str, int], denoiser_name: str, device: str, hessian_device: str,
                 cache_device: str | None = None, solver_bytes: int = 4, max_tokens: int | None = None,
-                baseline_bytes: int = 0) -> MemoryPlan:
+                baseline_bytes: int = 0, save_shard_bytes: int = 0) -> MemoryPlan:
     """Predicted peak bytes per device for a prune whose groups hook `units_by_group` (linear names).
 
     `profile` is one forward at one batch of calibration rows; `calls_per_pass` the denoiser calls of one
     calibration pass; `linear_shapes` the (d_out, d_in) of every hooked linear; `weights` the bytes of the loaded
-    components; `solver_bytes` 4 (fp32 Hessians and solves) or 8 (fp64).
+    components; `solver_bytes` 4 (fp32 Hessians and solves) or 8 (fp64); `save_shard_bytes` the largest weight
+    file the run will write (each is converted on the host before it is written).
     """
     denoiser_bytes = weights.get(denoiser_name, 0)
     others = sum(v for k, v in weights.items() if k != denoiser_name)
@@ -333,7 +334,10 @@ def plan_groups(units_by_group: list[list[str]], profile: ForwardProfile, linear
     encode: dict[str, int] = {}
     add(encode, device, denoiser_bytes + others)  # the text encoders run where the denoiser does
     add(encode, host, baseline_bytes)
-    peak = dict(encode)
+    save: dict[str, int] = {}  # the run is written one shard at a time, each converted on the host
+    add(save, device, denoiser_bytes)
+    add(save, host, baseline_bytes + others + save_shard_bytes)
+    peak = {d: max(encode.get(d, 0), save.get(d, 0)) for d in encode.keys() | save.keys()}
     for g in groups:
         for d, n in g.peak.items():
             peak[d] = max(peak.get(d, 0), n)

@@ -161,7 +161,19 @@ def plan_memory(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | Non
     calls = batches * calib.steps if prune.needs_calibration else 0
     return plan_groups(groups, profile, shapes, calls, weights, model.family.denoiser_attr, dev, h_dev, cache_device,
                        8 if prune.compute_dtype == "fp64" else 4, calib.max_tokens,
-                       current_rss() if baseline_bytes is None else baseline_bytes)
+                       current_rss() if baseline_bytes is None else baseline_bytes, save_shard_bytes(model))
+
+
+def save_shard_bytes(model: LoadedModel) -> int:
+    """The largest weight file `save_run` will write for `model` (in the base dtype, at most one shard)."""
+    from obsdiff.io import DEFAULT_MAX_SHARD_SIZE, save_dtype
+
+    try:
+        itemsize = save_dtype(model).itemsize
+    except Exception:  # noqa: BLE001 - planning must not fail on what only the save decides
+        itemsize = 4
+    total = sum(p.numel() for p in model.denoiser.parameters()) * itemsize
+    return min(total, int(DEFAULT_MAX_SHARD_SIZE.removesuffix("GB")) * 10**9)
 
 
 def choose_groups(model: LoadedModel, prune: PruneConfig, calib: CalibConfig, max_memory: float,
