@@ -208,9 +208,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24, help="transformer blocks (24: SD3-Medium's 2.03 B)")
     ap.add_argument("--dtypes", default="fp16,bf16")
     ap.add_argument("--before", default=None, metavar="REV", help="also export with export/ at git revision REV")
+    ap.add_argument("--before-only", action="store_true", help="with --before: only the old exporter")
     ap.add_argument("--work", type=Path, default=None, help="keep the pipeline and run here [temporary]")
     ap.add_argument("--quick", action="store_true", help="2 layers, fp16 only; results not written")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows already in --out (same layers) except those measured again")
     args = ap.parse_args()
     if args.quick:
         args.layers, args.dtypes = 2, "fp16"
@@ -220,9 +223,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         run, info = prepare(work, args.layers)
-        versions = [("obsdiff.export", ROOT)]
+        versions = [("obsdiff.export", ROOT)]  # this tree
         if args.before:
-            versions.insert(0, (extract(args.before, work), work))
+            old = (extract(args.before, work), work)
+            versions = [old] if args.before_only else [old, *versions]
         rows = []
         for dtype in args.dtypes.split(","):
             for pkg, root in versions:
@@ -231,11 +235,16 @@ def main() -> None:
     finally:
         if tmp:
             tmp.cleanup()
+    previous = json.loads(args.out.read_text()) if args.append and args.out.exists() else {}
+    if previous.get("layers") == args.layers:
+        measured = {(r["code"], r["dtype"]) for r in rows}
+        rows = [r for r in previous["rows"] if (r["code"], r["dtype"]) not in measured] + rows
+        info = {k: v for k, v in previous.items() if k.endswith("_seconds") or k == "pruned_layers"} | info
     text = (f"# ONNX export at SD3-Medium width ({args.layers} blocks, 2:4 magnitude on blocks 0-1, run in fp16)\n\n"
             + table(rows))
     print(text)
     if not args.quick:
-        save_results(args.out, text, {"layers": args.layers, "before": args.before, **info, "rows": rows}, t_start)
+        save_results(args.out, text, {"layers": args.layers, **info, "rows": rows}, t_start)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 2. `check_no_float64`: no DOUBLE tensor, value, constant or Cast target (TensorRT has no FP64).
 3. `check_parity`: onnxruntime against PyTorch on fresh inputs at shapes other than the export's.
 4. `check_pruned_weights`: every pruned linear of a run is found in the graph with the same values and,
-   for N:M runs, the pattern holds along the GEMM reduction dimension; `polygraphy_sparsity` cross-checks.
+   for N:M runs, the pattern holds along the GEMM reduction dimension; `nm_crosscheck` cross-checks
+   independently (polygraphy's weight walk, weights streamed one tensor at a time).
 5. `check_structured_shapes`: shrunk linears have their shrunk shapes in the graph.
 """
 
@@ -96,6 +97,8 @@ def _session(path: Path, provider: str, dtype: str, tmp: Path):
     head = onnx.load(str(path), load_external_data=False)
     big = G.has_external_data(head) or G.weight_bytes(head) > G.EXTERNAL_COPY_BYTES
     kwargs = {"disabled_optimizers": ["ConstantFolding"]} if big else {}
+    if big:  # prepacked MatMul weights are a second (fp32, for half graphs) copy of every weight
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     native_error = None
     if dtype != "bf16":  # no bf16 numpy feeds, and ORT CPU has no bf16 Conv/MatMul kernels
         try:

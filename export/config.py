@@ -40,7 +40,9 @@ class ExportConfig:
     `height`/`width` are in latent pixels (unpacked for Flux), `text_len` in denoiser text tokens; None
     takes the model's defaults. `component_dtypes` forces a precision per component, e.g.
     (("vae-decoder", "fp16"),) to override the VAE's fp32 policy. `external_data`: always write weights
-    to a `.data` file (otherwise only above 2 GB).
+    to a `.data` file (otherwise only above 2 GB). `polygraphy_max_weights`: the N:M cross-check runs
+    polygraphy's own pure-Python per-tensor check up to this many candidate weights, a streamed numpy scan
+    of the same rule above it (the sidecar's `nm_crosscheck.tool` says which).
     """
 
     component: str = "transformer"

@@ -133,6 +133,25 @@ def _torch_dims(io_spec: OnnxIO) -> tuple:
                  or None for i in io_spec.inputs)
 
 
+def _drop_weights(program, module: nn.Module) -> None:
+    """Detach the exported graph, and every IR value left over from exporting, from `module`'s tensors once
+    the graph is saved. onnxscript's rewrite rules keep the last graph they matched in module globals
+    (onnxscript 0.7), and values replaced by its constant folding stay referenced from there: without this
+    they hold every torch parameter, and freeing the model frees nothing."""
+    graph = getattr(getattr(program, "model", None), "graph", None)
+    for value in list(graph.initializers.values()) if graph is not None else []:
+        value.const_value = None
+    try:
+        import onnx_ir as ir
+    except ImportError:
+        return
+    ours = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()] if t.numel()}
+    for obj in gc.get_objects():
+        if isinstance(obj, ir.Value) and isinstance(getattr(obj.const_value, "raw", None), torch.Tensor) \
+                and obj.const_value.raw.numel() and obj.const_value.raw.untyped_storage().data_ptr() in ours:
+            obj.const_value = None
+
+
 def _run_exporter(comp: Component, cfg: ExportConfig, path: Path) -> None:
     wrapper = comp.wrapper()
     args = comp.inputs_at(example_point(comp.io), cfg.seed)
@@ -146,6 +165,7 @@ def _run_exporter(comp: Component, cfg: ExportConfig, path: Path) -> None:
                                             output_names=outputs, opset_version=cfg.opset, dynamo=True, optimize=True,
                                             verbose=False)
                 program.save(str(path), external_data=True if cfg.external_data else None)
+                _drop_weights(program, comp.module)
             else:
                 axes = {i.name: {a: d.name for a, d in enumerate(i.shape) if isinstance(d, OnnxDim) and not d.static}
                         for i in comp.io.inputs}
@@ -366,6 +386,12 @@ def _release(comp: Component, loaded) -> None:
         setattr(loaded.pipeline, attr, None)
     comp.module = comp.make_kwargs = comp.context = None
     gc.collect()
+    try:  # glibc keeps freed heap pages mapped: hand them back before onnxruntime allocates its copy
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def export_onnx(model, out_dir: str | Path, config: ExportConfig | None = None, force: bool = False) -> dict:

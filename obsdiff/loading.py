@@ -301,19 +301,43 @@ def _safetensors_files(folder: Path) -> list[Path]:
                          "reads safetensors weights only: re-save the model with safe_serialization=True")
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
 def _read_state_cast(files: list[Path], dtype: torch.dtype, keep_fp32: list[str]) -> dict[str, torch.Tensor]:
-    """All tensors of `files`, floating ones cast to `dtype` one at a time (`keep_fp32` modules to fp32)."""
-    from safetensors import SafetensorError, safe_open
+    """All tensors of `files`, floating ones cast to `dtype` (`keep_fp32` modules to fp32), one at a time.
+
+    Read with plain file reads, not a memory map: mapped pages of the whole file would stay resident (and
+    count as the process's memory) on top of the cast copies until the last tensor is read.
+    """
+    import json
+    import struct
 
     state = {}
     for file in files:
         try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open handles are not mappings)
-                    t = f.get_tensor(key)
+            with open(file, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+                start = 8 + size
+                for key, meta in header.items():
+                    if key == "__metadata__":
+                        continue
+                    src = _SAFETENSORS_DTYPES[meta["dtype"]]
+                    begin, end = meta["data_offsets"]
+                    if end == begin:
+                        t = torch.empty(meta["shape"], dtype=src)
+                    else:
+                        f.seek(start + begin)
+                        buf = bytearray(end - begin)
+                        if f.readinto(buf) != len(buf):
+                            raise OSError(f"{key} ends past the end of the file")
+                        t = torch.frombuffer(buf, dtype=src).reshape(meta["shape"])
                     if t.is_floating_point():
                         t = t.to(torch.float32 if any(k in key.split(".") for k in keep_fp32) else dtype)
                     state[key] = t
-        except (SafetensorError, OSError) as exc:
+        except (OSError, ValueError, KeyError, struct.error) as exc:
             raise ModelLoadError(f"{file} is not a readable safetensors file ({exc})") from None
     return state
