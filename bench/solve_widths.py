@@ -1,6 +1,6 @@
 """Seconds of one layer's OBS solve at the widths of real denoisers, next to its dense linear-algebra floor.
 
-    python bench/solve_widths.py [--quick] [--repeats 3] [--out bench/results/solve_widths.json]
+    python bench/solve_widths.py [--quick] [--max-width 12288] [--repeats 3] [--out bench/results/solve_widths.json]
 
 For each layer shape (d_out x d_in, the layer of that input width in SD3-Medium, SD3.5-Large or Flux.1-dev),
 one thread, random weights and a random SPD Hessian `H = 2 X^T X / N` (X: N > d_in rows):
@@ -9,8 +9,9 @@ one thread, random weights and a random SPD Hessian `H = 2 X^T X / N` (X: N > d_
 - `obs_prune` for 50 % unstructured and 2:4, and their ratio to the floor (goal: <= 2 at every width);
 - the per-layer error report (`obs.layer_errors`: both relative errors, float32) and, up to
   `--legacy-max-width`, the float64 `reconstruction_error` called twice as the report did before.
-Medians over `--repeats` interleaved rounds (one round from d_in 9728 up). The full run holds H matrices of
-up to 15360^2 floats (~5 GB peak) and takes about half an hour on a 2-core CPU; `--quick` stops at 6144.
+Medians over `--repeats` interleaved rounds (one round from d_in 9728 up). Up to 12288 by default (about
+20 minutes on a 2-core CPU); `--max-width 15360` adds Flux's single-block proj_out (H 15360^2, ~5 GB peak,
+about 12 more minutes); `--quick` stops at 6144. Results are written after every width.
 Widths above 6144 (over 3 GB) run holding `/tmp/obsdiff-bigmem.lock`, so they never overlap another big job.
 """
 
@@ -115,13 +116,14 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="input widths up to 6144, one round")
     ap.add_argument("--repeats", type=int, default=3, help="rounds below d_in 9728 (median reported)")
-    ap.add_argument("--legacy-max-width", type=int, default=9728,
+    ap.add_argument("--max-width", type=int, default=12288, help="largest input width to run")
+    ap.add_argument("--legacy-max-width", type=int, default=6144,
                     help="time the float64 error report up to this input width (it is slow)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "solve_widths.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    shapes = [s for s in SHAPES if s[2] <= 6144] if args.quick else SHAPES
+    shapes = [s for s in SHAPES if s[2] <= (6144 if args.quick else args.max_width)]
     rows = []
     headers = ["layer", "d_out x d_in", "floor s", "50 % s", "ratio", "2:4 s", "ratio", "errors s", "fp64 errors s"]
     table = []
@@ -134,12 +136,13 @@ def main(argv=None) -> None:
         table.append([name, f"{d_out} x {d_in}", s["floor"], s["unstructured"], r["ratio_unstructured"], s["2:4"],
                       r["ratio_2_4"], s["errors"], s.get("errors_fp64")])
         print(format_table(headers, table[-1:]).splitlines()[-1], flush=True)
-    text = ("# OBS solve at real layer widths (one thread)\n\n" + format_table(headers, table) +
-            "\n\nfloor: Cholesky of the damped H, cholesky_inverse, upper Cholesky of the inverse and the lazy block"
-            " products alone. ratio: solve / floor. errors: `obs.layer_errors` (both relative errors, float32);"
-            " fp64 errors: `reconstruction_error` twice in float64 (the report before).")
+        text = ("# OBS solve at real layer widths (one thread)\n\n" + format_table(headers, table) +
+                "\n\nfloor: Cholesky of the damped H, cholesky_inverse, upper Cholesky of the inverse and the lazy"
+                " block products alone. ratio: solve / floor. errors: `obs.layer_errors` (both relative errors,"
+                " float32); fp64 errors: `reconstruction_error` twice in float64 (the report before).")
+        # after every width: a long run cut short still leaves its finished rows
+        save_results(args.out, text, {"threads": 1, "block_size": BLOCK, "rows": rows}, t_start)
     print("\n" + text)
-    save_results(args.out, text, {"threads": 1, "block_size": BLOCK, "rows": rows}, t_start)
 
 
 if __name__ == "__main__":
