@@ -182,3 +182,14 @@ def test_read_initializer_reads_one_tensor_by_offset(tmp_path):
     arr = G.read_initializer(t, tmp_path)
     assert arr.dtype == np.float32 and np.array_equal(arr, w.astype(np.float32))
     assert G.weight_bytes(onnx.load(str(path), load_external_data=False)) == 8 * 4 * 2
+
+
+def test_vae_only_export_loads_no_denoiser_weights_and_no_text_encoders(tmp_path):
+    cfg = ExportConfig(component="vae-decoder")
+    loaded, owned = E._load("builtin:digits", cfg)
+    assert owned and loaded.pipeline.text_encoder is None and loaded.pipeline.text_encoder_3 is None
+    assert all(p.is_meta for p in loaded.denoiser.parameters())  # its config sets the default shapes only
+    assert loaded.pipeline.vae is not None
+    report = export_onnx("builtin:digits", tmp_path / "onnx", cfg)
+    assert list(report["components"]) == ["vae_decoder"]
+    assert report["components"]["vae_decoder"]["checks"]["parity"] == "passed"
