@@ -203,11 +203,32 @@ def measured_prune(pipeline_dir: Path, out: Path, args: list[str], label: str) -
     record = json.loads((out / "obsdiff.json").read_text())
     measured = usage.ru_maxrss * 1024
     predicted = record["memory_plan"]["peak"]["cpu"]
-    return {"case": label, "args": " ".join(args), "seconds": seconds, "predicted_gib": predicted / GiB,
+    return {"case": label, "model": str(pipeline_dir), "args": args, "seconds": seconds,
+            "predicted_gib": predicted / GiB,
             "measured_gib": measured / GiB, "error": (predicted - measured) / measured,
             "calibration": record.get("calibration", {}), "total_seconds": record["total_seconds"],
             "solve_seconds": sum(r.get("solve_seconds", r["seconds"]) for r in record["layers"]),
             "peak_hessian_mib": record["peak_hessian_bytes"] / 2**20}
+
+
+def dry_run_prediction(pipeline_dir: str, args: list[str]) -> float:
+    """The predicted host peak (GiB) that `obsdiff prune --dry-run` gives for the same command."""
+    import re
+
+    cmd = [sys.executable, "-m", "obsdiff", "prune", "--model", pipeline_dir, "--out", "/nonexistent/x",
+           "--dry-run", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    return float(re.search(r"predicted peak: .*?cpu ([0-9.]+) GiB", out).group(1))
+
+
+def repredict(results: Path, text: list[str]) -> list[dict]:
+    """The measured cases of an earlier run with their predictions made again by today's planner."""
+    measured = json.loads(results.read_text())["measured"]
+    for m in measured:
+        m["predicted_gib"] = dry_run_prediction(m["model"], m["args"])
+        m["error"] = (m["predicted_gib"] - m["measured_gib"]) / m["measured_gib"]
+    return measured
 
 
 def build_pipeline(name: str, layers: int, dtype: str, where: Path, single: int | None = None) -> Path:
@@ -227,6 +248,8 @@ def main() -> None:
     ap.add_argument("--skip-full", action="store_true", help="skip the SD3-Medium 24-block prune")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--workdir", type=Path, default=None, help="where sized pipelines and runs are written")
+    ap.add_argument("--repredict", action="store_true",
+                    help="keep the measured prunes of --out and only redo the planner's predictions (dry runs)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -257,7 +280,11 @@ def main() -> None:
                                     for r in extrapolated]))
 
     calls, measured = [], []
-    if args.quick:
+    if args.repredict:
+        previous = json.loads(args.out.read_text())
+        calls = previous["call_seconds"]
+        measured = repredict(args.out, text)
+    elif args.quick:
         tiny = work / "digits"
         measured.append(measured_prune(Path("builtin:digits"), tiny, ["--sparsity", "0.5", "--num-prompts", "8",
                                                                        "--steps", "4", "--batch-size", "4"],

@@ -168,6 +168,13 @@ def safetensors_bytes(folder: Path, dtype: torch.dtype | None = None) -> int:
     return total
 
 
+def largest_file_bytes(pipeline_dir: Path) -> int:
+    """Bytes of the largest component's safetensors files in a diffusers folder (what one load maps at once)."""
+    sizes = [sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+             for folder in Path(pipeline_dir).iterdir() if folder.is_dir()]
+    return max(sizes, default=0)
+
+
 def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
@@ -292,13 +299,14 @@ def _span(names: list[str]) -> str:
 def plan_groups(units_by_group: list[list[str]], profile: ForwardProfile, linear_shapes: dict[str, tuple[int, int]],
                 calls_per_pass: int, weights: dict[str, int], denoiser_name: str, device: str, hessian_device: str,
                 cache_device: str | None = None, solver_bytes: int = 4, max_tokens: int | None = None,
-                baseline_bytes: int = 0, save_shard_bytes: int = 0) -> MemoryPlan:
+                baseline_bytes: int = 0, save_shard_bytes: int = 0, load_extra_bytes: int = 0) -> MemoryPlan:
     """Predicted peak bytes per device for a prune whose groups hook `units_by_group` (linear names).
 
     `profile` is one forward at one batch of calibration rows; `calls_per_pass` the denoiser calls of one
     calibration pass; `linear_shapes` the (d_out, d_in) of every hooked linear; `weights` the bytes of the loaded
     components; `solver_bytes` 4 (fp32 Hessians and solves) or 8 (fp64); `save_shard_bytes` the largest weight
-    file the run will write (each is converted on the host before it is written).
+    file the run will write (each is converted on the host before it is written); `load_extra_bytes` what loading
+    holds beyond the loaded weights (the memory-mapped file of the largest component; 0 when already loaded).
     """
     denoiser_bytes = weights.get(denoiser_name, 0)
     others = sum(v for k, v in weights.items() if k != denoiser_name)
@@ -334,10 +342,12 @@ def plan_groups(units_by_group: list[list[str]], profile: ForwardProfile, linear
     encode: dict[str, int] = {}
     add(encode, device, denoiser_bytes + others)  # the text encoders run where the denoiser does
     add(encode, host, baseline_bytes)
+    load: dict[str, int] = {}  # loading reads each component through a memory map while it builds its copy
+    add(load, host, baseline_bytes + denoiser_bytes + others + load_extra_bytes)
     save: dict[str, int] = {}  # the run is written one shard at a time, each converted on the host
     add(save, device, denoiser_bytes)
     add(save, host, baseline_bytes + others + save_shard_bytes)
-    peak = {d: max(encode.get(d, 0), save.get(d, 0)) for d in encode.keys() | save.keys()}
+    peak = {d: max(p.get(d, 0) for p in (load, encode, save)) for d in load.keys() | encode.keys() | save.keys()}
     for g in groups:
         for d, n in g.peak.items():
             peak[d] = max(peak.get(d, 0), n)

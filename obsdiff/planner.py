@@ -24,6 +24,7 @@ from obsdiff.memory import (
     component_bytes,
     current_rss,
     disk_component_bytes,
+    largest_file_bytes,
     meta_twin,
     plan_groups,
     profile_forward,
@@ -159,9 +160,13 @@ def plan_memory(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | Non
     h_dev = dev if hessian_device in (None, "auto") else _device_name(hessian_device)
     groups = hooked_groups(_with_denoiser(model, twin), prune, calib)
     calls = batches * calib.steps if prune.needs_calibration else 0
+    loaded = not all(p.is_meta for p in denoiser.parameters())
+    if baseline_bytes is None:  # the process without the model: a loaded one is already in its RSS
+        baseline_bytes = max(current_rss() - (sum(weights.values()) if loaded else 0), 0)
+    load_extra = 0 if loaded or not Path(model.path).is_dir() else largest_file_bytes(model.path)
     return plan_groups(groups, profile, shapes, calls, weights, model.family.denoiser_attr, dev, h_dev, cache_device,
-                       8 if prune.compute_dtype == "fp64" else 4, calib.max_tokens,
-                       current_rss() if baseline_bytes is None else baseline_bytes, save_shard_bytes(model))
+                       8 if prune.compute_dtype == "fp64" else 4, calib.max_tokens, baseline_bytes,
+                       save_shard_bytes(model), load_extra)
 
 
 def save_shard_bytes(model: LoadedModel) -> int:
