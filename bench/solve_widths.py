@@ -12,7 +12,8 @@ one thread, random weights and a random SPD Hessian `H = 2 X^T X / N` (X: N > d_
 Medians over `--repeats` interleaved rounds (one round from d_in 9728 up). Up to 12288 by default (about
 20 minutes on a 2-core CPU); `--max-width 15360` adds Flux's single-block proj_out (H 15360^2, ~5 GB peak,
 about 12 more minutes); `--quick` stops at 6144. Results are written after every width.
-Widths above 6144 (over 3 GB) run holding `/tmp/obsdiff-bigmem.lock`, so they never overlap another big job.
+Peak memory stays under 3 GB up to 12288 (recorded per row); 15360 runs holding `/tmp/obsdiff-bigmem.lock`,
+so it never overlaps another big job. `--min-width W --append` adds widths to an earlier run's results.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import json
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -94,6 +97,7 @@ def measure(name: str, d_out: int, d_in: int, repeats: int, legacy: bool) -> dic
            "ratio_unstructured": med["unstructured"] / med["floor"], "ratio_2_4": med["2:4"] / med["floor"]}
     err0, err = obs.layer_errors(W, W_new, H)
     row["errors"] = {"mask_only": err0, "compensated": err}
+    row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # the process so far
     if legacy:
         ref0 = obs.reconstruction_error(W, W.masked_fill(W_new == 0, 0.0), H)
         ref = obs.reconstruction_error(W, W_new, H)
@@ -112,29 +116,37 @@ def bigmem_lock(path: str = "/tmp/obsdiff-bigmem.lock"):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def row_cells(r: dict) -> list:
+    s = r["seconds"]
+    return [r["layer"], f"{r['d_out']} x {r['d_in']}", s["floor"], s["unstructured"], r["ratio_unstructured"],
+            s["2:4"], r["ratio_2_4"], s["errors"], s.get("errors_fp64")]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="input widths up to 6144, one round")
     ap.add_argument("--repeats", type=int, default=3, help="rounds below d_in 9728 (median reported)")
     ap.add_argument("--max-width", type=int, default=12288, help="largest input width to run")
+    ap.add_argument("--min-width", type=int, default=0, help="smallest input width to run")
+    ap.add_argument("--append", action="store_true", help="keep the rows of an existing --out for other widths")
     ap.add_argument("--legacy-max-width", type=int, default=6144,
                     help="time the float64 error report up to this input width (it is slow)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "solve_widths.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    shapes = [s for s in SHAPES if s[2] <= (6144 if args.quick else args.max_width)]
+    shapes = [s for s in SHAPES if args.min_width <= s[2] <= (6144 if args.quick else args.max_width)]
     rows = []
+    if args.append and args.out.exists():
+        rows = [r for r in json.loads(args.out.read_text())["rows"] if r["d_in"] not in {s[2] for s in shapes}]
     headers = ["layer", "d_out x d_in", "floor s", "50 % s", "ratio", "2:4 s", "ratio", "errors s", "fp64 errors s"]
-    table = []
+    table = [row_cells(r) for r in rows]
     for name, d_out, d_in in shapes:
         repeats = 1 if args.quick or d_in >= 9728 else args.repeats
-        with bigmem_lock() if d_in > 6144 else contextlib.nullcontext():
+        with bigmem_lock() if d_in > 12288 else contextlib.nullcontext():
             r = measure(name, d_out, d_in, repeats, legacy=d_in <= args.legacy_max_width)
         rows.append(r)
-        s = r["seconds"]
-        table.append([name, f"{d_out} x {d_in}", s["floor"], s["unstructured"], r["ratio_unstructured"], s["2:4"],
-                      r["ratio_2_4"], s["errors"], s.get("errors_fp64")])
+        table.append(row_cells(r))
         print(format_table(headers, table[-1:]).splitlines()[-1], flush=True)
         text = ("# OBS solve at real layer widths (one thread)\n\n" + format_table(headers, table) +
                 "\n\nfloor: Cholesky of the damped H, cholesky_inverse, upper Cholesky of the inverse and the lazy"
