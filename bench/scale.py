@@ -298,8 +298,6 @@ def main() -> None:
             ("sd3-medium 2 blocks, bf16, rerun 2 groups", sd3, ["--dtype", "bf16", "--groups", "2"]),
             ("sd3-medium 2 blocks, fp32, rerun 2 groups", sd3, ["--dtype", "fp32", "--groups", "2"]),
             ("sd3-medium 2 blocks, bf16, cached", sd3, ["--dtype", "bf16", "--calibration-mode", "cached"]),
-            ("sd3-medium 2 blocks, bf16, 2:4, 1 group", sd3, ["--dtype", "bf16", "--groups", "1",
-                                                              "--sparsity-type", "2:4"]),
         ]
         for label, path, extra in cases:
             sparsity = [] if "--sparsity-type" in extra else ["--sparsity", "0.5"]
