@@ -231,6 +231,16 @@ def repredict(results: Path, text: list[str]) -> list[dict]:
     return measured
 
 
+SMALL_CALIBRATION = ["--num-prompts", "1", "--steps", "2", "--height", "128", "--width", "128", "--guidance", "7"]
+
+
+def full_prune(work: Path) -> dict:
+    """SD3-Medium with all 24 blocks, bf16, obs-diff 50 %, the default 4 calibration groups."""
+    full = build_pipeline("sd3-medium", 24, "bf16", work)
+    return measured_prune(full, work / "full", ["--sparsity", "0.5", *SMALL_CALIBRATION, "--dtype", "bf16"],
+                          "sd3-medium all 24 blocks, bf16, rerun 4 groups")
+
+
 def build_pipeline(name: str, layers: int, dtype: str, where: Path, single: int | None = None) -> Path:
     path = where / f"{name}-{layers}-{single}-{dtype}"
     if not path.exists():
@@ -246,6 +256,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="planner tables and one small measured prune")
     ap.add_argument("--skip-full", action="store_true", help="skip the SD3-Medium 24-block prune")
+    ap.add_argument("--full-only", action="store_true", help="only the SD3-Medium 24-block prune")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--workdir", type=Path, default=None, help="where sized pipelines and runs are written")
     ap.add_argument("--repredict", action="store_true",
@@ -289,10 +300,12 @@ def main() -> None:
         measured.append(measured_prune(Path("builtin:digits"), tiny, ["--sparsity", "0.5", "--num-prompts", "8",
                                                                        "--steps", "4", "--batch-size", "4"],
                                        "builtin:digits fp32"))
+    elif args.full_only:
+        measured.append(full_prune(work))
     else:
         for name in ("sd3-medium", "sd3.5-large", "flux.1-dev"):
             calls.append(call_seconds(name, torch.bfloat16))
-        small = ["--num-prompts", "1", "--steps", "2", "--height", "128", "--width", "128", "--guidance", "7"]
+        small = SMALL_CALIBRATION
         sd3 = build_pipeline("sd3-medium", 2, "bf16", work)
         cases = [
             ("sd3-medium 2 blocks, bf16, rerun 2 groups", sd3, ["--dtype", "bf16", "--groups", "2"]),
@@ -304,10 +317,7 @@ def main() -> None:
             measured.append(measured_prune(path, work / "run", [*sparsity, *small, *extra], label))
             print(measured[-1])
         if not args.skip_full:
-            full = build_pipeline("sd3-medium", 24, "bf16", work)
-            measured.append(measured_prune(full, work / "full", ["--sparsity", "0.5", *small, "--dtype", "bf16",
-                                                                 "--groups", "24"],
-                                           "sd3-medium all 24 blocks, bf16, rerun 24 groups"))
+            measured.append(full_prune(work))
     if calls:
         text.append("Seconds per denoiser call on this CPU (one thread, bf16, 256 px, batch 2 with CFG; Flux 1):\n\n"
                     + format_table(["model", "s per block", "s other", "blocks", "s per call, full depth"],
