@@ -215,12 +215,13 @@ def check_parity(path: str | Path, reference, cases: list[tuple[dict, tuple[torc
 # ----------------------------------------------------------------------------------- pruned weights
 
 
-def _find_weights(model, base_dir: Path, prefix: str, weights: dict[str, torch.Tensor]) -> dict:
+def _find_weights(model, base_dir: Path, prefix: str, weights: dict[str, torch.Tensor], refs=None) -> dict:
     """Locate each torch weight (by linear module path) in the graph: name scopes first, then by value.
 
-    Returns {module: (WeightRef | None, array in torch layout (out, in) or None)}.
+    Returns {module: (WeightRef | None, array in torch layout (out, in) or None)}. `refs`: the graph's
+    `linear_weights`, when the caller asks module by module.
     """
-    refs = G.linear_weights(model, prefix)
+    refs = G.linear_weights(model, prefix) if refs is None else refs
     wanted = {refs[m].initializer for m in weights if m in refs}
     arrays = G.initializer_arrays(model, wanted, base_dir)
     found = {}
@@ -238,17 +239,17 @@ def _find_weights(model, base_dir: Path, prefix: str, weights: dict[str, torch.T
 
 
 def _match_by_value(model, base_dir: Path, weights: dict[str, torch.Tensor]) -> dict:
-    shapes = {tuple(w.shape) for w in weights.values()} | {tuple(w.shape[::-1]) for w in weights.values()}
-    names = {t.name for t in model.graph.initializer if tuple(t.dims) in shapes}
-    arrays = G.initializer_arrays(model, names, base_dir)
+    """Find each weight among the initializers of its shape (or transposed shape) by exact value, reading
+    one initializer at a time."""
     out = {}
     for module, w in weights.items():
-        target = _to_numpy(w)
+        target = _to_numpy(w).astype(np.float32)
+        names = {t.name for t in model.graph.initializer if tuple(t.dims) in (target.shape, target.T.shape)}
         hit = None
-        for name, arr in arrays.items():
-            if arr.shape == target.shape and np.array_equal(arr.astype(np.float32), target.astype(np.float32)):
+        for name, arr in G.iter_initializers(model, names, base_dir):
+            if arr.shape == target.shape and np.array_equal(arr.astype(np.float32), target):
                 hit = (G.WeightRef(module, name, "", "by value", True), arr)
-            elif arr.shape == target.T.shape and np.array_equal(arr.T.astype(np.float32), target.astype(np.float32)):
+            elif arr.shape == target.T.shape and np.array_equal(arr.T.astype(np.float32), target):
                 hit = (G.WeightRef(module, name, "", "by value", False), arr.T)
             if hit:
                 break
@@ -263,10 +264,11 @@ def check_pruned_weights(model, base_dir: str | Path, prefix: str, weights: dict
     `weights`: pruned linear module path -> the torch weight as exported (out, in). The N:M pattern is
     checked along the torch input dimension (the GEMM reduction dimension), whatever the ONNX layout.
     """
-    found = _find_weights(model, Path(base_dir), prefix, weights)
+    refs = G.linear_weights(model, prefix)
     missing, mismatched, violating, zeros, total = [], [], [], 0, 0
     via = {"name_scopes": 0, "value": 0}
-    for module, (ref, arr) in found.items():
+    for module in weights:  # one weight in memory at a time
+        ((_, (ref, arr)),) = _find_weights(model, Path(base_dir), prefix, {module: weights[module]}, refs).items()
         if ref is None:
             missing.append(module)
             continue
@@ -283,18 +285,18 @@ def check_pruned_weights(model, base_dir: str | Path, prefix: str, weights: dict
             out_f, in_f = arr.shape
             if in_f % m or int(((arr.reshape(out_f, in_f // m, m) != 0).sum(-1) > n).sum()):
                 violating.append(module)
-    record = {"checked": len(found) - len(missing), "missing": len(missing), "mismatched": len(mismatched),
+    record = {"checked": len(weights) - len(missing), "missing": len(missing), "mismatched": len(mismatched),
               "violating": len(violating) if nm else None, "pattern": f"{nm[0]}:{nm[1]}" if nm else None,
               "found_via": via, "zero_fraction": zeros / total if total else None}
     problems = [("missing from the graph", missing), ("different from the torch weight", mismatched),
                 (f"violate {record['pattern']}", violating)]
     bad = [(what, names) for what, names in problems if names]
-    record["status"] = "failed" if bad or not found else "passed"
+    record["status"] = "failed" if bad or not weights else "passed"
     if bad:
         what, names = bad[0]
         record["reason"] = f"{len(names)} pruned weights {what} (first: {names[0]})"
         record["examples"] = names[:5]
-    elif not found:
+    elif not weights:
         record["reason"] = "the run lists no pruned layers"
     return record
 
