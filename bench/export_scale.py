@@ -179,6 +179,10 @@ def export_once(pkg: str, pkg_root: Path, run: Path, dtype: str, work: Path) -> 
     return row
 
 
+def _label(code: str) -> str:
+    return f"before ({code[len('export_'):]})" if code.startswith("export_") else "after (this tree)"
+
+
 def table(rows: list[dict]) -> str:
     head = ("| code | dtype | result | wall s | peak RSS GiB | weights GiB | peak / weights | parity "
             "| N:M cross-check |\n|---|---|---|---|---|---|---|---|---|")
@@ -189,8 +193,9 @@ def table(rows: list[dict]) -> str:
               f"({cross.get('weights')} weights, {cross.get('seconds', 0):.0f} s)" if cross.get("tool")
               else cross.get("reason") or cross.get("status") or "-")
         parity = (r["checks"] or {}).get("parity", "-")
-        lines.append(f"| {r['code']} | {r['dtype']} | {'ok' if r['ok'] else r['error']} | {r['wall_seconds']} | "
-                     f"{r['peak_rss_gib']} | {r['weights_gib']} | {r['peak_over_weights']} | {parity} | {cc} |")
+        lines.append(f"| {_label(r['code'])} | {r['dtype']} | {'ok' if r['ok'] else r['error']} | "
+                     f"{r['wall_seconds']} | {r['peak_rss_gib']} | {r['weights_gib']} | {r['peak_over_weights']} | "
+                     f"{parity} | {cc} |")
     lines.append("")
     lines.append("Peak RSS (GiB) by phase:")
     lines.append("")
@@ -198,7 +203,7 @@ def table(rows: list[dict]) -> str:
     lines.append("| code | dtype | " + " | ".join(phases) + " |")
     lines.append("|---|---|" + "---|" * len(phases))
     for r in rows:
-        lines.append(f"| {r['code']} | {r['dtype']} | " + " | ".join(str(r["phase_peak_rss_gib"].get(p, "-"))
+        lines.append(f"| {_label(r['code'])} | {r['dtype']} | " + " | ".join(str(r["phase_peak_rss_gib"].get(p, "-"))
                                                                     for p in phases) + " |")
     return "\n".join(lines)
 
