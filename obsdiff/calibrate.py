@@ -38,6 +38,8 @@ from obsdiff.errors import ConfigError, UnsupportedModelError
 from obsdiff.hessian import HessianAccumulator, timestep_weights
 from obsdiff.hooks import CallCut, HessianHooks, InputCapture, LastStepCut, StepCounter, StopPass, tensors_to
 from obsdiff.loading import LoadedModel
+from obsdiff.memory import available_bytes as free_bytes
+from obsdiff.memory import tensor_bytes
 from obsdiff.models import Block
 
 log = logging.getLogger(__name__)
@@ -525,31 +527,6 @@ def _numel(shape: tuple[int, ...]) -> int:
 def block_positions(blocks: list[Block], names) -> dict[str, int]:
     """{dotted module name: position in `blocks`} for the names that lie inside one of the blocks."""
     return {name: i for i, b in enumerate(blocks) for name in names if name.startswith(b.name + ".")}
-
-
-def tensor_bytes(obj) -> int:
-    """Bytes of all tensors in `obj` (nested tuples, lists, dicts)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-def free_bytes(device: torch.device) -> int | None:
-    """Memory still available on `device` (an accelerator's free memory, or available RAM), None if unknown."""
-    if device.type != "cpu":
-        get_info = getattr(torch.accelerator, "get_memory_info", None)  # recent torch only
-        return get_info(device)[0] if get_info is not None else None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def make_calibrator(model: LoadedModel, prune: PruneConfig, calib: CalibConfig, blocks: list[Block],

@@ -94,8 +94,6 @@ def profile_forward(denoiser: nn.Module, inputs: dict, first_block: nn.Module | 
     """Run `denoiser` (on the meta device, with meta `inputs`) once and measure shapes and live bytes."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from obsdiff.calibrate import tensor_bytes
-
     shapes: dict[str, tuple[int, ...]] = {}
     block_bytes = [0]
     live = _LiveBytes()
@@ -200,6 +198,28 @@ def disk_component_bytes(pipeline_dir: Path, dtype: torch.dtype) -> dict[str, in
 # ---------------------------------------------------------------------------------------------- devices
 
 
+def tensor_bytes(obj) -> int:
+    """Bytes of all tensors in `obj` (nested tuples, lists, dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _proc_kib(path: str, key: str) -> int | None:
+    """A `key: N kB` line of a /proc file, in bytes (None where /proc is missing)."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def available_bytes(device: torch.device) -> int | None:
     """Free memory on `device`: an accelerator's free memory, or the host's available RAM; None if unknown."""
     if device.type != "cpu":
@@ -209,24 +229,12 @@ def available_bytes(device: torch.device) -> int | None:
         if device.type == "cuda":
             return int(torch.cuda.mem_get_info(device)[0])
         return None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def current_rss() -> int:
     """Resident memory of this process now (bytes; 0 where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return _proc_kib("/proc/self/status", "VmRSS") or 0
 
 
 def peak_rss() -> int:
