@@ -89,7 +89,7 @@ class Checkpoint:
         path = staging_dir(out)
         if path.exists() and not path.is_dir():
             raise OutputExistsError(f"{path} exists and is not a directory; remove it or choose another --out")
-        if path.exists() and not resume and not force:
+        if path.exists() and not resume and not force and _peek_done(path) != "0":  # nothing finished: no loss
             raise OutputExistsError(f"an interrupted prune left {path} ({_peek_done(path)} groups finished); pass "
                                     "--resume to continue it, or --force to discard it and start over")
 

@@ -179,3 +179,9 @@ def test_cli_refuses_a_leftover_staging_directory_before_loading(tmp_path):
     r = CliRunner().invoke(cli, ["prune", "--model", "does-not-exist", "--sparsity", "0.5", "--out", str(out)])
     assert r.exit_code == 2
     assert "interrupted prune left" in r.output and "(3 groups finished)" in r.output
+
+
+def test_a_leftover_without_finished_groups_is_simply_replaced(tmp_path):
+    Checkpoint.open(tmp_path / "x", {"k": 1})  # created, then the process died before its first group
+    again = Checkpoint.open(tmp_path / "x", {"k": 2})
+    assert again.done == 0 and again.settings == {"k": 2}
