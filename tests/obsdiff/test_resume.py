@@ -151,7 +151,7 @@ def test_flux_cached_resume_across_double_and_single_blocks(tmp_path, monkeypatc
 def test_resume_with_other_settings_names_the_difference(tmp_path):
     model = tiny_sd3()
     prune = PruneConfig(sparsity=0.5)
-    open_checkpoint(model, prune, CalibConfig(steps=3), tmp_path / "r")
+    open_checkpoint(model, prune, CalibConfig(steps=3), tmp_path / "r").save_group(0, {}, {})
     with pytest.raises(ConfigError, match=r"calib\.steps was 3 and is now 4"):
         open_checkpoint(model, prune, CalibConfig(steps=4), tmp_path / "r", resume=True)
     with pytest.raises(OutputExistsError, match="--resume to continue it, or --force"):
