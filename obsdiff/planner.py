@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
-from obsdiff.errors import ConfigError, ModelLoadError
+from obsdiff.errors import ConfigError, ModelLoadError, ObsdiffError
 from obsdiff.loading import LoadedModel, parse_dtype
 from obsdiff.memory import (
     ForwardProfile,
@@ -166,7 +166,31 @@ def plan_memory(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | Non
     load_extra = 0 if loaded or not Path(model.path).is_dir() else largest_file_bytes(model.path)
     return plan_groups(groups, profile, shapes, calls, weights, model.family.denoiser_attr, dev, h_dev, cache_device,
                        8 if prune.compute_dtype == "fp64" else 4, calib.max_tokens, baseline_bytes,
-                       save_shard_bytes(model), load_extra)
+                       save_shard_bytes(model), load_extra, copy_on_write_bytes(model, prune, dev, loaded))
+
+
+def copy_on_write_bytes(model: LoadedModel, prune: PruneConfig, device: str, loaded: bool) -> int:
+    """Bytes of the weights a prune rewrites while they are still mapped from the checkpoint file.
+
+    Loading on the CPU in the dtype the checkpoint stores keeps the file memory-mapped; each weight the prune
+    writes then becomes a private copy next to the mapped pages (measured: +264 MB of RSS for the 264 MB of
+    linears of two SD3-Medium blocks in bf16). A load that converts dtypes, or moves to an accelerator, copies
+    everything up front instead.
+    """
+    from obsdiff.io import stored_dtype
+    from obsdiff.loading import parse_dtype
+
+    if device != "cpu" or loaded or not Path(model.path).is_dir():
+        return 0
+    try:
+        stored = stored_dtype(Path(model.path) / model.family.denoiser_attr)
+    except ObsdiffError:
+        return 0
+    if stored is None or parse_dtype(stored) != model.denoiser.dtype:
+        return 0
+    blocks = select_blocks(model.family.blocks(model.denoiser), prune.blocks)
+    return sum(lin.weight.numel() * lin.weight.element_size()
+               for b in blocks for lin in model.family.prunable_linears(b).values())
 
 
 def save_shard_bytes(model: LoadedModel) -> int:
