@@ -123,12 +123,14 @@ def gpu_table(names=MODELS) -> list[dict]:
 
 
 def solve_seconds_model(results: Path) -> dict | None:
-    """Seconds per layer as `a * d_out * d_in^2 + b * d_in^3`, fitted to bench/solve_widths.py's results."""
+    """Seconds per layer (solve + error report) as `a * d_out * d_in^2 + b * d_in^3`, fitted to
+    bench/solve_widths.py's results."""
     if not results.exists():
         return None
     data = json.loads(results.read_text())
-    rows = [r for r in data.get("rows", []) if r.get("pattern", "50%") in ("50%", "unstructured", "0.5")]
-    pts = [(r["d_out"], r["d_in"], r["solve_s"]) for r in rows if "solve_s" in r]
+    # a layer's solve plus its error report: what a prune spends per layer besides calibration
+    pts = [(r["d_out"], r["d_in"], r["seconds"]["unstructured"] + r["seconds"].get("errors", 0.0))
+           for r in data.get("rows", []) if "unstructured" in r.get("seconds", {})]
     if len(pts) < 2:
         return None
     A = torch.tensor([[o * i * i, i**3] for o, i, _ in pts], dtype=torch.float64)
@@ -285,7 +287,8 @@ def main() -> None:
     fit = solve_seconds_model(RESULTS.parent / "solve_widths.json")
     extrapolated = solve_extrapolation(MODELS[:3], fit) if fit else []
     if extrapolated:
-        text.append("OBS solve time extrapolated from bench/results/solve_widths.json (this CPU, one thread):\n\n"
+        text.append("OBS solve + error-report time extrapolated from bench/results/solve_widths.json (this CPU, "
+                    "one thread, 50 % unstructured):\n\n"
                     + format_table(["model", "blocks", "max s per block", "minutes, all blocks"],
                                    [[r["model"], r["blocks"], r["solve_s_per_block_max"], r["solve_min_total"]]
                                     for r in extrapolated]))
