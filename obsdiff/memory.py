@@ -307,17 +307,14 @@ def _span(names: list[str]) -> str:
 def plan_groups(units_by_group: list[list[str]], profile: ForwardProfile, linear_shapes: dict[str, tuple[int, int]],
                 calls_per_pass: int, weights: dict[str, int], denoiser_name: str, device: str, hessian_device: str,
                 cache_device: str | None = None, solver_bytes: int = 4, max_tokens: int | None = None,
-                baseline_bytes: int = 0, save_shard_bytes: int = 0, load_extra_bytes: int = 0,
-                copy_on_write_bytes: int = 0) -> MemoryPlan:
+                baseline_bytes: int = 0, save_shard_bytes: int = 0, load_extra_bytes: int = 0) -> MemoryPlan:
     """Predicted peak bytes per device for a prune whose groups hook `units_by_group` (linear names).
 
     `profile` is one forward at one batch of calibration rows; `calls_per_pass` the denoiser calls of one
     calibration pass; `linear_shapes` the (d_out, d_in) of every hooked linear; `weights` the bytes of the loaded
     components; `solver_bytes` 4 (fp32 Hessians and solves) or 8 (fp64); `save_shard_bytes` the largest weight
     file the run will write (each is converted on the host before it is written); `load_extra_bytes` what loading
-    holds beyond the loaded weights (the memory-mapped file of the largest component; 0 when already loaded);
-    `copy_on_write_bytes` the weights the prune rewrites while they are still mapped from the checkpoint (a CPU
-    model loaded in its stored dtype keeps the file mapped, and every written page becomes a private copy).
+    holds beyond the loaded weights (the memory-mapped file of the largest component while it is converted).
     """
     denoiser_bytes = weights.get(denoiser_name, 0)
     others = sum(v for k, v in weights.items() if k != denoiser_name)
@@ -343,7 +340,7 @@ def plan_groups(units_by_group: list[list[str]], profile: ForwardProfile, linear
             peaks: dict[str, int] = {}
             add(peaks, device, denoiser_bytes + transient)
             add(peaks, hessian_device, hess)
-            add(peaks, host, baseline_bytes + others + copy_on_write_bytes)  # parked components (all on a CPU)
+            add(peaks, host, baseline_bytes + others)  # parked components (all of it on a CPU)
             if cache_device:
                 add(peaks, cache_device, cache_bytes)
             phases.append(peaks)
@@ -357,7 +354,7 @@ def plan_groups(units_by_group: list[list[str]], profile: ForwardProfile, linear
     add(load, host, baseline_bytes + denoiser_bytes + others + load_extra_bytes)
     save: dict[str, int] = {}  # the run is written one shard at a time, each converted on the host
     add(save, device, denoiser_bytes)
-    add(save, host, baseline_bytes + others + save_shard_bytes + copy_on_write_bytes)
+    add(save, host, baseline_bytes + others + save_shard_bytes)
     peak = {d: max(p.get(d, 0) for p in (load, encode, save)) for d in load.keys() | encode.keys() | save.keys()}
     for g in groups:
         for d, n in g.peak.items():

@@ -163,46 +163,42 @@ def plan_memory(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | Non
     loaded = not all(p.is_meta for p in denoiser.parameters())
     if baseline_bytes is None:  # the process without the model: a loaded one is already in its RSS
         baseline_bytes = max(current_rss() - (sum(weights.values()) if loaded else 0), 0)
-    load_extra = 0 if loaded or not Path(model.path).is_dir() else largest_file_bytes(model.path)
     return plan_groups(groups, profile, shapes, calls, weights, model.family.denoiser_attr, dev, h_dev, cache_device,
                        8 if prune.compute_dtype == "fp64" else 4, calib.max_tokens, baseline_bytes,
-                       save_shard_bytes(model), load_extra, copy_on_write_bytes(model, prune, dev, loaded))
+                       save_shard_bytes(model), load_extra_bytes(model, dev, loaded))
 
 
-def copy_on_write_bytes(model: LoadedModel, prune: PruneConfig, device: str, loaded: bool) -> int:
-    """Bytes of the weights a prune rewrites while they are still mapped from the checkpoint file.
+def save_shard_bytes(model: LoadedModel) -> int:
+    """What saving the run holds beyond the model: one shard converted to the base dtype (nothing when the model
+    already has that dtype: its tensors are written as they are)."""
+    from obsdiff.io import DEFAULT_MAX_SHARD_SIZE, save_dtype
 
-    Loading on the CPU in the dtype the checkpoint stores keeps the file memory-mapped; each weight the prune
-    writes then becomes a private copy next to the mapped pages (measured: +264 MB of RSS for the 264 MB of
-    linears of two SD3-Medium blocks in bf16). A load that converts dtypes, or moves to an accelerator, copies
-    everything up front instead.
-    """
+    try:
+        target = save_dtype(model)
+    except ObsdiffError:  # planning must not fail on what only the save decides
+        target = torch.float32
+    if target == model.denoiser.dtype:
+        return 0
+    total = sum(p.numel() for p in model.denoiser.parameters()) * target.itemsize
+    return min(total, int(DEFAULT_MAX_SHARD_SIZE.removesuffix("GB")) * 10**9)
+
+
+def load_extra_bytes(model: LoadedModel, device: str, loaded: bool) -> int:
+    """What loading holds beyond the loaded weights: the memory-mapped file of the largest component while its
+    converted copy is built. A CPU load in the dtype the checkpoint stores uses the mapped pages as the weights
+    themselves (nothing extra); a model that is already loaded has nothing left to load."""
     from obsdiff.io import stored_dtype
     from obsdiff.loading import parse_dtype
 
-    if device != "cpu" or loaded or not Path(model.path).is_dir():
+    if loaded or not Path(model.path).is_dir():
         return 0
     try:
         stored = stored_dtype(Path(model.path) / model.family.denoiser_attr)
     except ObsdiffError:
+        stored = None
+    if device == "cpu" and stored is not None and parse_dtype(stored) == model.denoiser.dtype:
         return 0
-    if stored is None or parse_dtype(stored) != model.denoiser.dtype:
-        return 0
-    blocks = select_blocks(model.family.blocks(model.denoiser), prune.blocks)
-    return sum(lin.weight.numel() * lin.weight.element_size()
-               for b in blocks for lin in model.family.prunable_linears(b).values())
-
-
-def save_shard_bytes(model: LoadedModel) -> int:
-    """The largest weight file `save_run` will write for `model` (in the base dtype, at most one shard)."""
-    from obsdiff.io import DEFAULT_MAX_SHARD_SIZE, save_dtype
-
-    try:
-        itemsize = save_dtype(model).itemsize
-    except Exception:  # noqa: BLE001 - planning must not fail on what only the save decides
-        itemsize = 4
-    total = sum(p.numel() for p in model.denoiser.parameters()) * itemsize
-    return min(total, int(DEFAULT_MAX_SHARD_SIZE.removesuffix("GB")) * 10**9)
+    return largest_file_bytes(model.path)
 
 
 def choose_groups(model: LoadedModel, prune: PruneConfig, calib: CalibConfig, max_memory: float,
