@@ -72,3 +72,13 @@ def test_calibration_speed_bench(tmp_path):
     assert len(profiles) == 4
     for p in profiles.values():
         assert p["forwards"] > 0 and p["hessian"] > 0 and p["solve"] > 0
+
+
+def test_scale_bench(tmp_path):
+    data = run_script("scale.py", tmp_path / "scale.json")
+    sizes = {h["model"]: h for h in data["hessians"]}
+    assert sizes["sd3-medium"]["parameters"] == 2_028_328_000 and sizes["sd3-medium"]["input_widths"] == [1536, 6144]
+    fits = {(r["model"], r["gpu_gib"]): r["recipe"] for r in data["gpu_table"]}
+    assert fits[("sd3-medium", 80)] == "defaults (4 groups)" and fits[("flux.1-dev", 24)] is None
+    (case,) = data["measured"]
+    assert abs(case["error"]) < 0.5  # the tiny digits prune: planned and measured peak RSS of the same order
