@@ -6,8 +6,8 @@ GPU prunes which model with which flags.
     python bench/scale.py --skip-full     # without the SD3-Medium 24-block end-to-end prune
 
 Random-weight pipelines with the exact published denoiser configs (`obsdiff.testing`) stand in for the real
-checkpoints. Measured prunes run `obsdiff prune` in a child process; its peak RSS comes from `wait4` and the
-prediction from the memory plan the run records (`obsdiff.json` -> `memory_plan`).
+checkpoints. Measured prunes run `obsdiff prune` in a child process; its peak RSS is the high-water mark the run
+records (`obsdiff.json` -> `memory_measured`) and the prediction the memory plan it records (`memory_plan`).
 """
 
 from __future__ import annotations
@@ -189,13 +189,13 @@ def call_seconds(name: str, dtype: torch.dtype, px: int = 256, repeats: int = 3)
 
 
 def measured_prune(pipeline_dir: Path, out: Path, args: list[str], label: str) -> dict:
-    """Run `obsdiff prune` in a child process; its peak RSS (wait4) against the plan it recorded."""
+    """Run `obsdiff prune` in a child process; its peak RSS against the plan it recorded."""
     cmd = [sys.executable, "-m", "obsdiff", "prune", "--model", str(pipeline_dir), "--out", str(out), "--force", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak RSS, not the largest child's so far
+        _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         err_text = err.read()
@@ -203,7 +203,8 @@ def measured_prune(pipeline_dir: Path, out: Path, args: list[str], label: str) -
     if proc.returncode != 0:
         raise RuntimeError(f"{label}: obsdiff prune failed: {err_text.strip().splitlines()[-1:]}")
     record = json.loads((out / "obsdiff.json").read_text())
-    measured = usage.ru_maxrss * 1024
+    # the child's own high-water mark (VmHWM); wait4's ru_maxrss also counts this process's RSS at fork time
+    measured = record.get("memory_measured", {}).get("cpu") or usage.ru_maxrss * 1024
     predicted = record["memory_plan"]["peak"]["cpu"]
     return {"case": label, "model": str(pipeline_dir), "args": args, "seconds": seconds,
             "predicted_gib": predicted / GiB,

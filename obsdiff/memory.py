@@ -238,7 +238,13 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    """Peak resident memory of this process so far (bytes)."""
+    """Peak resident memory of this process so far (bytes).
+
+    VmHWM, the high-water mark of this process's own memory: `getrusage`'s ru_maxrss is not, since Linux
+    carries the parent's resident size at fork into it (a child of a 2 GB process never reports less)."""
+    hwm = _proc_kib("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return hwm
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

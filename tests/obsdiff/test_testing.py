@@ -65,8 +65,9 @@ def test_seeded_weights_are_reproducible():
 
 
 _GENERATE = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 torch.set_num_threads(1)
+from obsdiff.memory import peak_rss  # VmHWM: ru_maxrss would include the parent's size at fork
 from obsdiff.testing import sized_pipeline
 name, layers, single, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3], getattr(torch, sys.argv[4])
 t0 = time.perf_counter()
@@ -80,7 +81,7 @@ img = out.images
 den = getattr(pipe, "transformer", None) or pipe.unet
 print(json.dumps({"cls": type(pipe).__name__, "shape": list(img.shape), "finite": bool(torch.isfinite(img).all()),
                   "build_s": t1 - t0, "gen_s": time.perf_counter() - t1,
-                  "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                  "rss_gb": peak_rss() / 1e9,
                   "vae_scale": pipe.vae_scale_factor, "vae": dict(pipe.vae.config),
                   "params": sum(p.numel() for p in den.parameters())}))
 """
