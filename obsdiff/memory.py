@@ -224,11 +224,7 @@ def available_bytes(device: torch.device) -> int | None:
     """Free memory on `device`: an accelerator's free memory, or the host's available RAM; None if unknown."""
     if device.type != "cpu":
         get_info = getattr(torch.accelerator, "get_memory_info", None)  # recent torch only
-        if get_info is not None:
-            return int(get_info(device)[0])
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
-        return None
+        return int(get_info(device)[0]) if get_info is not None else None
     return _proc_kib("/proc/meminfo", "MemAvailable")
 
 

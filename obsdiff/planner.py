@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
-from obsdiff.errors import ConfigError, ModelLoadError, ObsdiffError
+from obsdiff.errors import ConfigError, ObsdiffError
 from obsdiff.loading import LoadedModel, parse_dtype
 from obsdiff.memory import (
     ForwardProfile,
@@ -37,50 +37,24 @@ log = logging.getLogger(__name__)
 def skeleton(ref: str, dtype: str | torch.dtype = "fp32") -> tuple[LoadedModel, dict[str, int]]:
     """`ref` as a model whose denoiser lives on the meta device, and its components' bytes in `dtype`.
 
-    Reads configs and safetensors headers only (no weights), so planning a 12 B model takes seconds and no RAM.
+    Reads configs and safetensors headers only (`loading.load_denoiser(weights=False)`), so planning a 12 B
+    model takes seconds and no RAM.
     """
-    import diffusers
-
-    from obsdiff import io
-    from obsdiff.loading import _generation_defaults, quiet_libraries, resolve_model
-    from obsdiff.models import get_family
+    from obsdiff.loading import load_denoiser, quiet_libraries
 
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    path = Path(ref).expanduser()
-    record = None
-    if path.is_dir() and io.is_run_dir(path):
-        record = io.read_run(path)
-        base, builtin = resolve_model(record["base_model"])
-    else:
-        base, builtin = resolve_model(ref)
-    try:
-        index = json.loads((base / "model_index.json").read_text())
-        family_names = {v[1] for v in index.values() if isinstance(v, list) and len(v) == 2}
-        from obsdiff.models.registry import FAMILIES
-
-        family = next(f for f in FAMILIES.values() if set(f.denoiser_classes) & family_names)
-        config = json.loads((base / family.denoiser_attr / "config.json").read_text())
-        cls = getattr(diffusers, config["_class_name"])
-    except StopIteration:
-        from obsdiff.models import supported_families
-
-        raise ConfigError(f"{ref!r} has no denoiser of a supported family ({supported_families()})") from None
-    except (OSError, ValueError, KeyError, AttributeError) as exc:
-        raise ModelLoadError(f"cannot read the configs of {ref!r} ({exc}); pass a diffusers pipeline folder") from None
-    with torch.device("meta"), quiet_libraries():  # diffusers warns about casting with `to()`
-        denoiser = cls.from_config(config).to(torch_dtype)
-    if record is not None:
-        family = get_family(record.get("family", family.name))
-        denoiser = meta_twin(denoiser, record.get("shrink_plan"), family)
+    denoiser, family, info = load_denoiser(ref, torch_dtype, "cpu", weights=False)
+    with quiet_libraries():  # diffusers warns about casting with `to()`
+        denoiser = denoiser.to(torch_dtype)
+    base = Path(info["path"])
     vae_cfg = _read_json(base / "vae" / "config.json")
-    tok_cfg = _read_json(base / "tokenizer" / "tokenizer_config.json")
-    vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
+    sample_size = denoiser.config.get("sample_size", 128)
     pipeline = SimpleNamespace(
-        **{family.denoiser_attr: denoiser}, vae_scale_factor=vae_scale,
-        tokenizer=SimpleNamespace(model_max_length=tok_cfg.get("model_max_length", 77)),
-        default_sample_size=config.get("sample_size", 128) if isinstance(config.get("sample_size", 128), int) else 128)
-    model = LoadedModel(ref=ref, path=base, pipeline=pipeline, family=family, builtin=builtin,
-                        generation_defaults=_generation_defaults(builtin), run=record)
+        **{family.denoiser_attr: denoiser}, vae_scale_factor=2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1),
+        tokenizer=SimpleNamespace(model_max_length=info["tokenizer_max_length"].get("tokenizer", 77)),
+        default_sample_size=sample_size if isinstance(sample_size, int) else 128)
+    model = LoadedModel(ref=ref, path=base, pipeline=pipeline, family=family, builtin=info["builtin"],
+                        generation_defaults=info["generation_defaults"], run=info["run"])
     return model, disk_component_bytes(base, torch_dtype)
 
 
