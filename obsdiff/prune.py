@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -21,106 +19,23 @@ from tqdm.auto import tqdm
 from obsdiff import obs
 from obsdiff.calibrate import Calibrator, block_positions, make_calibrator  # noqa: F401 (Calibrator: API)
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
-from obsdiff.errors import ConfigError, ObsdiffError
-from obsdiff.hessian import HessianAccumulator
+from obsdiff.errors import ConfigError
 from obsdiff.loading import LoadedModel, as_loaded
 from obsdiff.memory import text_encoders_parked
-from obsdiff.models import Block
+from obsdiff.records import (  # noqa: F401 (re-exported: the records' historical home)
+    GroupRecord,
+    LayerRecord,
+    PruneError,
+    PruneReport,
+    Unit,
+    calibration_chunks,
+    select_blocks,
+    split_groups,
+)
 from obsdiff.resume import Checkpoint
+from obsdiff.structured import prune_structured_
 
 log = logging.getLogger(__name__)
-
-Unit = tuple[str, ...]  # linears (dotted names in the denoiser) that read one input tensor
-
-
-class PruneError(ObsdiffError):
-    """A layer could not be pruned (indefinite Hessian after all damping, non-finite result)."""
-
-
-@dataclass
-class LayerRecord:
-    name: str
-    shape: tuple[int, int]
-    sparsity: float  # achieved fraction of zero weights
-    error_no_compensation: float | None  # relative output error with the mask alone
-    error: float | None  # relative output error after OBS compensation (what is kept)
-    percdamp: float | None  # damping actually used (escalated if the Cholesky factorisation failed)
-    seconds: float  # solve_seconds + error_seconds (+ write-back)
-    skipped: str | None = None
-    solve_seconds: float = 0.0  # the pruning solve (OBS: factorisations, column sweep)
-    error_seconds: float = 0.0  # the two reconstruction errors
-
-
-@dataclass
-class GroupRecord:
-    index: int
-    units: list[list[str]]
-    calib_seconds: float
-    prune_seconds: float
-    hessian_bytes: int
-    calib_calls: int
-
-
-@dataclass
-class PruneReport:
-    prune: dict
-    calib: dict
-    family: str
-    base_model: str
-    layers: list[LayerRecord] = field(default_factory=list)
-    groups: list[GroupRecord] = field(default_factory=list)
-    encode_seconds: float = 0.0
-    total_seconds: float = 0.0
-    peak_hessian_bytes: int = 0
-    structures: list[dict] = field(default_factory=list)  # structured: per group kept/removed
-    shrink_plan: list[dict] | None = None  # structured: what `shrink.replay_plan_` needs to rebuild the model
-    model_stats: dict = field(default_factory=dict)  # structured: parameters and FLOPs before/after
-    warnings: list[str] = field(default_factory=list)
-    allocation: dict | None = None  # structured, --allocation sensitivity: per-group counts and seconds
-    calibration: dict = field(default_factory=dict)  # mode; cached mode: captures, cache bytes, seconds
-
-    def add_group(self, index: int, units: list[list[str]], calib_seconds: float, prune_seconds: float,
-                  accs: dict[str, HessianAccumulator]) -> None:
-        hessian_bytes = sum(a.nbytes for a in accs.values())
-        calls = max((a.calls for a in accs.values()), default=0)
-        self.groups.append(GroupRecord(index, units, calib_seconds, prune_seconds, hessian_bytes, calls))
-        self.peak_hessian_bytes = max(self.peak_hessian_bytes, hessian_bytes)
-
-    @property
-    def pruned_layers(self) -> list[LayerRecord]:
-        return [r for r in self.layers if r.skipped is None]
-
-    @property
-    def sparsity(self) -> float:
-        """Zero fraction over all pruned linears' weights."""
-        total = sum(r.shape[0] * r.shape[1] for r in self.pruned_layers)
-        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.pruned_layers)
-        return zeros / total if total else 0.0
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["sparsity"] = self.sparsity
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PruneReport:
-        """The report back from `to_dict` (e.g. a checkpoint's JSON): records as dataclasses, shapes as tuples."""
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in d.pop("layers", [])]
-        groups = [GroupRecord(**g) for g in d.pop("groups", [])]
-        return cls(**d, layers=layers, groups=groups)
-
-
-def select_blocks(blocks: list[Block], span: tuple[int, int] | None) -> list[Block]:
-    if span is None:
-        return blocks
-    start, end = span
-    if end > len(blocks):
-        raise ConfigError(f"--blocks {start}:{end} is outside the model, which has {len(blocks)} blocks "
-                          f"(valid: 0:{len(blocks)})")
-    return blocks[start:end]
-
 
 def plan_units(model: LoadedModel, cfg: PruneConfig) -> tuple[list[Unit], dict[str, str]]:
     """Units to prune in forward order, and the layers skipped (name -> reason)."""
@@ -143,33 +58,6 @@ def plan_units(model: LoadedModel, cfg: PruneConfig) -> tuple[list[Unit], dict[s
         why = f" ({len(skipped)} skipped: {next(iter(skipped.values()))})" if skipped else ""
         raise ConfigError(f"no prunable layers selected{why}; check --blocks and --sparsity-type")
     return units, skipped
-
-
-def calibration_chunks(items: list, groups: int | None, block_of: Callable[[object], int]) -> list[list]:
-    """The items (in forward order) split into `groups` contiguous groups, or, with `groups` None (cached
-    calibration's default), one group per block: `block_of(item)` is the item's block position."""
-    if groups is not None:
-        return split_groups(items, groups)
-    chunks, current = [], None
-    for item in items:
-        b = block_of(item)
-        if not chunks or b != current:
-            chunks.append([])
-            current = b
-        chunks[-1].append(item)
-    return chunks
-
-
-def split_groups(units: list[Unit], groups: int) -> list[list[Unit]]:
-    """G contiguous groups of (nearly) equal size; G is capped at the number of units."""
-    g = min(groups, len(units))
-    base, extra = divmod(len(units), g)
-    out, start = [], 0
-    for i in range(g):
-        size = base + (1 if i < extra else 0)
-        out.append(units[start:start + size])
-        start += size
-    return out
 
 
 def prune_layer(W: torch.Tensor, H: torch.Tensor | None, cfg: PruneConfig) -> tuple[torch.Tensor, float | None]:
@@ -234,8 +122,6 @@ def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = N
     model = as_loaded(model)
     calib = resolve_calib(calib or CalibConfig(), model.builtin, prune.method)
     if prune.structured:
-        from obsdiff.structured import prune_structured_
-
         return prune_structured_(model, prune, calib, progress, t_start, checkpoint)
     denoiser = model.denoiser
     modules = dict(denoiser.named_modules())

@@ -25,7 +25,7 @@ from obsdiff.flops import count_flops, parameter_count
 from obsdiff.loading import LoadedModel
 from obsdiff.memory import text_encoders_parked
 from obsdiff.models import StructureGroup
-from obsdiff.prune import LayerRecord, PruneError, PruneReport, calibration_chunks, select_blocks
+from obsdiff.records import LayerRecord, PruneError, PruneReport, calibration_chunks, select_blocks
 from obsdiff.resume import Checkpoint
 from obsdiff.shrink import plan_to_json, shrink_, structure_columns, structure_indices
 
