@@ -6,7 +6,7 @@ from obsdiff.errors import OutputExistsError
 
 def test_staged_dir_is_all_or_nothing(tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(RuntimeError), staged_dir(out) as tmp:
+    with pytest.raises(RuntimeError, match="boom"), staged_dir(out) as tmp:
         (tmp / "half.json").write_text("{}")
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
@@ -23,7 +23,7 @@ def test_staged_dir_is_all_or_nothing(tmp_path):
 def test_staged_file_keeps_the_original_on_failure(tmp_path):
     f = tmp_path / "x.png"
     f.write_bytes(b"old")
-    with pytest.raises(RuntimeError), staged_file(f, force=True) as tmp:
+    with pytest.raises(RuntimeError, match="disk full"), staged_file(f, force=True) as tmp:
         tmp.write_bytes(b"new")
-        raise RuntimeError
+        raise RuntimeError("disk full")
     assert f.read_bytes() == b"old" and list(tmp_path.iterdir()) == [f]

@@ -53,5 +53,5 @@ def test_unknown_pipeline_class_is_a_load_error(tiny_sd3_dir, tmp_path):
     index = json.loads((odd / "model_index.json").read_text())
     index["_class_name"] = "NoSuchPipeline"
     (odd / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelLoadError):
+    with pytest.raises(ModelLoadError, match="could not load a diffusers pipeline from .*NoSuchPipeline"):
         load_pipeline(str(odd))

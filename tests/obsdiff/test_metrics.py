@@ -19,7 +19,7 @@ def test_frechet_distance_of_samples():
     assert M.feature_frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
     b = rng.normal(size=(2000, 4)) + 1.0
     assert M.feature_frechet_distance(a, b) == pytest.approx(4.0, rel=0.1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"need at least 2 feature rows .*\(1, 4\)"):
         M.gaussian_stats(a[:1])
 
 

@@ -117,7 +117,7 @@ def test_hooks_are_removed_when_pruning_fails(model, monkeypatch):
         raise P.PruneError("layer x: synthetic failure")
 
     monkeypatch.setattr(P, "_solve_unit", boom)
-    with pytest.raises(P.PruneError):
+    with pytest.raises(P.PruneError, match="layer x: synthetic failure"):
         P.prune_(model, PruneConfig(sparsity=0.5), CALIB, progress=False)
     assert no_hooks_left(model.denoiser)
 
@@ -126,7 +126,7 @@ def test_hooks_are_removed_when_pruning_fails(model, monkeypatch):
 
     monkeypatch.setattr(C, "run_pass", fail_in_pass)
     for mode in ("rerun", "cached"):
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="calibration died"):
             P.prune_(model, PruneConfig(sparsity=0.5), CalibConfig(**{**CALIB.to_dict(), "mode": mode}),
                      progress=False)
         assert no_hooks_left(model.denoiser)

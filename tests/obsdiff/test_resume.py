@@ -102,12 +102,12 @@ def interrupted_then_resumed(make_model, prune, calib, out, stop_after: int, mon
 
         def counting(self, *args, _original=original, **kwargs):
             if calls["n"] == stop_after:
-                raise Stop
+                raise Stop("interrupted")
             calls["n"] += 1
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, "hessians", counting)
-    with pytest.raises(Stop):
+    with pytest.raises(Stop, match="interrupted"):
         prune_(model, prune, calib, progress=False, checkpoint=ckpt)
     monkeypatch.undo()
     assert ckpt.done >= 1
