@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from obsdiff.errors import ConfigError
 from obsdiff.hessian import WEIGHTINGS
+from obsdiff.methods import METHODS, Method, get_method
 
-METHODS = ("obs-diff", "sparsegpt", "wanda", "magnitude")
-SPARSITY_TYPES = ("unstructured", "2:4", "4:8", "structured")
+SPARSITY_TYPES = ("unstructured", "2:4", "4:8", "structured")  # any N:M pattern is accepted too
 CALIBRATION_MODES = ("rerun", "cached")
 CACHE_SPILL = ("auto", "always", "never")
 
@@ -63,61 +63,13 @@ class PruneConfig:
     allocation: str = "uniform"  # structured: "uniform" ratio per block, or "sensitivity" (same parameter budget)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.sparsity_type == "structured":
-            self._check_structured()
-            return
-        if self.head_ratio is not None or self.ffn_ratio is not None:
-            raise ConfigError("--head-ratio / --ffn-ratio apply to --sparsity-type structured only")
-        nm = _nm(self.sparsity_type)
-        if nm is None:
-            if self.sparsity is None:
-                raise ConfigError("--sparsity is required for unstructured pruning, e.g. --sparsity 0.5")
-            if not 0 < self.sparsity < 1:
-                raise ConfigError(f"--sparsity {self.sparsity} is outside (0, 1); e.g. 0.5 removes half the weights")
-        else:
-            n, m = nm
-            implied = (m - n) / m
-            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
-                raise ConfigError(f"--sparsity {self.sparsity} contradicts --sparsity-type {self.sparsity_type} "
-                                  f"(which removes {implied:g}); drop --sparsity or set it to {implied:g}")
-            if self.block_size % m:
-                raise ConfigError(f"--block-size {self.block_size} must be a multiple of M={m}")
-        if not 0 <= self.percdamp < 1:
-            raise ConfigError(f"--percdamp {self.percdamp} must be in [0, 1), typically 0.01")
-        if self.block_size < 1:
-            raise ConfigError(f"--block-size {self.block_size} must be positive")
-        if self.on_indivisible not in ("error", "skip"):
-            raise ConfigError(f"on_indivisible {self.on_indivisible!r} must be 'error' or 'skip'")
-        if self.compute_dtype not in ("fp32", "fp64"):
-            raise ConfigError(f"compute dtype {self.compute_dtype!r} must be fp32 or fp64")
-        if self.blocks is not None and not (0 <= self.blocks[0] < self.blocks[1]):
-            raise ConfigError(f"--blocks {self.blocks[0]}:{self.blocks[1]} is empty; use START:END with START < END")
+        for check in PRUNE_CHECKS:  # one sequence for every sparsity type: each check says where it applies
+            check(self)
 
-    def _check_structured(self) -> None:
-        if self.method == "wanda":
-            raise ConfigError("wanda has no structured variant; use obs-diff, sparsegpt or magnitude (L1)")
-        if self.sparsity is not None and not 0 < self.sparsity < 1:
-            raise ConfigError(f"--sparsity {self.sparsity} is outside (0, 1); e.g. 0.25 removes a quarter of the "
-                              "heads and FFN neurons of each block")
-        for flag, value in (("--head-ratio", self.head_ratio), ("--ffn-ratio", self.ffn_ratio)):
-            if value is not None and not 0 <= value < 1:
-                raise ConfigError(f"{flag} {value} must be in [0, 1): at least one head and one neuron remain")
-        if self.sparsity is None and (self.head_ratio is None or self.ffn_ratio is None):
-            raise ConfigError("structured pruning needs --sparsity, or both --head-ratio and --ffn-ratio")
-        if self.structure_cost not in ("exact", "diag"):
-            raise ConfigError(f"structure cost {self.structure_cost!r} must be exact or diag")
-        if self.joint_scoring not in ("sum", "rrf"):
-            raise ConfigError(f"joint scoring {self.joint_scoring!r} must be sum or rrf")
-        if self.allocation not in ("uniform", "sensitivity"):
-            raise ConfigError(f"--allocation {self.allocation!r} must be uniform or sensitivity")
-        if self.ffn_per_round < 1:
-            raise ConfigError(f"--ffn-per-round {self.ffn_per_round} must be at least 1")
-        if self.compute_dtype not in ("fp32", "fp64"):
-            raise ConfigError(f"compute dtype {self.compute_dtype!r} must be fp32 or fp64")
-        if self.blocks is not None and not (0 <= self.blocks[0] < self.blocks[1]):
-            raise ConfigError(f"--blocks {self.blocks[0]}:{self.blocks[1]} is empty; use START:END with START < END")
+    @property
+    def method_spec(self) -> Method:
+        """What the method needs and how it prunes (`obsdiff.methods`)."""
+        return get_method(self.method)
 
     @property
     def structured(self) -> bool:
@@ -133,17 +85,8 @@ class PruneConfig:
         return _nm(self.sparsity_type)
 
     @property
-    def target_sparsity(self) -> float:
-        if self.structured:
-            return float(self.sparsity if self.sparsity is not None else max(self.head_ratio, self.ffn_ratio))
-        if self.nm:
-            n, m = self.nm
-            return (m - n) / m
-        return float(self.sparsity)
-
-    @property
     def needs_calibration(self) -> bool:
-        return self.method != "magnitude"
+        return self.method_spec.calibration
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,6 +98,120 @@ class PruneConfig:
         if d.get("blocks") is not None:
             d["blocks"] = tuple(d["blocks"])
         return cls(**d)
+
+
+# ------------------------------------------------------------------------------ PruneConfig's checks, in order
+
+# options that only structured pruning reads: CLI flag per field (a changed default elsewhere is a mistake)
+STRUCTURED_ONLY = {"head_ratio": "--head-ratio", "ffn_ratio": "--ffn-ratio", "structure_cost": "--structure-cost",
+                   "joint_scoring": "--joint-scoring", "ffn_per_round": "--ffn-per-round",
+                   "allocation": "--allocation"}
+# closed choices: field -> (flag, allowed values)
+PRUNE_CHOICES = {"on_indivisible": ("on_indivisible", ("error", "skip")),
+                 "compute_dtype": ("--solver-precision", ("fp32", "fp64")),
+                 "structure_cost": ("--structure-cost", ("exact", "diag")),
+                 "joint_scoring": ("--joint-scoring", ("sum", "rrf")),
+                 "allocation": ("--allocation", ("uniform", "sensitivity"))}
+
+
+def check_method(cfg: PruneConfig) -> None:
+    get_method(cfg.method)
+
+
+def check_sparsity_type(cfg: PruneConfig) -> None:
+    _nm(cfg.sparsity_type)
+
+
+def check_structured_variant(cfg: PruneConfig) -> None:
+    if cfg.structured and cfg.method_spec.structured is None:
+        able = [m.name for m in METHODS.values() if m.structured]
+        raise ConfigError(f"{cfg.method} has no structured variant; use {', '.join(able)} "
+                          "(magnitude scores by L1 norm)")
+
+
+def check_structured_only_options(cfg: PruneConfig) -> None:
+    if cfg.structured:
+        return
+    defaults = {f.name: f.default for f in fields(cfg)}
+    changed = [flag for name, flag in STRUCTURED_ONLY.items() if getattr(cfg, name) != defaults[name]]
+    if changed:
+        many = len(changed) > 1
+        raise ConfigError(f"{' / '.join(changed)} {'apply' if many else 'applies'} to --sparsity-type structured "
+                          f"only; drop {'them' if many else 'it'} or prune structured")
+
+
+def check_sparsity_given(cfg: PruneConfig) -> None:
+    nm = cfg.nm
+    if nm is not None:
+        implied = (nm[1] - nm[0]) / nm[1]
+        if cfg.sparsity is not None and abs(cfg.sparsity - implied) > 1e-9:
+            raise ConfigError(f"--sparsity {cfg.sparsity} contradicts --sparsity-type {cfg.sparsity_type} "
+                              f"(which removes {implied:g}); drop --sparsity or set it to {implied:g}")
+    elif cfg.structured:
+        if cfg.sparsity is None and (cfg.head_ratio is None or cfg.ffn_ratio is None):
+            raise ConfigError("structured pruning needs --sparsity, or both --head-ratio and --ffn-ratio")
+    elif cfg.sparsity is None:
+        raise ConfigError("--sparsity is required for unstructured pruning, e.g. --sparsity 0.5")
+
+
+def check_sparsity_range(cfg: PruneConfig) -> None:
+    if cfg.sparsity is not None and not 0 < cfg.sparsity < 1:
+        what = "heads and FFN neurons of each block" if cfg.structured else "weights"
+        raise ConfigError(f"--sparsity {cfg.sparsity} is outside (0, 1); e.g. 0.5 removes half the {what}")
+
+
+def check_ratios(cfg: PruneConfig) -> None:
+    for flag, value in (("--head-ratio", cfg.head_ratio), ("--ffn-ratio", cfg.ffn_ratio)):
+        if value is not None and not 0 <= value < 1:
+            raise ConfigError(f"{flag} {value} must be in [0, 1): at least one head and one neuron remain")
+
+
+def check_percdamp(cfg: PruneConfig) -> None:
+    if not 0 <= cfg.percdamp < 1:
+        raise ConfigError(f"--percdamp {cfg.percdamp} must be in [0, 1), typically 0.01")
+
+
+def check_block_size(cfg: PruneConfig) -> None:
+    if cfg.block_size < 1:
+        raise ConfigError(f"--block-size {cfg.block_size} must be positive")
+    if cfg.nm is not None and cfg.block_size % cfg.nm[1]:
+        raise ConfigError(f"--block-size {cfg.block_size} must be a multiple of M={cfg.nm[1]} "
+                          f"(--sparsity-type {cfg.sparsity_type})")
+
+
+def check_choices(cfg: PruneConfig) -> None:
+    for name, (flag, allowed) in PRUNE_CHOICES.items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise ConfigError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+
+
+def check_ffn_per_round(cfg: PruneConfig) -> None:
+    if cfg.ffn_per_round < 1:
+        raise ConfigError(f"--ffn-per-round {cfg.ffn_per_round} must be at least 1")
+
+
+def check_allocation_method(cfg: PruneConfig) -> None:
+    if cfg.allocation == "sensitivity" and cfg.method_spec.hessian != "full":
+        able = [m.name for m in METHODS.values() if m.hessian == "full" and m.structured]
+        raise ConfigError(f"--allocation sensitivity needs OBS cost curves, which {cfg.method} has not; use it "
+                          f"with {' or '.join(able)}")
+
+
+def check_compensation(cfg: PruneConfig) -> None:
+    if not cfg.compensate and not cfg.method_spec.compensation:
+        able = [m.name for m in METHODS.values() if m.compensation]
+        raise ConfigError(f"--no-compensate: {cfg.method} never updates weights; it applies to {', '.join(able)}")
+
+
+def check_blocks(cfg: PruneConfig) -> None:
+    if cfg.blocks is not None and not (0 <= cfg.blocks[0] < cfg.blocks[1]):
+        raise ConfigError(f"--blocks {cfg.blocks[0]}:{cfg.blocks[1]} is empty; use START:END with START < END")
+
+
+PRUNE_CHECKS = (check_method, check_sparsity_type, check_structured_variant, check_structured_only_options,
+                check_sparsity_given, check_sparsity_range, check_ratios, check_percdamp, check_block_size,
+                check_choices, check_ffn_per_round, check_allocation_method, check_compensation, check_blocks)
 
 
 @dataclass(frozen=True)
@@ -218,7 +275,8 @@ DIGITS_CALIB = {"num_prompts": 64, "steps": 20, "guidance": 3.0, "batch_size": 1
 
 
 def resolve_calib(calib: CalibConfig, builtin: str | None, method: str) -> CalibConfig:
-    """Fill unset fields with the model's defaults; SparseGPT and Wanda calibrate once, uniformly.
+    """Fill unset fields with the model's defaults, then apply the method's own calibration (`obsdiff.methods`:
+    SparseGPT and Wanda weight steps uniformly and calibrate in one group).
 
     In cached mode an unset `groups` stays None, meaning one group per block: each extra group costs only
     a pass over its own blocks there, so the fully sequential schedule is the natural default (for
@@ -229,7 +287,9 @@ def resolve_calib(calib: CalibConfig, builtin: str | None, method: str) -> Calib
     if calib.mode == "cached":
         fill.pop("groups", None)
     calib = replace(calib, **fill)
-    if method in ("sparsegpt", "wanda"):
-        calib = replace(calib, timestep_weighting="uniform",
-                        groups=1 if calib.mode == "rerun" or method == "wanda" else calib.groups)
+    spec = get_method(method)
+    if spec.step_weighting is not None:
+        calib = replace(calib, timestep_weighting=spec.step_weighting)
+    if calib.mode in spec.one_group_modes:
+        calib = replace(calib, groups=1)
     return calib

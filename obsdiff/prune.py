@@ -70,14 +70,7 @@ def prune_layer(W: torch.Tensor, H: torch.Tensor | None, cfg: PruneConfig) -> tu
     sparsity = None if cfg.nm else cfg.sparsity
     if H is not None:
         H = H.to(W.device, dtype)  # no copy when it is already there
-    if cfg.method in ("obs-diff", "sparsegpt"):
-        res = obs.obs_prune(W, H, sparsity, cfg.nm, cfg.block_size, cfg.percdamp, cfg.compensate)
-        return res.weight, res.damp
-    if cfg.method == "wanda":
-        mask = obs.wanda_mask(W, torch.diag(H), sparsity, cfg.nm)
-    else:
-        mask = obs.magnitude_mask(W, sparsity, cfg.nm)
-    return W.masked_fill(mask, 0.0), None
+    return cfg.method_spec.solve(W, H, sparsity, cfg)  # the method's own solve (obsdiff.methods)
 
 
 def _solve_unit(unit: Unit, modules: dict[str, nn.Module], H: torch.Tensor | None, cfg: PruneConfig

@@ -273,7 +273,7 @@ def _prune_groups(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, cali
                              disable=not progress):
             t1 = time.perf_counter()
             cols = [structure_columns(group, s.offset, denoiser.device) for s in group.readers]
-            if cfg.method == "magnitude":
+            if cfg.method_spec.structured == "l1":
                 gone = obs.magnitude_structures([modules[s.linear].weight.detach() for s in group.readers], cols, n)
             else:
                 per_round = 1 if group.kind == "heads" else cfg.ffn_per_round
