@@ -10,11 +10,13 @@ or, for a denoiser over the shard size, the diffusers sharded layout:
 Weights are stored in the base model's dtype unless asked otherwise (`weights_dtype` in obsdiff.json),
 with a sha256 per file. Loading builds the base architecture on the meta device and loads the weights
 shard by shard, strictly (every key, every shape), so no second full copy is ever held.
-Format 1 runs (one file, no per-shard hashes) still load.
+Format 1 runs (one file, no per-shard hashes) still load. `base` (how to find the base model again: hub id and
+commit, or a path relative to the run) was added within format 2; runs without it resolve `base_model` alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -48,9 +50,25 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / RUN_FILE).is_file()
 
 
-def base_reference(model) -> str:
-    """How a run refers to its base model: `builtin:NAME`, or the absolute pipeline directory."""
-    return f"builtin:{model.builtin}" if model.builtin else str(model.path.resolve())
+def base_reference(model, out: str | Path) -> tuple[str, dict]:
+    """How a run at `out` refers to its base model: (`base_model`, `base`).
+
+    `base_model` is what a person would pass as --model: `builtin:NAME`, `org/name@sha` for a hub snapshot,
+    else the absolute pipeline directory (what format-2 readers without `base` understand). `base` says how
+    to find it again: {"builtin"}, {"hub_id", "revision"} (the commit sha), or {"path": relative to the run,
+    "absolute_path": a hint}; the relative path is what keeps a run valid when moved together with its base.
+    """
+    if model.builtin:
+        return f"builtin:{model.builtin}", {"builtin": model.builtin}
+    if getattr(model, "hub_id", None):
+        revision = getattr(model, "revision", None)
+        return (f"{model.hub_id}@{revision}" if revision else model.hub_id), {"hub_id": model.hub_id,
+                                                                               "revision": revision}
+    absolute = Path(model.path).resolve()
+    base = {"absolute_path": str(absolute)}
+    with contextlib.suppress(ValueError):  # another drive (Windows): no relative path exists
+        base["path"] = Path(os.path.relpath(absolute, Path(out).resolve())).as_posix()
+    return str(absolute), base
 
 
 def parse_size(size: int | str) -> int:
@@ -243,9 +261,11 @@ def save_run(model, report: dict, out: str | Path, force: bool = False, dtype=No
         hashes = {f"{DENOISER_DIR}/{k}": v
                   for k, v in _write_weights(model.denoiser, folder, target, max_shard_size).items()}
         sharded = len(hashes) > 1
+        base_model, base = base_reference(model, out)
         record = {
             "format": FORMAT_VERSION,
-            "base_model": base_reference(model),
+            "base_model": base_model,
+            "base": base,
             "family": model.family.name,
             "denoiser_file": f"{DENOISER_DIR}/{INDEX_FILE if sharded else WEIGHTS_FILE}",
             "denoiser_sha256": combined_sha256(hashes) if sharded else next(iter(hashes.values())),
@@ -401,8 +421,6 @@ def build_run_denoiser(path: str | Path, record: dict, family, dtype):
         del state
     _check_keys(loaded, set(expected), path)
     if any(t.is_floating_point() and t.dtype != dtype for t in [*model.parameters(), *model.buffers()]):
-        from obsdiff.loading import quiet_libraries
-
-        with quiet_libraries():  # diffusers warns about casting with `to()` even when nothing must stay fp32
-            model = model.to(dtype)
+        # nn.Module's own `to`: diffusers' override warns about casting even when nothing must stay fp32
+        model = torch.nn.Module.to(model, dtype)
     return model.eval()

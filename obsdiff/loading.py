@@ -1,12 +1,16 @@
-"""Resolve and load `--model` values: a local diffusers pipeline directory or `builtin:NAME`.
+"""Resolve and load `--model` values: a local diffusers pipeline directory, `builtin:NAME`, a hub id
+(`org/name` or `org/name@revision`) or a run directory written by `obsdiff prune`.
 
-Nothing is fetched from a hub: a hub id gets an error that says how to download it first.
+Hub ids are taken from the local Hugging Face cache first (so they work offline once cached) and
+downloaded only where the network is allowed, the way diffusers downloads a pipeline.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,13 +18,19 @@ import torch
 
 from obsdiff.builtin import PREFIX as BUILTIN_PREFIX
 from obsdiff.builtin import builtin_pipeline_dir
-from obsdiff.errors import ConfigError, ModelLoadError
+from obsdiff.devices import DTYPES as _DTYPE_NAMES
+from obsdiff.devices import resolve_device, torch_dtype
+from obsdiff.errors import ModelLoadError
 from obsdiff.models import ModelFamily, family_for_pipeline
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+# every spelling of the model dtypes, short names first (reversed lookups prefer them); names: obsdiff.devices
+DTYPES = {**{short: getattr(torch, long) for short, long in _DTYPE_NAMES.items()},
+          **{long: getattr(torch, long) for long in _DTYPE_NAMES.values()}}
+# `--dtype` values ("auto" follows the device: bf16 on CUDA, fp32 elsewhere) and `--device` values ("auto": CUDA
+# when available); kept here under their historical names
+parse_dtype = torch_dtype
 
 
 @dataclass
@@ -34,6 +44,8 @@ class LoadedModel:
     builtin: str | None = None
     generation_defaults: dict = field(default_factory=dict)
     run: dict | None = None  # the run record when `ref` is a pruned run directory
+    hub_id: str | None = None  # the hub repository the pipeline directory is a cached snapshot of
+    revision: str | None = None  # that snapshot's commit sha
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -43,46 +55,172 @@ class LoadedModel:
     def name(self) -> str:
         if self.run is not None:
             return Path(self.ref).name
+        if self.hub_id:
+            return self.hub_id
         return f"{BUILTIN_PREFIX}{self.builtin}" if self.builtin else self.path.name
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {name!r}; use one of fp32, fp16, bf16") from None
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a `--model` value (or a run's base model) was found."""
+
+    path: Path  # the diffusers pipeline directory (for a hub id: the cached snapshot)
+    builtin: str | None = None
+    hub_id: str | None = None
+    revision: str | None = None  # commit sha of the hub snapshot
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} requested but no CUDA GPU is available; use --device cpu")
-    return device
+def resolve_model(ref: str) -> ModelSource:
+    """Where the pipeline behind a `--model` value is: every loader resolves through here.
 
-
-def resolve_model(ref: str) -> tuple[Path, str | None]:
-    """The pipeline directory behind a `--model` value, and the builtin name if it is one."""
+    A local path wins over a hub id of the same spelling (as in diffusers).
+    """
     if ref.startswith(BUILTIN_PREFIX):
         name = ref[len(BUILTIN_PREFIX):]
-        return builtin_pipeline_dir(name), name
+        return ModelSource(builtin_pipeline_dir(name), builtin=name)
     path = Path(ref).expanduser()
     if not path.exists():
-        looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
-        if looks_like_hub_id:
-            raise ModelLoadError(
-                f"{ref!r} is not a local directory; obsdiff does not download from a hub: fetch it first "
-                f"(e.g. `hf download {ref} --local-dir DIR`) and pass --model DIR")
-        raise ModelLoadError(f"model path {ref!r} does not exist; pass a diffusers pipeline directory "
-                             "or builtin:digits")
+        hub = parse_hub_id(ref)
+        if hub is not None:
+            return resolve_hub(*hub)
+        raise ModelLoadError(f"model path {ref!r} does not exist; pass a diffusers pipeline directory, a hub id "
+                             "(org/name[@revision]) or builtin:digits")
     if not path.is_dir():
         raise ModelLoadError(f"model path {ref!r} is a file; pass a diffusers pipeline directory "
                              "(the folder with model_index.json)")
     if not (path / "model_index.json").exists():
         raise ModelLoadError(f"{ref!r} is not a diffusers pipeline directory (no model_index.json); "
                              "pass the folder that save_pretrained wrote")
-    return path, None
+    return ModelSource(path)
+
+
+# the repository id rules of huggingface_hub (validate_repo_id), with the organisation required
+_HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/[\w.-]+")
+
+
+def parse_hub_id(ref: str) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) when `ref` is spelled like `org/name[@revision]`, else None."""
+    repo, at, revision = ref.partition("@")
+    if not _HUB_ID.fullmatch(repo) or ".." in repo or repo.endswith((".", "-")) or (at and not revision):
+        return None
+    return repo, revision or None
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time (HF_HUB_CACHE, then HF_HOME)."""
+    if os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(os.environ.get("HF_HUB_CACHE") or os.environ["HUGGINGFACE_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now, or as huggingface_hub read it at import."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return env.upper() in {"1", "ON", "YES", "TRUE"} or constants.HF_HUB_OFFLINE
+
+
+def _is_complete_pipeline(folder: Path) -> bool:
+    """Whether a snapshot holds model_index.json and a non-empty folder for every component it names."""
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    parts = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]]
+    return all((folder / k).is_dir() and any((folder / k).iterdir()) for k in parts)
+
+
+def resolve_hub(repo: str, revision: str | None = None) -> ModelSource:
+    """The cached snapshot of hub pipeline `repo` at `revision` (a branch, tag or commit; default main).
+
+    The local cache is tried first, without the network; a model that is not (fully) cached is downloaded
+    by diffusers' own `DiffusionPipeline.download` (safetensors preferred over pickles, only the files the
+    pipeline loads, huggingface_hub's progress bars), unless HF_HUB_OFFLINE forbids it.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    name = f"{repo}@{revision}" if revision else repo
+    cache = hub_cache_dir()
+    try:
+        folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError):
+        folder = None
+    if folder is not None and _is_complete_pipeline(folder):
+        log.info("%s: cached snapshot %s", name, folder)
+        return ModelSource(folder, hub_id=repo, revision=folder.name)
+    if hub_offline():
+        cached = "is only partly" if folder is not None else "is not"
+        raise ModelLoadError(f"hub model {name!r} {cached} in the local cache ({cache}) and HF_HUB_OFFLINE is set: "
+                             f"download it where the hub is reachable (`hf download {repo}`"
+                             f"{f' --revision {revision}' if revision else ''}), or unset HF_HUB_OFFLINE")
+    folder = _download(repo, revision, cache, name)
+    return ModelSource(folder, hub_id=repo, revision=folder.name)
+
+
+def _download(repo: str, revision: str | None, cache: Path, name: str) -> Path:
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as dlog
+
+    log.info("downloading %s from the hub into %s", name, cache)
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # its "couldn't connect" warnings would precede our one-line error
+    try:
+        return Path(DiffusionPipeline.download(repo, revision=revision, cache_dir=str(cache)))
+    except Exception as exc:  # hub, HTTP and file errors arrive wrapped in several layers: name the cause
+        raise _hub_error(exc, repo, revision, name) from exc
+    finally:
+        dlog.set_verbosity(level)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and everything chained to it (causes and contexts), nearest first."""
+    seen, todo = [], [exc]
+    while todo and len(seen) < 16:
+        e = todo.pop(0)
+        if e is not None and all(e is not s for s in seen):
+            seen.append(e)
+            todo += [e.__cause__, e.__context__]
+    return seen
+
+
+def _hub_error(exc: BaseException, repo: str, revision: str | None, name: str) -> ModelLoadError:
+    """One line for a failed hub download, saying which case it was (the cause may be chained)."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    chain = _causes(exc)
+    kinds = (GatedRepoError, RevisionNotFoundError, RepositoryNotFoundError, OfflineModeIsEnabled)
+    cause = next((e for kind in kinds for e in chain if isinstance(e, kind)), None)
+    if isinstance(cause, GatedRepoError):
+        return ModelLoadError(f"hub model {repo!r} is gated: accept its licence on https://huggingface.co/{repo} "
+                              "and log in with `hf auth login` (huggingface-cli login) or set HF_TOKEN")
+    if isinstance(cause, RevisionNotFoundError):
+        return ModelLoadError(f"hub model {repo!r} has no revision {revision!r}; pass a branch, tag or commit "
+                              "that exists")
+    if isinstance(cause, RepositoryNotFoundError):
+        return ModelLoadError(f"no hub model {repo!r} (or it is private: log in with `hf auth login`); check the "
+                              "id, or pass a local pipeline directory")
+    if isinstance(cause, OfflineModeIsEnabled):
+        return ModelLoadError(f"hub model {name!r} is not in the local cache ({hub_cache_dir()}) and offline mode "
+                              f"forbids downloading: download it with `hf download {repo}` where the hub is "
+                              "reachable, or unset HF_HUB_OFFLINE")
+    root = chain[-1]
+    first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+    return ModelLoadError(f"hub model {name!r} is not in the local cache ({hub_cache_dir()}) and could not be "
+                          f"downloaded ({type(root).__name__}: {first}); check the network (or HF_ENDPOINT), or "
+                          "pass a local pipeline directory")
 
 
 @contextlib.contextmanager
@@ -126,16 +264,17 @@ def load_pipeline(ref: str, device: str | torch.device | None = "cpu", dtype: st
 
     if Path(ref).expanduser().is_dir() and io.is_run_dir(Path(ref).expanduser()):
         return _load_run(ref, device, dtype)
-    path, builtin = resolve_model(ref)
-    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    device = resolve_device(device) if not isinstance(device, torch.device) else device
-    pipe = _from_pretrained(path, ref, torch_dtype)
+    src = resolve_model(ref)
+    device = resolve_device(device)
+    torch_dtype = parse_dtype(dtype, device)  # "auto" follows the device
+    pipe = _from_pretrained(src.path, ref, torch_dtype)
     family = family_for_pipeline(pipe)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     log.info("loaded %s (%s family) on %s", ref, family.name, device)
-    return LoadedModel(ref=ref, path=path, pipeline=pipe, family=family, builtin=builtin,
-                       generation_defaults=_generation_defaults(builtin))
+    return LoadedModel(ref=ref, path=src.path, pipeline=pipe, family=family, builtin=src.builtin,
+                       generation_defaults=_generation_defaults(src.builtin), hub_id=src.hub_id,
+                       revision=src.revision)
 
 
 def as_loaded(pipeline) -> LoadedModel:
@@ -161,6 +300,26 @@ def _from_pretrained(path: Path, ref: str, torch_dtype: torch.dtype, **component
         raise ModelLoadError(f"could not load a diffusers pipeline from {ref!r}: {first}") from exc
 
 
+def resolve_run_base(run: Path, record: dict) -> ModelSource:
+    """The base model of a run: a hub id from the cache (or downloaded), a path relative to the run, then the
+    absolute path it had when the run was made; runs of format <= 2 without `base` name only `base_model`."""
+    base = record.get("base") or {}
+    if base.get("hub_id"):
+        return resolve_hub(base["hub_id"], base.get("revision"))
+    ref = record["base_model"]
+    if "path" not in base and not Path(ref).is_absolute():  # builtin:NAME, or an id written by hand
+        return resolve_model(ref)
+    places = ([Path(os.path.normpath(run / base["path"]))] if base.get("path") else []) + [Path(ref)]
+    for place in places:
+        if (place / "model_index.json").is_file():
+            return ModelSource(place)
+    looked = " and ".join(f"{p} ({why})" for p, why in zip(
+        places, ["relative to the run", "where it was when pruned"][-len(places):], strict=True))
+    raise ModelLoadError(f"run {str(run)!r} cannot find its base model: looked in {looked}; put the base pipeline "
+                         "directory back in one of these places (moving it together with the run keeps the relative "
+                         "one valid)")
+
+
 def _load_run(ref: str, device, dtype) -> LoadedModel:
     """A run directory: its base pipeline with the pruned (possibly shrunk) denoiser in place."""
     from obsdiff import io
@@ -168,21 +327,22 @@ def _load_run(ref: str, device, dtype) -> LoadedModel:
 
     run_path = Path(ref).expanduser()
     record = io.read_run(run_path)
-    base_path, builtin = resolve_model(record["base_model"])
+    base = resolve_run_base(run_path, record)
     family = get_family(record.get("family", "sd3"))
-    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    device = resolve_device(device) if not isinstance(device, torch.device) else device
-    io.check_base_matches(run_path, base_path / family.denoiser_attr, record["base_model"])
+    device = resolve_device(device)
+    torch_dtype = parse_dtype(dtype, device)  # "auto" follows the device
+    io.check_base_matches(run_path, base.path / family.denoiser_attr, record["base_model"])
     denoiser = io.build_run_denoiser(run_path, record, family, torch_dtype)
-    pipe = _from_pretrained(base_path, record["base_model"], torch_dtype, **{family.denoiser_attr: denoiser})
+    pipe = _from_pretrained(base.path, record["base_model"], torch_dtype, **{family.denoiser_attr: denoiser})
     loaded_family = family_for_pipeline(pipe)
     if loaded_family.name != family.name:
         raise ModelLoadError(f"run {ref!r} was made for the {family.name} family but its base "
                              f"{record['base_model']!r} is {loaded_family.name}")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return LoadedModel(ref=ref, path=base_path, pipeline=pipe, family=family, builtin=builtin,
-                       generation_defaults=_generation_defaults(builtin), run=record)
+    return LoadedModel(ref=ref, path=base.path, pipeline=pipe, family=family, builtin=base.builtin,
+                       generation_defaults=_generation_defaults(base.builtin), run=record, hub_id=base.hub_id,
+                       revision=base.revision)
 
 
 def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | torch.device | None = "cpu",
@@ -195,7 +355,8 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
     strictly: the peak is the model in `dtype` plus one tensor, whatever precision the files hold.
     `weights=False` returns the meta-device model (for callers that need only `denoiser.config`).
     Returns (denoiser, family, info); `info` holds what callers would otherwise take from the pipeline:
-    `ref`, `path` (pipeline directory), `builtin`, `run` (the run record or None), `generation_defaults`
+    `ref`, `path` (pipeline directory), `builtin`, `run` (the run record or None), `source` (`ModelSource`),
+    `generation_defaults`
     and `tokenizer_max_length` ({tokenizer attribute: model_max_length} from each tokenizer's config file,
     for the ones that state it).
     """
@@ -205,11 +366,12 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
     from obsdiff.artifacts import sha256_file
     from obsdiff.models import FAMILIES, get_family
 
-    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    device = resolve_device(device)
+    torch_dtype = parse_dtype(dtype, device)  # "auto" follows the device
     run_path = Path(ref).expanduser()
     record = io.read_run(run_path) if run_path.is_dir() and io.is_run_dir(run_path) else None
-    path, builtin = resolve_model(record["base_model"] if record else ref)
+    src = resolve_run_base(run_path, record) if record else resolve_model(ref)
+    path, builtin = src.path, src.builtin
     index = _read_json(path / "model_index.json")
     if record is not None:
         family = get_family(record.get("family", "sd3"))
@@ -274,7 +436,7 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
             max_lengths[attr] = tok["model_max_length"]
     log.info("loaded the %s of %s (%s family) on %s in %s", family.denoiser_attr, ref, family.name, device,
              torch_dtype)
-    info = {"ref": ref, "path": path, "builtin": builtin, "run": record,
+    info = {"ref": ref, "path": path, "builtin": builtin, "run": record, "source": src,
             "generation_defaults": _generation_defaults(builtin), "tokenizer_max_length": max_lengths}
     return denoiser, family, info
 

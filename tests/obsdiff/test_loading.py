@@ -16,7 +16,6 @@ def test_loads_a_pipeline_directory(tiny_sd3_dir):
 @pytest.mark.parametrize(
     "ref, message",
     [
-        ("stabilityai/stable-diffusion-3-medium-diffusers", "does not download from a hub"),
         ("/nonexistent/model", "does not exist"),
         ("builtin:nope", "unknown builtin model builtin:nope; available: builtin:digits"),
     ],
