@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
+from obsdiff.devices import synchronize as sync  # noqa: F401 (the scopes' name for it)
+from obsdiff.devices import time_call  # noqa: F401 (re-exported to the scopes)
 
 from .runners import Runner
 
@@ -28,26 +28,6 @@ def summarize(seconds: list[float]) -> dict:
 
     return {"median": q(0.5), "p90": q(0.9), "iqr": q(0.75) - q(0.25),
             "stdev": statistics.stdev(ms) if n > 1 else 0.0, "mean": statistics.fmean(ms), "min": ms[0], "n": n}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds one call of `fn` takes: CUDA events on a CUDA device, perf_counter otherwise."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 @dataclass

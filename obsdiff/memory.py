@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from obsdiff import devices
 from obsdiff.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -223,8 +224,7 @@ def _proc_kib(path: str, key: str) -> int | None:
 def available_bytes(device: torch.device) -> int | None:
     """Free memory on `device`: an accelerator's free memory, or the host's available RAM; None if unknown."""
     if device.type != "cpu":
-        get_info = getattr(torch.accelerator, "get_memory_info", None)  # recent torch only
-        return int(get_info(device)[0]) if get_info is not None else None
+        return devices.free_bytes(device)
     return _proc_kib("/proc/meminfo", "MemAvailable")
 
 
@@ -249,10 +249,9 @@ def peak_rss() -> int:
 def measured_peaks(device: torch.device) -> dict[str, int]:
     """What this process actually peaked at: host RSS, and the accelerator's allocator peak when one is used."""
     peaks = {"cpu": peak_rss()}
-    if device.type != "cpu":
-        get_peak = getattr(torch.accelerator, "max_memory_allocated", None)  # recent torch only
-        if get_peak is not None:
-            peaks[str(device)] = int(get_peak(device))
+    peak = devices.peak_bytes(device)
+    if peak is not None:
+        peaks[str(device)] = peak
     return peaks
 
 
@@ -393,9 +392,8 @@ def text_encoders_parked(model):
                 comp.to("cpu")
     if moved:
         log.info("parked %s on the CPU during calibration", ", ".join(moved))
-        empty_cache = getattr(torch.accelerator, "empty_cache", None)  # recent torch only
-        if empty_cache is not None:
-            empty_cache()  # hand the freed blocks back, so the Hessians can use them
+        for device in set(moved.values()):
+            devices.empty_cache(device)  # hand the freed blocks back, so the Hessians can use them
     try:
         yield
     finally:

@@ -1,0 +1,124 @@
+"""The device in use and dtype names: one place for `--device auto`, `--dtype auto` and accelerator calls.
+
+Accelerator calls go through `torch.accelerator` (any backend: CUDA, ROCm, XPU, MPS) with the backend's own
+module as the fallback on older torch. Importing this module is light: torch loads on first use, so the
+command-line tools can build their option lists from `DTYPES` without it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from obsdiff.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+# the floating-point dtypes a model may run or be stored in: obsdiff's name -> torch's (and ONNX/numpy's) name
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPE_CHOICES = ("auto", *DTYPES)  # `--dtype auto`: bf16 on CUDA (as model cards publish), fp32 elsewhere
+
+
+def torch_dtype(name: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
+    """The torch dtype for `name` ("fp16" or "float16"; "auto": `default_dtype(device)`); dtypes pass through."""
+    import torch
+
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return default_dtype(resolve_device(device))
+    long = DTYPES.get(name, name)
+    if long not in DTYPES.values():
+        raise ConfigError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_CHOICES)}")
+    return getattr(torch, long)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """obsdiff's short name of a torch dtype ("bf16"); torch's own for others ("float64", "int8")."""
+    long = str(dtype).removeprefix("torch.")
+    return next((short for short, name in DTYPES.items() if name == long), long)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 elsewhere: CPU bf16 matmuls are several times slower than fp32 (PLATFORM.md)."""
+    import torch
+
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """`name` as a torch device: "auto" (or None) is CUDA when available, else the CPU; refuses absent GPUs."""
+    import torch
+
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} requested but no CUDA GPU is available; use --device cpu or auto")
+    if device.type == "meta":
+        raise ConfigError(f"--device {name!r} holds no data; use auto, cpu or an accelerator")
+    return device
+
+
+def _backend(device: torch.device, name: str, legacy: str | None = None) -> Callable | None:
+    """`torch.accelerator.<name>`, else the device module's `<legacy or name>` (torch.cuda on older torch)."""
+    import torch
+
+    fn = getattr(getattr(torch, "accelerator", None), name, None)
+    return fn if fn is not None else getattr(getattr(torch, device.type, None), legacy or name, None)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (nothing to wait for on the CPU)."""
+    if device.type not in ("cpu", "meta"):
+        _backend(device, "synchronize")(device)
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Free memory of an accelerator (None on the CPU, or where this torch cannot tell)."""
+    if device.type == "cpu":
+        return None
+    get_info = _backend(device, "get_memory_info", "mem_get_info")
+    return int(get_info(device)[0]) if get_info is not None else None
+
+
+def peak_bytes(device: torch.device) -> int | None:
+    """The accelerator allocator's peak since the process started (None on the CPU or where unknown)."""
+    if device.type == "cpu":
+        return None
+    get_peak = _backend(device, "max_memory_allocated")
+    return int(get_peak(device)) if get_peak is not None else None
+
+
+def empty_cache(device: torch.device) -> None:
+    """Hand cached, unused accelerator blocks back, so another allocation (the Hessians) can use them."""
+    if device.type != "cpu":
+        fn = _backend(device, "empty_cache")
+        if fn is not None:
+            fn()
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of `fn` takes: device events on an accelerator (queued work counts), perf_counter on CPU."""
+    if device.type == "cpu":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    import torch
+
+    synchronize(device)
+    event = getattr(torch, "Event", None)  # device-generic events; torch.cuda's on older torch
+    start, end = ((event(device, enable_timing=True), event(device, enable_timing=True)) if event is not None
+                  else (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
