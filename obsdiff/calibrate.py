@@ -83,11 +83,16 @@ class CalibBatch:
     seeds: list[int]
 
 
-def encode_batches(model: LoadedModel, prompts: list[str], calib: CalibConfig) -> list[CalibBatch]:
-    """Encode all calibration prompts once, in batches of `calib.batch_size`."""
+def encode_batches(model: LoadedModel, prompts: list[str], calib: CalibConfig, rank: int = 0, world_size: int = 1
+                   ) -> list[CalibBatch]:
+    """Encode the calibration prompts once, in batches of `calib.batch_size`.
+
+    In a distributed prune, rank r takes batches r, r + world_size, ...; a batch's seeds do not depend on who
+    runs it, so the union over ranks is the single-process set.
+    """
     msl = model.generation_defaults.get("max_sequence_length")
     batches = []
-    for start in range(0, len(prompts), calib.batch_size):
+    for start in list(range(0, len(prompts), calib.batch_size))[rank::world_size]:
         chunk = prompts[start:start + calib.batch_size]
         emb = model.family.encode_prompts(model.pipeline, chunk, calib.guidance, msl)
         batches.append(CalibBatch(emb, [calib.seed + start + i for i in range(len(chunk))]))
@@ -135,18 +140,19 @@ class Calibrator:
     """Encodes the calibration prompts once, then runs hooked passes that fill Hessians for given linears.
 
     `sync_timing`: synchronise the accelerator around timed sections so that `stats()`'s split of the time
-    is real (costs speed; on the CPU the split is always real).
+    is real (costs speed; on the CPU the split is always real). `rank`/`world_size`: this process's share of the
+    prompt batches in a distributed prune (`obsdiff.distributed`); its Hessians are partial until reduced.
     """
 
     mode = "rerun"
 
     def __init__(self, model: LoadedModel, prune: PruneConfig, calib: CalibConfig, progress: bool = True,
-                 sync_timing: bool = False):
+                 sync_timing: bool = False, rank: int = 0, world_size: int = 1):
         self.model, self.calib, self.progress, self.sync_timing = model, calib, progress, sync_timing
         self.device = model.denoiser.device
         self.hessian_device = resolve_device(calib.hessian_device, self.device, "--hessian-device")
         t0 = time.perf_counter()
-        self.batches = encode_batches(model, calibration_prompts(calib, model.builtin), calib)
+        self.batches = encode_batches(model, calibration_prompts(calib, model.builtin), calib, rank, world_size)
         self.encode_seconds = time.perf_counter() - t0
         self.weights = timestep_weights(calib.timestep_weighting, calib.steps, calib.alpha_min, calib.alpha_max)
         self.dtype = torch.float64 if prune.compute_dtype == "fp64" else torch.float32
@@ -216,11 +222,12 @@ class CachedCalibrator(Calibrator):
     mode = "cached"
 
     def __init__(self, model: LoadedModel, prune: PruneConfig, calib: CalibConfig, blocks: list[Block],
-                 progress: bool = True, workdir: Path | None = None, sync_timing: bool = False):
+                 progress: bool = True, workdir: Path | None = None, sync_timing: bool = False, rank: int = 0,
+                 world_size: int = 1):
         if calib.cache_spill == "always" and workdir is None:
-            raise ConfigError("--cache-spill always needs a working directory to spill to (the prune's --out); "
-                              "use --cache-spill auto")
-        super().__init__(model, prune, calib, progress, sync_timing)
+            raise ConfigError("--cache-spill always needs a working directory to spill to (the prune's --out; "
+                              "in a distributed prune, rank 0's only); use --cache-spill auto")
+        super().__init__(model, prune, calib, progress, sync_timing, rank, world_size)
         self.family = model.family
         self.blocks = blocks
         self.block_of = block_positions(blocks, self.modules)
@@ -278,7 +285,8 @@ class CachedCalibrator(Calibrator):
             raise
         self.passes += 1
         self.hessian_seconds += hooks.seconds
-        self.cache, self.frontier = store[0], block
+        # a rank of a distributed prune may have no batch of its own (fewer batches than ranks)
+        self.cache, self.frontier = (store[0] if store else MemoryCache(self.cache_device)), block
         self.cache_bytes = max(self.cache_bytes, self.cache.nbytes)
         self.cache_location = self.cache.location
         self.captures += 1
@@ -530,15 +538,16 @@ def block_positions(blocks: list[Block], names) -> dict[str, int]:
 
 
 def make_calibrator(model: LoadedModel, prune: PruneConfig, calib: CalibConfig, blocks: list[Block],
-                    progress: bool = True, workdir: Path | None = None, sync_timing: bool = False) -> Calibrator:
-    """The calibrator of `calib.mode` over the selected `blocks` (forward order).
+                    progress: bool = True, workdir: Path | None = None, sync_timing: bool = False, rank: int = 0,
+                    world_size: int = 1) -> Calibrator:
+    """The calibrator of `calib.mode` over the selected `blocks` (forward order), for rank `rank`'s share.
 
     `workdir`: where cached mode may spill its block inputs (the prune's staging directory). Cached mode is
     refused before any prompt is encoded for families whose denoiser is not a chain of blocks.
     """
     if calib.mode == "rerun":
-        return Calibrator(model, prune, calib, progress, sync_timing)
+        return Calibrator(model, prune, calib, progress, sync_timing, rank, world_size)
     if not model.family.chains_blocks:
         raise UnsupportedModelError(f"the {model.family.name} denoiser is not a plain chain of blocks, so block "
                                     "inputs cannot be cached; use --calibration-mode rerun")
-    return CachedCalibrator(model, prune, calib, blocks, progress, workdir, sync_timing)
+    return CachedCalibrator(model, prune, calib, blocks, progress, workdir, sync_timing, rank, world_size)

@@ -77,6 +77,7 @@ class HessianAccumulator:
     def __init__(self, d_in: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  max_tokens: int | None = None, seed: int = 0):
         self._H = torch.zeros(d_in, d_in, device=device, dtype=dtype)
+        self.d_in, self._device, self._itemsize = d_in, self._H.device, self._H.element_size()
         self._upper_stale = False  # wide inputs: syrk_lower_ leaves the upper triangle stale
         self.weight_sum = 0.0  # S
         self.calls = 0
@@ -87,6 +88,8 @@ class HessianAccumulator:
     @property
     def H(self) -> torch.Tensor:
         """The Hessian (d_in, d_in), symmetric."""
+        if self._H is None:
+            raise RuntimeError("this accumulator's Hessian was released (another rank owns it)")
         if self._upper_stale:
             symmetrize_(self._H)
             self._upper_stale = False
@@ -94,11 +97,22 @@ class HessianAccumulator:
 
     @property
     def device(self) -> torch.device:
-        return self._H.device
+        return self._device
 
     @property
     def nbytes(self) -> int:
-        return self._H.numel() * self._H.element_size()
+        """Bytes of the matrix while it accumulates (kept after `release`, for the report)."""
+        return self.d_in * self.d_in * self._itemsize
+
+    def merge(self, H: torch.Tensor, weight_sum: float, calls: int, tokens: int) -> None:
+        """Replace the state by one combined over several processes (`obsdiff.distributed`)."""
+        self._H, self._upper_stale = H, False
+        self.weight_sum, self.calls, self.tokens = weight_sum, calls, tokens
+
+    def release(self, weight_sum: float, calls: int, tokens: int) -> None:
+        """Free the matrix (another process owns the combined one), keeping the combined counts."""
+        self._H = None
+        self.weight_sum, self.calls, self.tokens = weight_sum, calls, tokens
 
     def add(self, x: torch.Tensor, alpha: float = 1.0) -> None:
         with torch.no_grad():

@@ -19,7 +19,9 @@ from tqdm.auto import tqdm
 from obsdiff import obs
 from obsdiff.calibrate import Calibrator, block_positions, make_calibrator  # noqa: F401 (Calibrator: API)
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
+from obsdiff.distributed import World, assign_owners, solve_cost
 from obsdiff.errors import ConfigError
+from obsdiff.hessian import HessianAccumulator
 from obsdiff.loading import LoadedModel, as_loaded
 from obsdiff.memory import text_encoders_parked
 from obsdiff.records import (  # noqa: F401 (re-exported: the records' historical home)
@@ -102,7 +104,7 @@ def _solve_unit(unit: Unit, modules: dict[str, nn.Module], H: torch.Tensor | Non
 
 
 def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = None,
-           progress: bool = True, checkpoint: Checkpoint | None = None) -> PruneReport:
+           progress: bool = True, checkpoint: Checkpoint | None = None, world: World | None = None) -> PruneReport:
     """Prune `model`'s denoiser in place and return the report. Shapes never change.
 
     `model` is a `LoadedModel` (from `load_pipeline`) or an in-memory diffusers pipeline.
@@ -110,12 +112,17 @@ def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = N
     Calibration settings left unset take the model's defaults (`config.resolve_calib`); SparseGPT and
     Wanda calibrate once with uniform step weights. With a `checkpoint` (`open_checkpoint`), every finished
     group is stored and a checkpoint that already holds groups is continued after its last one.
+
+    With a distributed `world` (`obsdiff.distributed.init_from_env`), every rank calls this with the same
+    arguments and its own copy of the model; rank 0's `checkpoint` goes through
+    `distributed.share_checkpoint`. Every rank ends with the same pruned model and report.
     """
     t_start = time.perf_counter()
     model = as_loaded(model)
+    world = world or World()
     calib = resolve_calib(calib or CalibConfig(), model.builtin, prune.method)
     if prune.structured:
-        return prune_structured_(model, prune, calib, progress, t_start, checkpoint)
+        return prune_structured_(model, prune, calib, progress, t_start, checkpoint, world)
     denoiser = model.denoiser
     modules = dict(denoiser.named_modules())
     units, skipped = plan_units(model, prune)
@@ -128,14 +135,16 @@ def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = N
         log.warning("skipping %s: %s", name, reason)
 
     if not prune.needs_calibration:
-        for unit in tqdm(units, desc="prune layers", unit="unit", disable=not progress):
-            report.layers.extend(_solve_unit(unit, modules, None, prune))
+        report.layers.extend(solve_units_(units, None, modules, prune, world, "prune layers", progress))
+        report.distributed = world.record() if world.distributed else None
         report.total_seconds = time.perf_counter() - t_start
         return report
 
     blocks = select_blocks(model.family.blocks(denoiser), prune.blocks)
-    calibrator = make_calibrator(model, prune, calib, blocks, progress,
-                                 workdir=checkpoint.path if checkpoint else None)
+    with world.failures():
+        calibrator = make_calibrator(model, prune, calib, blocks, progress,
+                                     workdir=checkpoint.path if checkpoint else None, rank=world.rank,
+                                     world_size=world.size)
     with calibrator, text_encoders_parked(model):
         report.encode_seconds = calibrator.encode_seconds
         positions = block_positions(blocks, modules)
@@ -148,11 +157,13 @@ def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = N
         for g in range(start, len(chunks)):
             chunk = chunks[g]
             # the unit's linears share one input: hook (and accumulate for) its first linear only
-            accs, t_calib = calibrator.hessians([unit[0] for unit in chunk], f"calibrate group {g + 1}/{len(chunks)}")
+            with world.failures():
+                accs, t_calib = calibrator.hessians([unit[0] for unit in chunk],
+                                                    f"calibrate group {g + 1}/{len(chunks)}")
+            world.stats.calib_seconds += t_calib
             t0 = time.perf_counter()
-            for unit in tqdm(chunk, desc=f"prune group {g + 1}/{len(chunks)}", unit="unit", leave=False,
-                             disable=not progress):
-                report.layers.extend(_solve_unit(unit, modules, accs[unit[0]].H, prune))
+            report.layers.extend(solve_units_(chunk, accs, modules, prune, world,
+                                              f"prune group {g + 1}/{len(chunks)}", progress))
             report.add_group(g, [list(u) for u in chunk], t_calib, time.perf_counter() - t0, accs)
             del accs
             if checkpoint is not None:
@@ -161,8 +172,34 @@ def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = N
             bar.update()
         bar.close()
         report.calibration = calibrator.stats()
+    report.distributed = world.record() if world.distributed else None
     report.total_seconds = time.perf_counter() - t_start
     return report
+
+
+def solve_units_(units: list[Unit], accs: dict[str, HessianAccumulator] | None, modules: dict[str, nn.Module],
+                 prune: PruneConfig, world: World, desc: str, progress: bool = True) -> list[LayerRecord]:
+    """Prune `units` in place, each on its owner rank, and give every rank the new weights.
+
+    `accs` (None for methods without calibration) hold this rank's partial Hessians by first linear; they
+    are reduced to the owners first. Returns the layer records of all units in their order.
+    """
+    costs = [sum(solve_cost(modules[n].in_features, modules[n].out_features) for n in unit) for unit in units]
+    owners = assign_owners(costs, world.size)
+    if accs is not None:
+        world.reduce_hessians_(accs, {unit[0]: owner for unit, owner in zip(units, owners, strict=True)})
+    mine: dict[int, list[LayerRecord]] = {}
+    t0 = time.perf_counter()
+    with world.failures():
+        for i in tqdm([i for i, o in enumerate(owners) if o == world.rank], desc=desc, unit="unit", leave=False,
+                      disable=not progress):
+            mine[i] = _solve_unit(units[i], modules, accs[units[i][0]].H if accs is not None else None, prune)
+    world.stats.solve_seconds += time.perf_counter() - t0
+    world.stats.units_solved += len(mine)
+    for unit, owner in zip(units, owners, strict=True):
+        world.broadcast_([modules[name].weight for name in unit], src=owner)
+    records = {i: r for part in world.all_gather(mine) for i, r in part.items()}
+    return [record for i in range(len(units)) for record in records[i]]
 
 
 def resume_from(checkpoint: Checkpoint, calibrator: Calibrator, denoiser: nn.Module, report: PruneReport
@@ -181,7 +218,8 @@ def resume_from(checkpoint: Checkpoint, calibrator: Calibrator, denoiser: nn.Mod
     return restored
 
 
-def run_settings(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = None) -> dict:
+def run_settings(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = None, world_size: int = 1
+                 ) -> dict:
     """Everything that determines a prune's result, for a checkpoint to compare against on resume."""
     import obsdiff
 
@@ -189,12 +227,16 @@ def run_settings(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | No
     calib = resolve_calib(calib or CalibConfig(), model.builtin, prune.method)
     denoiser = model.denoiser
     config = {k: v for k, v in dict(getattr(denoiser, "config", {})).items() if not k.startswith("_")}
-    return {"prune": prune.to_dict(), "calib": calib.to_dict(), "model": model.ref, "family": model.family.name,
-            "denoiser_config": config, "dtype": str(denoiser.dtype).removeprefix("torch."),
-            "device": denoiser.device.type, "torch": torch.__version__, "obsdiff": obsdiff.__version__}
+    settings = {"prune": prune.to_dict(), "calib": calib.to_dict(), "model": model.ref,
+                "family": model.family.name, "denoiser_config": config,
+                "dtype": str(denoiser.dtype).removeprefix("torch."), "device": denoiser.device.type,
+                "torch": torch.__version__, "obsdiff": obsdiff.__version__}
+    if world_size > 1:  # shards and owners follow the world size, so its results differ in float rounding
+        settings["world_size"] = world_size
+    return settings
 
 
 def open_checkpoint(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None, out, resume: bool = False,
-                    force: bool = False) -> Checkpoint:
+                    force: bool = False, world_size: int = 1) -> Checkpoint:
     """The staging directory of a prune that will be saved to `out` (see `obsdiff.resume`)."""
-    return Checkpoint.open(out, run_settings(model, prune, calib), resume=resume, force=force)
+    return Checkpoint.open(out, run_settings(model, prune, calib, world_size), resume=resume, force=force)

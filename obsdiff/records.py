@@ -63,6 +63,7 @@ class PruneReport:
     warnings: list[str] = field(default_factory=list)
     allocation: dict | None = None  # structured, --allocation sensitivity: per-group counts and seconds
     calibration: dict = field(default_factory=dict)  # mode; cached mode: captures, cache bytes, seconds
+    distributed: dict | None = None  # torchrun: world size, per-rank seconds, bytes communicated
     device: str | None = None  # where the model ran ("cuda:0", "cpu"), as resolved from --device
     dtype: str | None = None  # the model's dtype while pruning ("bf16", "fp32"); Hessians are fp32 regardless
 
