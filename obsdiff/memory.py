@@ -282,6 +282,7 @@ class MemoryPlan:
     peak: dict[str, int]  # device -> predicted peak bytes
     limit: int | None = None  # bytes allowed on the model's device
     chosen_groups: int | None = None
+    world_size: int = 1  # torchrun: the plan is per rank (each one's share of the calibration calls)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -112,10 +113,13 @@ def forward_profile(model: LoadedModel, prune: PruneConfig, calib: CalibConfig) 
 def plan_memory(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = None,
                 device: str | torch.device | None = None, hessian_device: str | None = None,
                 weights: dict[str, int] | None = None, baseline_bytes: int | None = None,
-                profile: ForwardProfile | None = None) -> MemoryPlan:
+                profile: ForwardProfile | None = None, world_size: int = 1) -> MemoryPlan:
     """The predicted memory of pruning `model` (loaded or a `skeleton`) on `device` [the denoiser's].
 
     `profile` (from `forward_profile`) can be passed when planning the same calibration shape repeatedly.
+    With `world_size` ranks (torchrun), the plan is one rank's, the busiest: it runs ceil(batches / W)
+    prompt batches and caches only their block inputs; every rank holds the group's partial Hessians and
+    any rank may own the largest solve, so those terms do not shrink.
     """
     calib = resolve_calib(calib or CalibConfig(), model.builtin, prune.method)
     denoiser = model.denoiser
@@ -127,7 +131,7 @@ def plan_memory(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | Non
     twin = meta_twin(denoiser, (model.run or {}).get("shrink_plan"), model.family)
     profile = profile or forward_profile(model, prune, calib)
     shapes = {n: (m.out_features, m.in_features) for n, m in twin.named_modules() if isinstance(m, torch.nn.Linear)}
-    batches = -(-calib.num_prompts // calib.batch_size)
+    batches = math.ceil(math.ceil(calib.num_prompts / calib.batch_size) / world_size)  # the busiest rank's share
     cache_device = None
     if calib.mode == "cached":
         cache_device = dev if calib.cache_device is None else _device_name(calib.cache_device)
@@ -137,9 +141,11 @@ def plan_memory(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | Non
     loaded = not all(p.is_meta for p in denoiser.parameters())
     if baseline_bytes is None:  # the process without the model: a loaded one is already in its RSS
         baseline_bytes = max(current_rss() - (sum(weights.values()) if loaded else 0), 0)
-    return plan_groups(groups, profile, shapes, calls, weights, model.family.denoiser_attr, dev, h_dev, cache_device,
+    plan = plan_groups(groups, profile, shapes, calls, weights, model.family.denoiser_attr, dev, h_dev, cache_device,
                        8 if prune.compute_dtype == "fp64" else 4, calib.max_tokens, baseline_bytes,
                        save_shard_bytes(model), load_extra_bytes(model, dev, loaded))
+    plan.world_size = world_size
+    return plan
 
 
 def save_shard_bytes(model: LoadedModel) -> int:
@@ -177,7 +183,7 @@ def load_extra_bytes(model: LoadedModel, device: str, loaded: bool) -> int:
 
 def choose_groups(model: LoadedModel, prune: PruneConfig, calib: CalibConfig, max_memory: float,
                   device=None, hessian_device: str | None = None, weights: dict[str, int] | None = None,
-                  baseline_bytes: int | None = None) -> tuple[CalibConfig, MemoryPlan]:
+                  baseline_bytes: int | None = None, world_size: int = 1) -> tuple[CalibConfig, MemoryPlan]:
     """The calibration config with the fewest groups (at least the requested number) whose predicted peak on
     the model's device stays within `max_memory` GiB, and its plan; a one-line refusal if even one group
     per block does not fit."""
@@ -189,7 +195,7 @@ def choose_groups(model: LoadedModel, prune: PruneConfig, calib: CalibConfig, ma
     profile = forward_profile(model, prune, calib)
     for groups in range(start, len(blocks) + 1) if start <= len(blocks) else [start]:
         trial = replace(calib, groups=groups)
-        plan = plan_memory(model, prune, trial, device, hessian_device, weights, baseline_bytes, profile)
+        plan = plan_memory(model, prune, trial, device, hessian_device, weights, baseline_bytes, profile, world_size)
         if plan.peak[plan.device] <= limit:
             plan.limit, plan.chosen_groups = limit, len(plan.groups)
             return trial, plan
@@ -228,5 +234,6 @@ def describe(plan: MemoryPlan) -> str:
                  + (f"; cached block inputs: {plan.cache_bytes / GiB:.2f} GiB on {plan.cache_device}"
                     if plan.cache_device else ""))
     peaks = ", ".join(f"{d} {n / GiB:.2f} GiB" for d, n in sorted(plan.peak.items()))
-    lines.append(f"predicted peak: {peaks}" + (f" (limit {plan.limit / GiB:.2f} GiB)" if plan.limit else ""))
+    lines.append(f"predicted peak: {peaks}" + (f" (limit {plan.limit / GiB:.2f} GiB)" if plan.limit else "")
+                 + (f", per rank of {plan.world_size}" if plan.world_size > 1 else ""))
     return "\n".join(lines)
