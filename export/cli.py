@@ -6,17 +6,18 @@ from pathlib import Path
 
 import click
 
-from obsdiff.cli_utils import Group, setup_logging
+from obsdiff.cli_utils import Group, verbosity_params
+from obsdiff.devices import device_option
 
 FORCE = click.option("--force", is_flag=True, help="replace an existing output")
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
-@click.option("-v", "--verbose", count=True, help="more log output (-vv for debug)")
+@click.group(cls=Group, params=verbosity_params(),
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(package_name="obsdiff")
-def cli(verbose: int) -> None:
+def cli() -> None:
     """Export pruned denoisers to ONNX and TensorRT, and measure their latency."""
-    setup_logging(verbose)
+    # -v/-q (here or after the subcommand) set up logging in their callbacks (cli_utils.verbosity_params)
 
 
 @cli.command()
@@ -36,7 +37,8 @@ def cli(verbose: int) -> None:
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True)
 @click.option("--linear-as-gemm", is_flag=True, help="export transformer linears as Gemm with named weights")
 @click.option("--external-data", is_flag=True, help="weights in <component>.onnx.data [only above 2 GB]")
-@click.option("--device", default="cpu", show_default=True, help="where the model runs while exporting")
+@click.option("--device", default="auto", show_default=True, callback=device_option,
+              help="where the model runs while exporting: auto (CUDA when available, else the CPU), cpu, cuda:N")
 @FORCE
 def onnx(model_or_run: str, out: Path, force: bool, **kwargs) -> None:
     """Export a model or pruned run to ONNX, with parity and N:M checks."""

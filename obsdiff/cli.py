@@ -7,22 +7,44 @@ from pathlib import Path
 
 import click
 
-from obsdiff.cli_utils import Group, format_table, setup_logging
+from obsdiff.cli_utils import Group, format_table, verbosity_params
+from obsdiff.devices import DTYPE_CHOICES, device_option
 
-DEVICE = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto")
-DTYPE = click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+DEVICE = click.option("--device", default="auto", show_default=True, callback=device_option,
+                      help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N")
+DTYPE = click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
+                     help="model dtype; auto: bf16 on CUDA, fp32 on the CPU (Hessians are fp32 either way)")
 FORCE = click.option("--force", is_flag=True, help="replace an existing output")
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
-@click.option("-v", "--verbose", count=True, help="more log output (-vv for debug)")
+class LazyChoice(click.Choice):
+    """A click.Choice over a registry (`module.attr`) imported on first use: the registries import torch, which
+    `obsdiff --help` and the other commands' parsing should not wait for."""
+
+    def __init__(self, module: str, attr: str):
+        self.where = module, attr
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from importlib import import_module
+
+        return tuple(getattr(import_module(self.where[0]), self.where[1]))
+
+    @choices.setter
+    def choices(self, _value) -> None:  # click.Choice.__init__ assigns; the registry is the only source
+        pass
+
+
+@click.group(cls=Group, params=verbosity_params(),
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(package_name="obsdiff")
-def cli(verbose: int) -> None:
+def cli() -> None:
     """One-shot OBS-Diff pruning of text-to-image diffusion denoisers.
 
     --model takes a local diffusers pipeline directory or builtin:digits (the embedded model).
     """
-    setup_logging(verbose)
+    # -v/-q (here or after the subcommand) set up logging in their callbacks (cli_utils.verbosity_params)
 
 
 @cli.command()
@@ -139,7 +161,8 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 
 @cli.command()
 @click.option("--model", required=True, help="pipeline directory or builtin:digits")
-@click.option("--method", default="obs-diff", show_default=True, help="obs-diff, sparsegpt, wanda or magnitude")
+@click.option("--method", type=LazyChoice("obsdiff.methods", "METHODS"), default="obs-diff", show_default=True,
+              help="OBS-Diff or a baseline (obsdiff.methods)")
 @click.option("--sparsity", type=float, default=None, help="fraction of weights to remove, in (0, 1)")
 @click.option("--sparsity-type", default="unstructured", show_default=True,
               help="unstructured, 2:4, 4:8 (any N:M) or structured (heads and FFN neurons, physically removed)")
@@ -169,8 +192,8 @@ def read_prompts(path: Path) -> tuple[str, ...]:
               help="cached mode: keep block inputs in a memory-mapped file in OUT.partial when they do not fit")
 @click.option("--hessian-device", default=None,
               help="where Hessians accumulate: cpu keeps them off the accelerator [model device]")
-@click.option("--timestep-weighting", default="log_decrease", show_default=True,
-              help="log_decrease, log_increase, linear_decrease, linear_increase or uniform")
+@click.option("--timestep-weighting", type=LazyChoice("obsdiff.hessian", "WEIGHTINGS"), default="log_decrease",
+              show_default=True, help="weights of the denoising steps in the Hessians (sparsegpt, wanda: uniform)")
 @click.option("--blocks", default=None, help="block range START:END to prune (END exclusive) [all]")
 @click.option("--percdamp", type=float, default=0.01, show_default=True, help="Hessian damping, x mean(diag H)")
 @click.option("--block-size", type=int, default=128, show_default=True, help="OBS lazy-update column block")
@@ -205,9 +228,10 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
     """
     from obsdiff.artifacts import check_writable
     from obsdiff.config import CalibConfig, PruneConfig
+    from obsdiff.devices import dtype_name
     from obsdiff.errors import Interrupted
     from obsdiff.io import check_can_save, save_run
-    from obsdiff.loading import load_pipeline, resolve_device
+    from obsdiff.loading import load_pipeline, parse_dtype, resolve_device
     from obsdiff.memory import check_fits, measured_peaks
     from obsdiff.planner import choose_groups, describe, plan_memory, skeleton
     from obsdiff.prune import open_checkpoint, prune_
@@ -230,6 +254,7 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
         Checkpoint.check_leftover(out, resume=resume, force=force)
     # Plan from configs and safetensors headers: a prune that cannot fit is refused before any weight loads.
     torch_device = resolve_device(device)
+    dtype = dtype_name(parse_dtype(dtype, torch_device))  # --dtype auto follows the device
     sketch, weights = skeleton(model, dtype)
     if max_memory is not None:
         ccfg, plan = choose_groups(sketch, pcfg, ccfg, max_memory, torch_device, hessian_device, weights)
@@ -250,6 +275,7 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; {checkpoint.done} finished groups are kept in {checkpoint.path}: run the "
                           "same command with --resume to continue") from None
+    report.device, report.dtype = str(torch_device), dtype_name(loaded.denoiser.dtype)
     measured = measured_peaks(torch_device)
     save_run(loaded, report.to_dict() | {"memory_plan": plan.to_dict(), "memory_measured": measured}, out,
              force=force, dtype=save_as)
@@ -257,7 +283,8 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
     done = report.pruned_layers
     errs = [r.error for r in done if r.error is not None]
     errs0 = [r.error_no_compensation for r in done if r.error_no_compensation is not None]
-    rows = [["layers pruned", len(done)], ["layers skipped", len(report.layers) - len(done)],
+    rows = [["device, model dtype", f"{report.device}, {report.dtype}"],
+            ["layers pruned", len(done)], ["layers skipped", len(report.layers) - len(done)],
             ["sparsity (pruned layers)", report.sparsity],
             ["mean rel. error, mask only", sum(errs0) / len(errs0) if errs0 else None],
             ["mean rel. error, after OBS", sum(errs) / len(errs) if errs else None],

@@ -67,6 +67,11 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return device
 
 
+def device_option(_ctx, _param, name: str) -> str:
+    """click callback of `--device`: "auto" resolved, and a missing GPU refused, before anything loads."""
+    return str(resolve_device(name))
+
+
 def _backend(device: torch.device, name: str, legacy: str | None = None) -> Callable | None:
     """`torch.accelerator.<name>`, else the device module's `<legacy or name>` (torch.cuda on older torch)."""
     import torch
