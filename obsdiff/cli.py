@@ -34,6 +34,7 @@ class LazyChoice(click.Choice):
     @choices.setter
     def choices(self, _value) -> None:  # click.Choice.__init__ assigns; the registry is the only source
         pass
+JSON = click.option("--json", "as_json", is_flag=True, help="print the result record as JSON on stdout")
 
 
 @click.group(cls=Group, params=verbosity_params(),
@@ -113,14 +114,21 @@ def generate(model, prompt, steps, guidance, seed, height, width, out, force, de
 @click.option("--clip-model", type=click.Path(path_type=Path), help="local CLIP checkpoint for clip_score")
 @click.option("--height", type=click.IntRange(1), default=None, help="image pixels [model default]")
 @click.option("--width", type=click.IntRange(1), default=None, help="image pixels [model default]")
+@click.option("--sheet-prompts", type=click.IntRange(1), default=40, show_default=True,
+              help="prompts shown on sheet.png (every image is written to images/)")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="output directory (metrics.json, grid.png) [RUN/eval for a run directory]")
+              help="output directory (metrics.json, sheet.png, images/) [RUN/eval for a run directory]")
+@JSON
 @FORCE
 @DEVICE
 @DTYPE
 def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_size, prompts_file, clip_model,
-             height, width, out, force, device, dtype) -> None:
-    """Measure image quality of a model, optionally against a reference model."""
+             height, width, sheet_prompts, out, as_json, force, device, dtype) -> None:
+    """Measure image quality of a model, optionally against a reference model.
+
+    Writes metrics.json, sheet.png (reference and pruned image side by side for each prompt) and every image
+    (images/ref_XXXX.png, images/pruned_XXXX.png).
+    """
     from obsdiff.artifacts import check_writable
     from obsdiff.errors import ConfigError
     from obsdiff.evaluate import EvalConfig, evaluate, save_report
@@ -140,20 +148,25 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
         out = Path(target) / "eval"
     check_writable(out, force)
     report = evaluate(target, reference, config, device=device, dtype=dtype)
-    save_report(report, out, force=force)
+    save_report(report, out, force=force, sheet_cells=sheet_prompts)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in report.items() if not k.startswith("_")}, indent=2, default=str))
+        return
     m = report["metrics"]
     keys = ["digit_accuracy", "digit_confidence", "fd_real", "psnr_vs_reference", "latent_rel_mse_vs_reference",
             "fd_reference", "clip_score", "seconds_per_image"]
     click.echo(format_table(["metric", "value"], [[k, m[k]] for k in keys if k in m]))
-    click.echo(f"wrote {out}/metrics.json and {out}/grid.png")
+    click.echo(f"wrote {out}/metrics.json, {out}/sheet.png and {out}/images/")
 
 
 def read_prompts(path: Path) -> tuple[str, ...]:
+    from obsdiff.artifacts import read_text
     from obsdiff.errors import ConfigError
 
     if not path.exists():
         raise ConfigError(f"prompts file {str(path)!r} does not exist")
-    prompts = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    text = read_text(path, "prompts file", "save it as UTF-8 text, one prompt per line", ConfigError)
+    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not prompts:
         raise ConfigError(f"prompts file {str(path)!r} is empty; put one prompt per line")
     return prompts
@@ -213,6 +226,7 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 @click.option("--save-dtype", type=click.Choice(["base", "fp32", "fp16", "bf16"]), default="base", show_default=True,
               help="dtype of the saved weights (base: the base model's own)")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="run directory")
+@JSON
 @FORCE
 @DEVICE
 @DTYPE
@@ -220,7 +234,7 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
           ffn_per_round, allocation, prompts, num_prompts, steps, guidance, batch_size, groups,
           calibration_mode, cache_device, cache_spill, hessian_device, timestep_weighting, blocks, percdamp,
           block_size, no_compensate, skip_indivisible, max_tokens, height, width, solver_precision, seed, max_memory,
-          dry_run, resume, save_dtype, out, force, device, dtype) -> None:
+          dry_run, resume, save_dtype, out, as_json, force, device, dtype) -> None:
     """Prune a denoiser with OBS-Diff (or a baseline) and save a run directory.
 
     Finished calibration groups are kept in OUT.partial until the run is saved: after a crash, Ctrl-C or a
@@ -280,6 +294,12 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
     save_run(loaded, report.to_dict() | {"memory_plan": plan.to_dict(), "memory_measured": measured}, out,
              force=force, dtype=save_as)
     checkpoint.remove()
+    draw_plots_best_effort(out)
+    if as_json:
+        from obsdiff.io import read_run
+
+        click.echo(json.dumps(read_run(out), indent=2))
+        return
     done = report.pruned_layers
     errs = [r.error for r in done if r.error is not None]
     errs0 = [r.error_no_compensation for r in done if r.error_no_compensation is not None]
@@ -301,6 +321,34 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
     for warning in report.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"wrote {out} (evaluate: obsdiff eval {out} --reference {model})")
+
+
+def draw_plots_best_effort(run: Path) -> None:
+    """The run's plots (`obsdiff report`) after a prune: a missing matplotlib or a failed plot never fails it."""
+    import logging
+
+    from obsdiff.errors import ObsdiffError
+    from obsdiff.plots import write_run_plots
+
+    try:
+        write_run_plots(run)
+    except (ObsdiffError, ValueError, OSError) as exc:
+        logging.getLogger("obsdiff.cli").warning("no plots for %s (%s); obsdiff report %s draws them later",
+                                                 run, str(exc).splitlines()[0] if str(exc) else exc, run)
+
+
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="directory for the PNG files [RUN]")
+@FORCE
+def report(run, out, force) -> None:
+    """Plot a run's report next to its obsdiff.json: per-layer error (layer_errors.png) and, for structured runs,
+    the heads and FFN neurons kept per block (structures.png)."""
+    from obsdiff.plots import write_run_plots
+
+    for path in write_run_plots(run, out, force=force):
+        click.echo(f"wrote {path}")
 
 
 def parse_span(text: str | None) -> tuple[int, int] | None:

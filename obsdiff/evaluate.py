@@ -268,20 +268,32 @@ def evaluate(model: str | LoadedModel, reference: str | LoadedModel | None = Non
     }
 
 
-def save_report(report: dict, out_dir: str | Path, force: bool = False) -> Path:
-    """Write `metrics.json` and `grid.png` (and `grid_reference.png`) into `out_dir`, atomically."""
+IMAGES_DIR = "images"
+
+
+def save_report(report: dict, out_dir: str | Path, force: bool = False, sheet_cells: int = 40) -> Path:
+    """Write into `out_dir`, atomically: `metrics.json`, `sheet.png` (reference | pruned per prompt, captioned),
+    `images/pruned_XXXX.png` and `images/ref_XXXX.png` (every image), `grid.png` / `grid_reference.png`."""
     from PIL import Image
 
     from obsdiff.artifacts import staged_dir, write_json
+    from obsdiff.sheet import render_sheet, to_pil
 
+    images, ref_images = report["_images"], report.get("_reference_images")
     with staged_dir(out_dir, force=force) as tmp:
         public = {k: v for k, v in report.items() if not k.startswith("_")}
         write_json(tmp / "metrics.json", public)
-        for key, name in (("_images", "grid.png"), ("_reference_images", "grid_reference.png")):
-            images = report.get(key)
-            if images is None:
+        (tmp / IMAGES_DIR).mkdir()
+        for prefix, batch in (("pruned", images), ("ref", ref_images)):
+            for i, image in enumerate(batch if batch is not None else ()):
+                to_pil(image).save(tmp / IMAGES_DIR / f"{prefix}_{i:04d}.png")
+        columns = [images] if ref_images is None else [ref_images, images]
+        labels = [f"{report['model']}"] if ref_images is None else [
+            f"left: reference ({report['reference']})", f"right: pruned ({report['model']})"]
+        render_sheet(columns, report["prompts"], labels, max_cells=sheet_cells).save(tmp / "sheet.png")
+        for batch, name in ((images, "grid.png"), (ref_images, "grid_reference.png")):
+            if batch is None:
                 continue
-            scale = max(1, 64 // images.shape[1])
-            grid = M.image_grid(images[:100], cols=10, scale=scale)
+            grid = M.image_grid(batch[:100], cols=10, scale=max(1, 64 // batch.shape[1]))
             Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(tmp / name)
     return Path(out_dir)
