@@ -27,7 +27,7 @@ import struct
 from collections import Counter
 from pathlib import Path
 
-from obsdiff.artifacts import check_writable, machine, sha256_file, staged_dir, versions, write_json
+from obsdiff.artifacts import check_writable, machine, read_json, sha256_file, staged_dir, versions, write_json
 from obsdiff.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -108,10 +108,8 @@ def stored_dtype(denoiser_dir: str | Path) -> str | None:
     """
     folder = Path(denoiser_dir)
     if (folder / INDEX_FILE).is_file():
-        try:
-            weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError) as exc:
-            raise ModelLoadError(f"{folder / INDEX_FILE} is unreadable ({exc})") from None
+        weight_map = read_json(folder / INDEX_FILE, "weight index", require={"weight_map": dict},
+                               fix="pass an intact diffusers model", error=ModelLoadError)["weight_map"]
         files = sorted({folder / name for name in weight_map.values()})
     elif (folder / WEIGHTS_FILE).is_file():
         files = [folder / WEIGHTS_FILE]
@@ -275,19 +273,21 @@ def save_run(model, report: dict, out: str | Path, force: bool = False, dtype=No
             "versions": versions(),
             "machine": machine(),
         }
+        # the report's base_model is the --model value as typed (maybe relative): the run keeps the resolved one
+        record.update(base_model=base_model, base=base)
         write_json(tmp / RUN_FILE, record)
     return out
 
 
 def read_run(path: str | Path) -> dict:
     path = Path(path)
-    try:
-        record = json.loads((path / RUN_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path / RUN_FILE} is unreadable ({exc}); the run directory is damaged") from None
+    record = read_json(path / RUN_FILE, "run record", fix="the run directory is damaged; re-run obsdiff prune",
+                       error=ModelLoadError)
     for key in ("base_model", "denoiser_file"):
-        if key not in record:
+        if not isinstance(record.get(key), str):
             raise ModelLoadError(f"{path / RUN_FILE} has no {key!r}; it was not written by obsdiff prune")
+    if not isinstance(record.get("format", 1), int):
+        raise ModelLoadError(f"{path / RUN_FILE} has format {record['format']!r}; it was not written by obsdiff prune")
     if record.get("format", 1) > FORMAT_VERSION:
         raise ModelLoadError(f"{path / RUN_FILE} has format {record['format']}, newer than this obsdiff reads "
                              f"({FORMAT_VERSION}); update obsdiff")
@@ -351,10 +351,7 @@ def read_run_weights(path: str | Path, record: dict) -> dict:
 
 
 def _model_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path} is missing or unreadable ({exc})") from None
+    config = read_json(path, "model config", fix="pass an intact diffusers model", error=ModelLoadError)
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
@@ -385,10 +382,11 @@ def build_run_denoiser(path: str | Path, record: dict, family, dtype):
 
     path = Path(path)
     config_file = path / DENOISER_DIR / "config.json"
+    config = read_json(config_file, "model config", require={"_class_name": str}, fix="re-run obsdiff prune",
+                       error=ModelLoadError)
     try:
-        config = json.loads(config_file.read_text())
         cls = getattr(diffusers, config["_class_name"])
-    except (OSError, json.JSONDecodeError, KeyError, AttributeError) as exc:
+    except AttributeError as exc:
         raise ModelLoadError(f"{config_file} is missing or not a diffusers model config ({exc})") from None
     files = run_weight_files(path, record)
     _check_files(path, files)
