@@ -57,7 +57,6 @@ def _is_single(block: Block) -> bool:
 class FluxFamily(ModelFamily):
     name = "flux"
     description = "Flux (MMDiT double + single blocks)"
-    pipeline_classes = ("FluxPipeline",)
     denoiser_classes = ("FluxTransformer2DModel",)
     denoiser_attr = "transformer"
 

@@ -140,7 +140,6 @@ class ModelFamily(ABC):
 
     name: str = ""
     description: str = ""
-    pipeline_classes: tuple[str, ...] = ()
     denoiser_classes: tuple[str, ...] = ()
     denoiser_attr: str = "transformer"
 

@@ -36,7 +36,6 @@ def _position_limit(cfg) -> int | None:
 class SD3Family(ModelFamily):
     name = "sd3"
     description = "Stable Diffusion 3 / 3.5 (MMDiT)"
-    pipeline_classes = ("StableDiffusion3Pipeline",)
     denoiser_classes = ("SD3Transformer2DModel",)
     denoiser_attr = "transformer"
 

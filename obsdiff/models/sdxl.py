@@ -54,7 +54,6 @@ def _downsampling(unet: nn.Module) -> int:
 class SDXLFamily(ModelFamily):
     name = "sdxl"
     description = "Stable Diffusion XL (UNet)"
-    pipeline_classes = ("StableDiffusionXLPipeline",)
     denoiser_classes = ("UNet2DConditionModel",)
     denoiser_attr = "unet"
 
