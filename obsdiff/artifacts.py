@@ -7,6 +7,7 @@ for that live here too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -14,10 +15,17 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from obsdiff.errors import OutputExistsError
+from obsdiff.errors import (
+    BadFileError,
+    ObsdiffError,
+    OutputExistsError,
+    OutputPathError,
+    first_line,
+    os_error_message,
+)
 
 TRACKED_PACKAGES = ("obsdiff", "torch", "diffusers", "transformers", "onnx", "onnxruntime",
                     "onnxruntime-gpu", "tensorrt", "polygraphy")
@@ -57,43 +65,194 @@ def write_json(path: str | Path, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def check_writable(path: str | Path, force: bool) -> Path:
-    """Refuse an existing output unless `force`; called before any work so nothing is wasted."""
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", bool: "true or false", int: "an integer",
+               float: "a number", type(None): "null"}
+
+
+def _json_kind(value_or_type) -> str:
+    kind = value_or_type if isinstance(value_or_type, type) else type(value_or_type)
+    return _JSON_KINDS.get(kind, kind.__name__)
+
+
+def _kinds(types) -> str:
+    return " or ".join(_json_kind(t) for t in (types if isinstance(types, tuple) else (types,)))
+
+
+def _is(value, types) -> bool:
+    types = types if isinstance(types, tuple) else (types,)
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)  # JSON true is no int
+
+
+def read_text(path: str | Path, what: str, fix: str = "check the file", error: type[ObsdiffError] = BadFileError
+              ) -> str:
+    """The UTF-8 text of `path`; `error` in one line naming `what` and `path` when it is unreadable or not text."""
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists; pass --force to replace it or choose another --out")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {path} is unreadable (not UTF-8 text: byte {exc.start}, {exc.reason}); {fix}") from None
+    except OSError as exc:
+        raise error(os_error_message(exc, path, f"cannot read {what}")) from None
+
+
+def read_json(path: str | Path, what: str, expect: type | tuple = dict,
+              require: Mapping[str, type | tuple] | None = None, fix: str = "check the file",
+              error: type[ObsdiffError] = BadFileError):
+    """The JSON value in `path`, checked by `check_json` (an `expect` holding `require`'s keys and types).
+
+    Readers call this instead of `json.loads` so a truncated or foreign file is one line (`error`) naming it and
+    `fix`, never a KeyError or TypeError deep in the code that uses the value.
+    """
+    text = read_text(path, what, fix, error)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        state = "truncated JSON" if exc.pos >= len(text.rstrip()) else "not JSON"
+        raise error(f"{what} {path} is unreadable ({state}: line {exc.lineno}, column {exc.colno}, {exc.msg}); "
+                    f"{fix}") from None
+    return check_json(data, path, what, expect, require, fix, error)
+
+
+def check_json(data, path: str | Path, what: str, expect: type | tuple = dict,
+               require: Mapping[str, type | tuple] | None = None, fix: str = "check the file",
+               error: type[ObsdiffError] = BadFileError):
+    """`data` (read from `path`) if it is an `expect` with every key of `require` of that type; else `error`."""
+    if not _is(data, expect):
+        raise error(f"{what} {path} holds {_json_kind(data)}, not {_kinds(expect)}; {fix}")
+    for key, types in (require or {}).items():
+        if key not in data:
+            raise error(f"{what} {path} has no {key!r}; {fix}")
+        if not _is(data[key], types):
+            raise error(f"{what} {path}: {key!r} is {_json_kind(data[key])}, not {_kinds(types)}; {fix}")
+    return data
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not _exists(path) and path != path.parent:
+        path = path.parent
     return path
 
 
-@contextlib.contextmanager
-def staged_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to `path`; on success it replaces `path`, on error it vanishes."""
-    path = check_writable(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+def _exists(path: Path) -> bool:
     try:
-        yield tmp
+        return path.exists()
+    except OSError:  # e.g. EACCES on a component: treat as existing, so the probe below names the refusal
+        return True
+
+
+def check_writable(path: str | Path, force: bool) -> Path:
+    """Refuse an existing output unless `force`, and a path the OS will not let us create; called before any
+    work so nothing is wasted.
+
+    The nearest existing ancestor must be a directory that accepts a new entry: a probe directory is created
+    and removed there (permissions, read-only and special file systems such as /proc or /sys, a file where a
+    directory must be), so these fail now with the user's path instead of after an hour of pruning.
+    """
+    path = Path(path)
+    if _exists(path) and not force:
+        raise OutputExistsError(f"{path} already exists; pass --force to replace it or choose another --out")
+    ancestor = _nearest_existing(path.parent)
+    if not ancestor.is_dir():
+        raise OutputPathError(f"cannot write {path}: {ancestor} is a file, not a directory; choose another path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".obsdiff-probe-", dir=ancestor))
+    except OSError as exc:
+        why = f"{exc.strerror} [{errno.errorcode.get(exc.errno, exc.errno)}]" if exc.errno else first_line(exc)
+        raise OutputPathError(f"cannot write {path}: {ancestor} does not accept new files ({why}); choose a path "
+                              "on a writable disk where you have permission") from None
+    return path
+
+
+def unfinished_outputs(exc: BaseException) -> tuple[str, ...]:
+    """The outputs whose staging an exception (e.g. Ctrl-C) abandoned and removed, for the user's message."""
+    return getattr(exc, "obsdiff_unfinished", ())
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; return those created, deepest first (to undo on failure)."""
+    missing = []
+    while not _exists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+    return missing
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Move `tmp` onto `path`; an existing `path` is set aside first and restored if the move fails."""
+    if not (path.exists() or path.is_symlink()):
+        tmp.rename(path)
+        return
+    if tmp.is_file() and path.is_file():
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one
+        return
+    old = path.with_name(f".{path.name}.replaced-{os.getpid()}")
+    path.rename(old)
+    try:
+        tmp.rename(path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        old.rename(path)
         raise
-    tmp.chmod(0o755)
-    if path.exists():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    tmp.rename(path)
+    _remove(old)
 
 
 @contextlib.contextmanager
-def staged_file(path: str | Path, force: bool = False) -> Iterator[Path]:
-    """Like `staged_dir` for one file: yields a temporary path that is renamed onto `path` on success."""
+def _staged(path: str | Path, force: bool, make_tmp, mode: int) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` made by `make_tmp`; on success it replaces `path`.
+
+    On any failure, Ctrl-C included, the temporary and the parent directories made for it are removed, so
+    nothing half-written is left. An OS fault while writing (a full disk, a refused rename) becomes
+    `OutputPathError` naming `path` rather than the temporary name, which means nothing to the user.
+    """
     path = check_writable(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    created: list[Path] = []
+    try:
+        created = _make_parents(path.parent)
+        tmp = make_tmp(path)
+        yield tmp
+        tmp.chmod(mode)
+        _replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None:
+            _remove(tmp)
+        for d in created:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        if isinstance(exc, KeyboardInterrupt):
+            exc.obsdiff_unfinished = (*unfinished_outputs(exc), str(path))
+        if isinstance(exc, OSError) and _about_output(exc, tmp):
+            raise OutputPathError(os_error_message(exc, path, "could not write") + "; nothing was written") from exc
+        raise
+
+
+def _about_output(exc: OSError, tmp: Path | None) -> bool:
+    """Whether an OS fault concerns the staged output (not, say, an input read inside the `with` block)."""
+    if tmp is None or exc.filename is None:  # making the staging area, or a write error without a name
+        return True
+    name = Path(os.fsdecode(exc.filename)).absolute()
+    return name == tmp.absolute() or tmp.absolute() in name.parents
+
+
+def staged_dir(path: str | Path, force: bool = False) -> contextlib.AbstractContextManager[Path]:
+    """Yield a temporary directory next to `path`; on success it replaces `path`, on error it vanishes."""
+    return _staged(path, force, lambda p: Path(tempfile.mkdtemp(prefix=f".{p.name}.", dir=p.parent)), 0o755)
+
+
+def _temp_file(path: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
+    return Path(name)
+
+
+def staged_file(path: str | Path, force: bool = False) -> contextlib.AbstractContextManager[Path]:
+    """Like `staged_dir` for one file: yields a temporary path that is renamed onto `path` on success."""
+    return _staged(path, force, _temp_file, 0o644)

@@ -2,15 +2,52 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import click
 
-from obsdiff.errors import ObsdiffError
+from obsdiff.artifacts import unfinished_outputs
+from obsdiff.errors import Interrupted, ObsdiffError, first_line, os_error_message
+
+log = logging.getLogger(__name__)
+
+VERBOSE_KEY = "obsdiff.verbose"  # in click's context meta (shared by the group and its subcommands)
+INTERNAL_ERROR_EXIT = 1
+
+
+def failure(exc: BaseException) -> tuple[str, int] | None:
+    """The one-line message and exit code for an exception a user can act on; None for a bug in obsdiff.
+
+    Readers that know the path raise `ObsdiffError`s naming it (`artifacts.read_json`, the staged writers);
+    the rest of this table catches what they did not anticipate, naming the path where the exception has one.
+    """
+    if isinstance(exc, ObsdiffError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        removed = unfinished_outputs(exc)
+        kept = (f"the unfinished {', '.join(removed)} {'was' if len(removed) == 1 else 'were'} removed" if removed
+                else "no output was left half-written")
+        return f"interrupted (Ctrl-C); {kept}; run the command again", Interrupted.exit_code
+    if isinstance(exc, OSError):
+        return os_error_message(exc), 2
+    if isinstance(exc, UnicodeDecodeError):
+        return f"an input file is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8", 2
+    if isinstance(exc, json.JSONDecodeError):
+        return (f"an input file is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                "replace it with the file obsdiff wrote"), 2
+    return None
 
 
 class Group(click.Group):
-    """A click group that turns `ObsdiffError` into `error: <one line>` and exit code 2."""
+    """A click group that ends every failed command with one line on stderr and an exit code.
+
+    Errors a user can act on (`failure`: obsdiff's own, OS faults, undecodable files) exit 2, Ctrl-C 130
+    (128 + SIGINT, the shell's convention); click's usage errors are one line too. Any other exception is a
+    bug: `error: internal error: ...` and exit 1, the traceback only with -v. Exit 1 is what Python itself
+    gives an uncaught exception; keeping it apart from 2 ("fix the input and run again") lets scripts and CI
+    tell a bug from bad input, and -v reproduces the same failure with the traceback for the report.
+    """
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         """Every subcommand takes -v/-q as well, so they work after its name as well as before it."""
@@ -21,12 +58,25 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except ObsdiffError as exc:
-            click.echo(f"error: {exc}", err=True)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # click shows the help: not an error
+                raise
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            click.echo(f"error: {exc.format_message()} (see {where} --help)", err=True)
             ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, BrokenPipeError):
+            raise  # click's own ends (and a closed pipe, which click's main quiets)
+        except (Exception, KeyboardInterrupt) as exc:
+            known = failure(exc)
+            if known is None and ctx.meta.get(VERBOSE_KEY, 0) > 0:
+                raise
+            log.debug("the failure behind the error below", exc_info=exc)
+            message, code = known or (f"internal error: {type(exc).__name__}: {first_line(exc)} (run with -v for "
+                                      "the traceback; please report it)", INTERNAL_ERROR_EXIT)
+            click.echo(f"error: {message}", err=True)
+            ctx.exit(code)
 
 
-VERBOSE_KEY = "obsdiff.verbose"  # in click's context meta (shared by the group and its subcommands)
 QUIET_KEY = "obsdiff.quiet"
 
 

@@ -1,5 +1,10 @@
 """Errors the user can act on. The CLI prints them as one line and exits with code 2."""
 
+from __future__ import annotations
+
+import errno
+import os
+
 
 class ObsdiffError(Exception):
     """Base class: the message is one line that names the bad value and says what to do."""
@@ -27,8 +32,56 @@ class OutputExistsError(ObsdiffError):
     """The output path exists and `--force` was not given."""
 
 
+class OutputPathError(ObsdiffError):
+    """The operating system refuses an output path: permissions, a read-only or special file system, a file
+    where a directory must be, a full disk."""
+
+
+class BadFileError(ObsdiffError):
+    """An input file cannot be read or is not what it claims to be (not UTF-8 text, truncated or wrong-shape JSON)."""
+
 
 class Interrupted(ObsdiffError):
     """The user stopped a long command (Ctrl-C); the message says what was kept and how to continue."""
 
     exit_code = 130
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message, or its type name when the message is empty.
+
+    Messages of other libraries (torch, onnx, TensorRT) often hold a whole dump; a one-line error shows this.
+    """
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+# What to do about an OS fault, by errno; the path and the OS's own words are added by `os_error_message`.
+_ADVICE = {
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.EROFS: "the file system is read-only; choose a path on a writable disk",
+    errno.ENOTDIR: "a component of the path is a file, not a directory; choose another path",
+    errno.EEXIST: "a file is in the way; choose another path",
+    errno.EISDIR: "it is a directory, not a file; pass a file",
+    errno.ENOENT: "check the path",
+    errno.ENOSPC: "the disk is full; free some space or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up; free some space or write elsewhere",
+    errno.EFBIG: "the file is too large for this file system; write elsewhere",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.ELOOP: "a symbolic link in the path points back to itself; check the path",
+    errno.EIO: "the device reported an I/O error; check the disk",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n) and run again",
+}
+
+
+def os_error_message(exc: OSError, path: str | os.PathLike | None = None, action: str = "") -> str:
+    """One line for an OS fault: `[action ]PATH: <the OS's words> [ERRNO]; <what to do>`.
+
+    `path` replaces `exc.filename` where the caller knows better (a staging name means nothing to the user).
+    """
+    target = path if path is not None else exc.filename
+    code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+    what = (exc.strerror or first_line(exc)) + (f" [{code}]" if code else "")
+    where = f"{action} {target}" if action and target is not None else (action or target)
+    advice = _ADVICE.get(exc.errno, "check the path and run again" if target is not None else "run with -v for details")
+    return f"{where}: {what}; {advice}" if where else f"{what}; {advice}"
