@@ -6,10 +6,9 @@ engines and re-exports these names.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from obsdiff.artifacts import sha256_file
+from obsdiff.artifacts import read_json, sha256_file
 from obsdiff.errors import ObsdiffError
 
 
@@ -68,15 +67,10 @@ def read_engine_sidecar(plan: str | Path) -> dict:
         raise EngineError(f"engine {plan} does not exist; build it with `obsdiff-export build-engine MODEL.onnx "
                           f"--out {plan}`")
     path = engine_sidecar_path(plan)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         raise StaleEngineError(f"engine {plan} has no sidecar {path.name}, so it cannot be checked against its "
-                               "ONNX, TensorRT and GPU; rebuild it with `obsdiff-export build-engine ... --force`"
-                               ) from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise StaleEngineError(f"engine sidecar {path} is unreadable ({type(exc).__name__}); rebuild the engine "
-                               "with --force") from None
+                               "ONNX, TensorRT and GPU; rebuild it with `obsdiff-export build-engine ... --force`")
+    return read_json(path, "engine sidecar", fix="rebuild the engine with --force", error=StaleEngineError)
 
 
 def check_engine(plan: str | Path, onnx_path: str | Path | None = None, environment: dict | None = None) -> dict:

@@ -11,10 +11,10 @@ here with a message that names the missing key instead of deep inside an engine 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from obsdiff.artifacts import read_json
 from obsdiff.errors import ObsdiffError
 
 Shape = tuple[int, ...]
@@ -119,10 +119,7 @@ def read_onnx_sidecar(onnx_path: str | Path) -> OnnxSpec:
         raise SidecarError(f"no export sidecar {path} next to {onnx_path}; export with `obsdiff-export onnx` "
                            "(it writes <component>.json), or give the shapes with --min-shapes/--opt-shapes/"
                            "--max-shapes")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SidecarError(f"export sidecar {path} is unreadable ({type(exc).__name__}); re-export the model") from None
+    data = read_json(path, "export sidecar", fix="re-export the model", error=SidecarError)
     return replace(parse_sidecar(data, path), path=onnx_path)
 
 
