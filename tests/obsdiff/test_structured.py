@@ -96,6 +96,49 @@ def _inputs(name, fam, denoiser):
     return fam.example_inputs(denoiser, batch=2, text_len=8, generator=gen)
 
 
+class ShrinkSpy:
+    """Records the denoiser as the prune leaves it just before shrinking (removed structures zeroed, not yet
+    sliced away) and what shrinking keeps."""
+
+    def __init__(self, monkeypatch):
+        import obsdiff.structured as S
+
+        real = S.shrink_
+        self.before, self.groups, self.kept = None, None, None
+
+        def spy(denoiser, groups, kept):
+            self.before, self.groups, self.kept = copy.deepcopy(denoiser), list(groups), dict(kept)
+            return real(denoiser, groups, kept)
+
+        monkeypatch.setattr(S, "shrink_", spy)
+
+    def assert_zeroed_and_equal(self, shrunk, inputs):
+        """Every removed structure is zero in the unshrunk model (writer rows, biases, reader columns), and the
+        shrunk model's output equals the unshrunk one's."""
+        mods = dict(self.before.named_modules())
+        for g in self.groups:
+            for s in g.readers:
+                cols = removed_indices(g, s.offset, self.kept[g.name])
+                assert cols and not mods[s.linear].weight[:, cols].any(), s.linear
+            for s in g.writers:
+                rows = removed_indices(g, s.offset, self.kept[g.name])
+                lin = mods[s.linear]
+                assert not lin.weight[rows].any() and (lin.bias is None or not lin.bias[rows].any()), s.linear
+        with torch.no_grad():
+            ref = self.before(**inputs, return_dict=False)[0]
+            out = shrunk(**inputs, return_dict=False)[0]
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def removed_counts(report) -> dict[str, int]:
+    return {s["name"]: len(s["removed"]) for s in report.structures}
+
+
+def uniform_counts(groups, ratio: float) -> dict[str, int]:
+    """What uniform allocation removes: round(ratio * count) per group, one structure always kept."""
+    return {g.name: min(round(ratio * g.count), g.count - 1) for g in groups}
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_physical_removal_equals_zeroing(name):
     pipe = FAMILIES[name]()
@@ -161,6 +204,7 @@ def test_plan_on_the_wrong_base_model_is_refused(tiny_sd3_dir, tmp_path):
     tiny_sd3(num_layers=2, num_heads=4, head_dim=4).save_pretrained(other)
     record = json.loads((run / "obsdiff.json").read_text())
     record["base_model"] = str(other)
+    record.pop("base")  # the relative path would find the right base first
     (run / "obsdiff.json").write_text(json.dumps(record))
     with pytest.raises(ModelLoadError, match="plan does not fit this base model"):
         load_pipeline(str(run))
@@ -177,9 +221,15 @@ def test_ratio_rounding_to_zero_warns(tiny_sd3_dir):
 
 def test_magnitude_l1_structured_and_family_without_groups(tiny_sd3_dir, monkeypatch):
     model = load_pipeline(str(tiny_sd3_dir))
+    groups = [g for b in model.family.blocks(model.denoiser) for g in model.family.structure_groups(b)]
+    spy = ShrinkSpy(monkeypatch)
     report = prune_(model, PruneConfig(method="magnitude", sparsity_type="structured", sparsity=0.5), CALIB,
                     progress=False)
-    assert report.groups and report.model_stats["parameter_ratio"] < 1
+    assert removed_counts(report) == uniform_counts(groups, 0.5) == {g.name: g.count // 2 for g in groups}
+    blocks = model.denoiser.transformer_blocks
+    assert all(b.attn.heads == 1 and b.ff.net[0].proj.out_features == 32 for b in blocks)  # 2 heads, 64 neurons
+    spy.assert_zeroed_and_equal(model.denoiser, _inputs("sd3", model.family, model.denoiser))
+    monkeypatch.undo()
     from obsdiff.models.sd3 import SD3Family
 
     monkeypatch.setattr(SD3Family, "structure_groups", lambda self, block: [])
@@ -189,15 +239,24 @@ def test_magnitude_l1_structured_and_family_without_groups(tiny_sd3_dir, monkeyp
 
 
 @pytest.mark.parametrize("name", ["flux", "sdxl"])
-def test_structured_prune_other_families(name):
+def test_structured_prune_other_families(name, monkeypatch):
     pipe = FAMILIES[name]()
+    fam = family_for_pipeline(pipe)
+    groups = [g for b in fam.blocks(fam.denoiser(pipe)) for g in fam.structure_groups(b)]
+    spy = ShrinkSpy(monkeypatch)
     report = prune_(pipe, PruneConfig(sparsity_type="structured", sparsity=0.5),
                     CalibConfig(num_prompts=2, steps=2, batch_size=2, groups=2, guidance=3.0), progress=False)
-    assert report.model_stats["parameter_ratio"] < 1 and report.shrink_plan
-    fam = family_for_pipeline(pipe)
-    with torch.no_grad():
-        out = fam.denoiser(pipe)(**_inputs(name, fam, fam.denoiser(pipe)), return_dict=False)[0]
-    assert torch.isfinite(out).all()
+    assert removed_counts(report) == uniform_counts(groups, 0.5)
+    assert sum(removed_counts(report).values()) > len(groups)  # not just one structure per group
+    assert [op["name"] for op in report.shrink_plan] == [g.name for g in groups]
+    denoiser = fam.denoiser(pipe)
+    mods = dict(denoiser.named_modules())
+    for g in groups:
+        if g.kind == "heads":
+            assert mods[g.attention].heads == g.count - uniform_counts([g], 0.5)[g.name]
+    spy.assert_zeroed_and_equal(denoiser, _inputs(name, fam, denoiser))
+    n_dense = report.model_stats["before"]["parameters"]
+    assert report.model_stats["after"]["parameters"] == sum(p.numel() for p in denoiser.parameters()) < n_dense
 
 
 def test_allocate_spends_the_budget_where_it_is_cheapest():
