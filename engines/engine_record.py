@@ -1,7 +1,7 @@
 """What a built engine is tied to, and whether it still fits: engine sidecars and stale-engine detection.
 
-Pure file and JSON work (no TensorRT import), so it is tested and usable on any machine; `trt` builds
-engines and re-exports these names.
+Pure file and JSON work (TensorRT is imported only to learn this machine's environment when none is given),
+so it is tested and usable on any machine; `trt` builds engines and re-exports these names.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from pathlib import Path
 
 from obsdiff.artifacts import read_json, sha256_file
 from obsdiff.errors import ObsdiffError
+
+from .trt_env import current_environment
 
 
 class EngineError(ObsdiffError):
@@ -85,11 +87,8 @@ def check_engine(plan: str | Path, onnx_path: str | Path | None = None, environm
     if onnx_path and hashes is None:
         raise EngineError(f"ONNX file {onnx_path} does not exist")
     if environment is None:
-        from .trt import current_environment  # needs TensorRT and a GPU; the rest of this module does not
-
-        environment = current_environment()
-    env = environment
-    reasons = stale_reasons(record, env, hashes)
+        environment = current_environment()  # needs TensorRT and a GPU; the rest of this module does not
+    reasons = stale_reasons(record, environment, hashes)
     if reasons:
         rebuild = f"obsdiff-export build-engine {source if source.name else 'MODEL.onnx'} --out {plan} --force"
         raise StaleEngineError(f"engine {plan} is stale: {'; '.join(reasons)}; rebuild it: {rebuild}")

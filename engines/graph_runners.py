@@ -13,7 +13,7 @@ from torch import nn
 
 from obsdiff.errors import ConfigError, ObsdiffError
 
-from .runners import InputRanges, Runner, RunnerUnavailable, first_line, is_nm_sparse, model_param, register_runner
+from .runner_base import InputRanges, Runner, RunnerUnavailable, first_line, is_nm_sparse, model_param, register_runner
 
 ONNX_INSTALL = 'pip install "obsdiff[onnx]"'
 # preferred first; onnxruntime falls back down the list for nodes (or whole graphs) a provider cannot take
@@ -167,7 +167,8 @@ class OnnxRuntimeRunner(_GraphRunner):
 
 @register_runner
 class TensorRTRunner(_GraphRunner):
-    """A TensorRT engine: `engine` (a .plan, checked for staleness) or built from `onnx` / an export on the fly.
+    """A TensorRT engine run by Polygraphy's `TrtRunner`: `engine` (a .plan, checked for staleness) or built
+    from `onnx` / an export on the fly.
 
     `engine_config` (an `EngineConfig`) controls on-the-fly builds; sparse weights follow the model.
     """
@@ -179,10 +180,11 @@ class TensorRTRunner(_GraphRunner):
         return ("engine", "onnx", "engine_config")
 
     def available(self) -> tuple[bool, str]:
-        from .trt import require_cuda_gpu, require_tensorrt
+        from .trt_env import require_cuda_gpu, require_polygraphy_trt, require_tensorrt
 
         try:
             require_tensorrt()
+            require_polygraphy_trt()
             require_cuda_gpu()
         except ObsdiffError as exc:
             return False, str(exc)
@@ -220,5 +222,12 @@ class TensorRTRunner(_GraphRunner):
     def __call__(self, **kwargs) -> torch.Tensor:
         out = self.engine(self._inputs(kwargs))[self.output]
         return out.to(self.device, self.dtype)
+
+    def close(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+            self.engine = None
+        super().close()
 
 

@@ -6,15 +6,12 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
+from .bench_config import BenchConfig
 from .runners import Runner, RunnerModule
 from .timing import Variant, rotated, sync, warm
-
-if TYPE_CHECKING:
-    from .bench import BenchConfig
 
 
 @contextlib.contextmanager

@@ -16,44 +16,25 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from obsdiff.errors import ConfigError, ObsdiffError
+from obsdiff.errors import ConfigError
+
+from . import graph_runners  # noqa: F401 (registers onnxruntime and tensorrt)
+from .runner_base import (  # noqa: F401 (part of this module's API)
+    RUNNERS,
+    InputRanges,
+    Runner,
+    RunnerUnavailable,
+    first_line,
+    is_nm_sparse,
+    model_param,
+    register_runner,
+)
 
 log = logging.getLogger(__name__)
-
-RUNNERS: dict[str, type[Runner]] = {}
-
-
-class RunnerUnavailable(ObsdiffError):
-    """This backend cannot run this model here; the message says why (reported as a skipped backend)."""
-
-
-@dataclass(frozen=True)
-class InputRanges:
-    """(min, opt, max) of the denoiser's user-level dims: batch rows, latent height/width, text tokens.
-
-    Backends that compile a graph for shapes (ONNX export, TensorRT profiles) build for these.
-    """
-
-    batch: tuple[int, int, int]
-    height: tuple[int, int, int]
-    width: tuple[int, int, int]
-    text: tuple[int, int, int]
-
-    @classmethod
-    def fixed(cls, batch: int, height: int, width: int, text: int) -> InputRanges:
-        return cls((batch,) * 3, (height,) * 3, (width,) * 3, (text,) * 3)
-
-
-def register_runner(cls: type[Runner]) -> type[Runner]:
-    RUNNERS[cls.name] = cls
-    return cls
-
 
 def make_runner(name: str, **options) -> Runner:
     """A runner by backend name; `options` go to its constructor (e.g. onnx=DIR, providers=[...])."""
@@ -62,59 +43,6 @@ def make_runner(name: str, **options) -> Runner:
     except KeyError:
         raise ConfigError(f"unknown backend {name!r}; use one of {', '.join(RUNNERS)}") from None
     return cls(**options)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def model_param(model) -> torch.Tensor:
-    return next(model.denoiser.parameters())
-
-
-class Runner(ABC):
-    """A backend that runs one model's denoiser. Subclasses register with `@register_runner`."""
-
-    name: str = ""
-    min_warmup: int = 0  # calls a benchmark must make before timing (compilation, graph capture)
-
-    def __init__(self, **options):
-        unknown = set(options) - set(self.options())
-        if unknown:
-            raise ConfigError(f"backend {self.name} takes no option {sorted(unknown)[0]!r}; "
-                              f"it takes {', '.join(self.options()) or 'none'}")
-        self.opts = options
-        self.details: dict = {}
-        self.device = torch.device("cpu")
-        self.dtype = torch.float32
-
-    @classmethod
-    def options(cls) -> tuple[str, ...]:
-        return ()
-
-    def available(self) -> tuple[bool, str]:
-        """Whether the libraries and devices this backend needs are here, and if not, why (one line)."""
-        return True, ""
-
-    @abstractmethod
-    def prepare(self, model, ranges: InputRanges | None = None) -> None:
-        """Get ready to run `model` (a `LoadedModel`) for inputs within `ranges`; raises RunnerUnavailable."""
-
-    @abstractmethod
-    def __call__(self, **denoiser_kwargs) -> torch.Tensor:
-        """One denoiser forward; returns its output tensor on the model's device and dtype."""
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def close(self) -> None:  # noqa: B027 (optional hook: most runners hold nothing to release)
-        """Release what `prepare` made (temporary exports, engines)."""
-
-    def _adopt(self, model) -> None:
-        p = model_param(model)
-        self.device, self.dtype = p.device, p.dtype
 
 
 def _call_kwargs(kwargs: dict) -> dict:
@@ -194,13 +122,6 @@ class CompileRunner(Runner):
             out = self.module(**_call_kwargs(kwargs), return_dict=False)[0]
         # CUDA graph outputs live in a buffer the next replay overwrites
         return out.clone() if self.cuda_graphs else out
-
-
-def is_nm_sparse(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
-    """True if every group of `m` consecutive weights along the input dim has at most `n` non-zeros."""
-    if weight.dim() != 2 or weight.shape[1] % m:
-        return False
-    return bool(((weight.detach().reshape(-1, m) != 0).sum(-1) <= n).all())
 
 
 @register_runner
@@ -285,7 +206,3 @@ class RunnerModule(nn.Module):
 
             return Transformer2DModelOutput(sample=out)
         return (out,)
-
-
-# onnxruntime and TensorRT live next door; importing registers them
-from . import graph_runners  # noqa: E402, F401

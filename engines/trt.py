@@ -1,17 +1,31 @@
-"""ONNX -> TensorRT engine, for TensorRT 10.x and 11.x, with 2:4 sparse weights and a sparse-layer report.
+"""ONNX -> TensorRT engine through Polygraphy's TensorRT backend, for TensorRT 10.x and 11.x, with 2:4 sparse
+weights and a sparse-layer report.
 
     build_engine("runs/x/onnx/transformer.onnx", "transformer.plan", EngineConfig()) -> sidecar dict
     check_engine("transformer.plan")  # refuses a stale engine (ONNX, TensorRT or GPU changed)
 
+The build is a short sequence of steps, each a function of its own:
+
+    read_inputs       the ONNX file and its export sidecar (precision, shape profile, N:M pruning)
+    resolve_profiles  the optimization profile {input: (min, opt, max)}, explicit or from the sidecar
+    build_targets     what to build: the engine, and its dense twin with `also_dense`
+    refuse_existing   outputs that exist without `force` (before TensorRT is touched)
+    -- with TensorRT and a GPU, per target (`_build_one`):
+    model_precision   the ONNX precision (the sidecar's, else the parsed network's inputs)
+    select_flags      builder flags for this TensorRT generation (`trt_rules`, by feature detection)
+    parse_network     Polygraphy's `network_from_onnx_path`, strongly typed where the flags say
+    network_profile   the profile checked against the parsed network's inputs
+    config_options    Polygraphy's `CreateConfig` arguments (`trt_rules`): sparse weights, profile, timing
+                      cache, optimization level, workspace pool
+    build             `engine_from_network` with the log captured and a progress line (`build_monitor`)
+    sparse_report     the build log's eligible / picked sparse layers, cross-checked by the engine inspector
+    engine_record     the sidecar, with the equivalent `trtexec` command line
+    write_outputs     `<engine>`, `<engine>.json`, `<engine>.log`, staged then renamed together
+
 Versions are told apart by what the `tensorrt` module offers, never by its version string: TensorRT 10
 has precision flags (`BuilderFlag.FP16`/`BF16`) for weakly typed networks; TensorRT 11 dropped them and
-builds strongly typed networks whose precision is the ONNX file's. The pure parts (profiles here; stale
-detection in `engine_record`; flag selection and build-log reading in `trt_rules`) take plain values so
-they are tested without TensorRT. `trt_runtime.TrtEngine` runs a built engine.
-
-Each engine gets `<engine>.json` (TensorRT version, GPU, flags, profiles, build time, which layers were
-eligible for sparse math and which picked a sparse kernel, the ONNX hash) and `<engine>.log` (the build
-log at INFO level).
+builds strongly typed networks whose precision is the ONNX file's. `trt_runtime.TrtEngine` runs a built
+engine with Polygraphy's `TrtRunner`.
 """
 
 from __future__ import annotations
@@ -25,8 +39,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from obsdiff.artifacts import machine, staged_file, versions, write_json
-from obsdiff.errors import ConfigError, MissingDependencyError, ObsdiffError, OutputExistsError
+from obsdiff.errors import ConfigError, OutputExistsError
 
+from . import trt_env
+from .build_monitor import build_progress, captured_build_log
 from .engine_record import (  # noqa: F401 (part of this module's API)
     EngineError,
     StaleEngineError,
@@ -38,57 +54,20 @@ from .engine_record import (  # noqa: F401 (part of this module's API)
     stale_reasons,
 )
 from .sidecar import OnnxSpec, Shape, format_shape, read_onnx_sidecar, sidecar_path
+from .trt_env import NoGpuError, current_environment, require_cuda_gpu, require_tensorrt  # noqa: F401 (API)
 from .trt_rules import (  # noqa: F401 (part of this module's API)
     FlagPlan,
+    config_options,
     dtype_from_network_inputs,
     parse_build_log,
     select_flags,
     sparse_layers_from_inspector,
+    trtexec_command,
 )
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-TENSORRT_INSTALL = "pip install --extra-index-url https://pypi.nvidia.com tensorrt"
-
-
-class NoGpuError(ObsdiffError):
-    """A CUDA GPU is needed (TensorRT builds and runs engines on the GPU that will use them)."""
-
-
-# ------------------------------------------------------------------------------------------ environment
-
-
-def require_tensorrt():
-    """The `tensorrt` module, or a one-line error that says how to get it."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise MissingDependencyError(
-            f"TensorRT is not installed (no `tensorrt` Python module); install it from NVIDIA's index: "
-            f"`{TENSORRT_INSTALL}` (Linux or Windows with an NVIDIA GPU and driver)") from None
-    return tensorrt
-
-
-def require_cuda_gpu() -> dict:
-    """Name and compute capability of CUDA device 0, or a one-line error."""
-    import torch
-
-    if not torch.cuda.is_available():
-        why = ("this PyTorch is a CPU-only build" if torch.version.cuda is None
-               else "no GPU or driver is visible to PyTorch")
-        raise NoGpuError(f"TensorRT engines need a CUDA GPU and none is usable here ({why}); run on a machine with "
-                         "an NVIDIA GPU, its driver and a CUDA build of PyTorch")
-    major, minor = torch.cuda.get_device_capability(0)
-    return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
-
-
-def current_environment() -> dict:
-    """What an engine built here is tied to: the TensorRT version and the GPU."""
-    trt = require_tensorrt()
-    gpu = require_cuda_gpu()
-    return {"tensorrt": getattr(trt, "__version__", "unknown"), "gpu": gpu["name"],
-            "compute_capability": gpu["compute_capability"]}
+FORMAT_VERSION = 2  # 2: built through Polygraphy; records the trtexec command line and engine I/O
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -184,64 +163,49 @@ def resolve_profiles(spec: OnnxSpec | None, cfg: EngineConfig) -> dict[str, tupl
 # ---------------------------------------------------------------------------------------------- build
 
 
-_SEVERITY_TAG = {"VERBOSE": "V", "INFO": "I", "WARNING": "W", "ERROR": "E", "INTERNAL_ERROR": "F"}
-
-
-def _collecting_logger(trt, verbose: bool):
-    """A `trt.ILogger` that keeps the build log (INFO and up; VERBOSE too when asked) and forwards problems."""
-
-    class Collector(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.lines: list[str] = []
-
-        def log(self, severity, msg):
-            sev = getattr(severity, "name", str(severity)).rsplit(".", 1)[-1]
-            if sev == "VERBOSE" and not verbose:
-                return
-            self.lines.append(f"[{_SEVERITY_TAG.get(sev, sev)}] {msg}")
-            if sev in ("ERROR", "INTERNAL_ERROR"):
-                log.error("TensorRT: %s", msg)
-            elif sev == "WARNING":
-                log.warning("TensorRT: %s", msg)
-            else:
-                log.debug("TensorRT: %s", msg)
-
-    return Collector()
-
-
-def _check_inputs(onnx_path: Path, cfg: EngineConfig) -> OnnxSpec | None:
+def read_inputs(onnx_path: Path, cfg: EngineConfig) -> OnnxSpec | None:
+    """The export sidecar of `onnx_path` (required when the profile comes from it), or None without one."""
     if not onnx_path.is_file():
         raise ConfigError(f"ONNX file {onnx_path} does not exist; export it with `obsdiff-export onnx MODEL --out DIR`")
     if cfg.profile_from_sidecar and not cfg.explicit_shapes:
-        return read_onnx_sidecar(onnx_path)  # required: the profile comes from it
+        return read_onnx_sidecar(onnx_path)
     return read_onnx_sidecar(onnx_path) if sidecar_path(onnx_path).is_file() else None
 
 
-def build_engine(onnx_path: str | Path, out: str | Path, config: EngineConfig | None = None,
-                 force: bool = False) -> dict:
-    """Build a TensorRT engine from `onnx_path` into `out` (+ `<out>.json`, `<out>.log`); returns the sidecar.
-
-    With `config.also_dense`, the same network is also built without sparse weights into
-    `<stem>.dense.plan`; its sidecar is under the key "dense_twin". Inputs and outputs are checked before
-    TensorRT is touched: missing ONNX or sidecar, existing `out` without `force`.
-    """
-    cfg = config or EngineConfig()
-    onnx_path, out = Path(onnx_path), Path(out)
-    spec = _check_inputs(onnx_path, cfg)
-    profiles = resolve_profiles(spec, cfg)
+def build_targets(out: Path, spec: OnnxSpec | None, cfg: EngineConfig) -> list[tuple[Path, bool]]:
+    """[(engine path, sparse weights)]: the engine (sparse for N:M runs unless told), then the dense twin."""
     sparse = cfg.sparse_weights if cfg.sparse_weights is not None else bool(spec is not None and spec.nm)
-    targets = [(out, sparse)]
-    if cfg.also_dense:
-        targets.append((dense_twin_path(out), False))
+    return [(out, sparse)] + ([(dense_twin_path(out), False)] if cfg.also_dense else [])
+
+
+def refuse_existing(targets: list[tuple[Path, bool]], onnx_path: Path, force: bool) -> None:
     for path, _ in targets:
         if path.exists() and not force:
             raise OutputExistsError(f"{path} already exists{_staleness(path, onnx_path)}; pass --force to rebuild "
                                     "it or choose another --out")
-    trt = require_tensorrt()
-    gpu = require_cuda_gpu()
+
+
+def build_engine(onnx_path: str | Path, out: str | Path, config: EngineConfig | None = None,
+                 force: bool = False, progress: bool = False) -> dict:
+    """Build a TensorRT engine from `onnx_path` into `out` (+ `<out>.json`, `<out>.log`); returns the sidecar.
+
+    With `config.also_dense`, the same network is also built without sparse weights into
+    `<stem>.dense.plan`; its sidecar is under the key "dense_twin". Inputs and outputs are checked before
+    TensorRT is touched: missing ONNX or sidecar, existing `out` without `force`. `progress` shows a
+    progress line on stderr while TensorRT builds.
+    """
+    cfg = config or EngineConfig()
+    onnx_path, out = Path(onnx_path), Path(out)
+    spec = read_inputs(onnx_path, cfg)
+    profiles = resolve_profiles(spec, cfg)
+    targets = build_targets(out, spec, cfg)
+    refuse_existing(targets, onnx_path, force)
+    trt = trt_env.require_tensorrt()
+    gpu = trt_env.require_cuda_gpu()
+    poly = trt_env.require_polygraphy_trt()
     hashes = onnx_hashes(onnx_path)
-    records = [_build_one(trt, gpu, onnx_path, path, spec, profiles, cfg, s, hashes) for path, s in targets]
+    records = [_build_one(trt, poly, gpu, onnx_path, path, spec, profiles, cfg, sparse, hashes, progress)
+               for path, sparse in targets]
     main = records[0]
     if cfg.also_dense:
         main["dense_twin"] = records[1]
@@ -262,120 +226,164 @@ def _staleness(plan: Path, onnx_path: Path) -> str:
     return " and is stale (built from another version of the ONNX)"
 
 
-def _load_timing_cache(trt, config, path: Path | None):
-    data = path.read_bytes() if path is not None and path.is_file() else b""
-    cache = config.create_timing_cache(data)
-    config.set_timing_cache(cache, False)
-    return cache
+def network_profile(inputs: list[tuple[str, tuple[int, ...]]], profiles: dict, onnx_name: str) -> dict:
+    """{input: {"min", "opt", "max"}} for the parsed network's `inputs` [(name, shape with -1 for dynamic)].
 
-
-def _build_one(trt, gpu: dict, onnx_path: Path, out: Path, spec: OnnxSpec | None, profiles: dict,
-               cfg: EngineConfig, sparse: bool, hashes: dict) -> dict:
-    t0 = time.perf_counter()
-    logger = _collecting_logger(trt, cfg.verbose_log)
-    builder = trt.Builder(logger)
-    # the precision decides the flags, and without a sidecar it is read off the parsed network: parse first
-    # with the flags TensorRT allows for either typing, then re-create if the plan says strongly typed
-    model_dtype = spec.dtype if spec is not None and spec.dtype else None
-    if model_dtype is None:
-        probe = builder.create_network(0)
-        _parse(trt, probe, onnx_path, logger)
-        dtypes = [probe.get_input(i).dtype for i in range(probe.num_inputs)]
-        model_dtype = dtype_from_network_inputs(getattr(d, "name", str(d)) for d in dtypes)
-    plan = select_flags(trt, model_dtype, sparse, cfg.strict_nans, cfg.strongly_typed)
-    net_bits = 0
-    for name in plan.network_flags:
-        net_bits |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
-    network = builder.create_network(net_bits)
-    parser = _parse(trt, network, onnx_path, logger)
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg.workspace_gib * 2**30))
-    config.builder_optimization_level = cfg.opt_level
-    if hasattr(trt, "ProfilingVerbosity"):
-        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the inspector then reports sparse weights
-    for name in plan.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, name))
-    profile = builder.create_optimization_profile()
+    Every dynamic input needs a profile, and a profile's rank must be the input's.
+    """
     used = {}
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        shape = tuple(tensor.shape)
-        if tensor.name in profiles:
-            lo, opt, hi = profiles[tensor.name]
+    for name, shape in inputs:
+        if name in profiles:
+            lo, opt, hi = profiles[name]
             if len(opt) != len(shape):
-                raise ConfigError(f"input {tensor.name} has rank {len(shape)} in the ONNX, the profile gives "
+                raise ConfigError(f"input {name} has rank {len(shape)} in the ONNX, the profile gives "
                                   f"{format_shape(opt)}")
-            profile.set_shape(tensor.name, lo, opt, hi)
-            used[tensor.name] = {"min": list(lo), "opt": list(opt), "max": list(hi)}
+            used[name] = {"min": list(lo), "opt": list(opt), "max": list(hi)}
         elif any(d < 0 for d in shape):
-            raise ConfigError(f"input {tensor.name} of {onnx_path.name} is dynamic {shape} and has no profile; "
+            raise ConfigError(f"input {name} of {onnx_name} is dynamic {shape} and has no profile; "
                               "give it in --opt-shapes")
-    if used:
-        config.add_optimization_profile(profile)
-    cache = _load_timing_cache(trt, config, cfg.timing_cache)
-    log.info("building %s from %s (%s typed, flags %s)", out, onnx_path, plan.typing, ", ".join(plan.builder_flags))
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        errors = [line for line in logger.lines if line.startswith(("[E]", "[F]"))]
-        raise EngineError(f"TensorRT could not build {onnx_path.name}: {errors[-1] if errors else 'no error logged'}; "
-                          "run with -vv for the whole log")
+    return used
+
+
+def _polygraphy_error(what: str, onnx_path: Path, build_log, exc: BaseException) -> EngineError:
+    errors = build_log.errors()
+    detail = (errors[-1] if errors else str(exc)).strip().splitlines()
+    return EngineError(f"TensorRT could not {what} {onnx_path.name}: {detail[0] if detail else 'no error logged'}"
+                       + (f" (+{len(errors) - 1} more errors)" if len(errors) > 1 else "")
+                       + "; run with -vv for the whole log")
+
+
+def model_precision(poly, spec: OnnxSpec | None, onnx_path: Path) -> str:
+    """fp32, fp16 or bf16: the export sidecar's, else read off the parsed network's input types."""
+    if spec is not None and spec.dtype:
+        return spec.dtype
+    _, network, _ = poly.network_from_onnx_path(str(onnx_path))
+    return dtype_from_network_inputs(getattr(network.get_input(i).dtype, "name", str(network.get_input(i).dtype))
+                                     for i in range(network.num_inputs))
+
+
+def parse_network(poly, onnx_path: Path, plan: FlagPlan):
+    """(builder, network, parser) from Polygraphy; strongly typed when the plan sets the network flag."""
+    return poly.network_from_onnx_path(str(onnx_path), strongly_typed="STRONGLY_TYPED" in plan.network_flags)
+
+
+def _build_one(trt, poly, gpu: dict, onnx_path: Path, out: Path, spec: OnnxSpec | None, profiles: dict,
+               cfg: EngineConfig, sparse: bool, hashes: dict, progress: bool) -> dict:
+    from polygraphy.exception import PolygraphyException
+
+    t0 = time.perf_counter()
+    with captured_build_log(cfg.verbose_log) as build_log:
+        try:
+            model_dtype = model_precision(poly, spec, onnx_path)
+            plan = select_flags(trt, model_dtype, sparse, cfg.strict_nans, cfg.strongly_typed)
+            builder, network, parser = parse_network(poly, onnx_path, plan)
+        except PolygraphyException as exc:
+            raise _polygraphy_error("parse", onnx_path, build_log, exc) from None
+        inputs = [(network.get_input(i).name, tuple(network.get_input(i).shape)) for i in range(network.num_inputs)]
+        used = network_profile(inputs, profiles, onnx_path.name)
+        cache = str(cfg.timing_cache) if cfg.timing_cache is not None else None
+        kwargs, extra_flags = config_options(trt, plan, int(cfg.workspace_gib * 2**30), cfg.opt_level, cache)
+        create = poly.CreateConfig(profiles=[_polygraphy_profile(poly, used)] if used else None, **kwargs)
+        if extra_flags:  # flags CreateConfig has no argument for (STRICT_NANS)
+            create = poly.PostprocessConfig(create, _flag_setter(trt, extra_flags))
+        log.info("building %s from %s (%s typed, flags %s)", out, onnx_path, plan.typing, ", ".join(plan.builder_flags))
+        try:
+            with build_progress(f"building {out.name}", enabled=progress):
+                engine = poly.engine_from_network((builder, network, parser), config=create, save_timing_cache=cache)
+        except PolygraphyException as exc:
+            raise _polygraphy_error("build", onnx_path, build_log, exc) from None
     build_seconds = time.perf_counter() - t0
-    blob = bytes(serialized)
-    sparse_report = parse_build_log(logger.lines) | {"requested": sparse}
+    report = sparse_report(trt, engine, build_log.lines, sparse)
+    record = engine_record(trt, gpu, onnx_path, out, spec, hashes, cfg, plan, model_dtype, used, report,
+                           build_seconds, engine_io(trt, engine))
+    write_outputs(poly, engine, out, record, build_log.lines)
+    return record
+
+
+def _flag_setter(trt, names: tuple[str, ...]):
+    def set_flags(_builder, _network, config) -> None:
+        for name in names:
+            config.set_flag(getattr(trt.BuilderFlag, name))
+
+    return set_flags
+
+
+def _polygraphy_profile(poly, used: dict):
+    profile = poly.Profile()
+    for name, p in used.items():
+        profile.add(name, min=tuple(p["min"]), opt=tuple(p["opt"]), max=tuple(p["max"]))
+    return profile
+
+
+def sparse_report(trt, engine, log_lines: list[str], requested: bool) -> dict:
+    """The build log's sparse-layer report, with the engine inspector's list of layers with sparse weights."""
+    report = parse_build_log(log_lines) | {"requested": requested}
     try:
-        engine = trt.Runtime(logger).deserialize_cuda_engine(blob)
         info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
-        sparse_report["inspector_sparse_layers"] = sparse_layers_from_inspector(info)
-        del engine
+        report["inspector_sparse_layers"] = sparse_layers_from_inspector(info)
     except Exception as exc:  # the inspector is a cross-check only
-        sparse_report["inspector_sparse_layers"] = None
+        report["inspector_sparse_layers"] = None
         log.debug("engine inspector unavailable: %s", exc)
-    if sparse and not sparse_report["reported"]:
+    if requested and not report["reported"]:
         log.warning("sparse weights were enabled but the build log has no sparsity report")
-    record = {
+    return report
+
+
+def engine_io(trt, engine) -> dict:
+    """{"inputs": [{name, dtype}], "outputs": [...]} of a built engine (dtype names as in numpy)."""
+    names = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
+             "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
+    io = {"inputs": [], "outputs": []}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        kind = "inputs" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "outputs"
+        dtype = getattr(engine.get_tensor_dtype(name), "name", "")
+        io[kind].append({"name": name, "dtype": names.get(dtype, dtype.lower())})
+    return io
+
+
+def engine_record(trt, gpu: dict, onnx_path: Path, out: Path, spec: OnnxSpec | None, hashes: dict,
+                  cfg: EngineConfig, plan: FlagPlan, model_dtype: str, used: dict, sparse: dict,
+                  build_seconds: float, io: dict) -> dict:
+    """The engine sidecar: what it was built from, with what, how, and the trtexec line that repeats it."""
+    workspace = int(cfg.workspace_gib * 2**30)
+    command = trtexec_command(str(onnx_path), str(out), plan, used, workspace, cfg.opt_level,
+                              str(cfg.timing_cache) if cfg.timing_cache else None)
+    return {
         "format": FORMAT_VERSION,
         "artifact": "tensorrt-engine",
         "file": out.name,
-        "bytes": len(blob),
         "onnx": {"path": str(onnx_path.resolve()), **hashes,
                  "sidecar": str(sidecar_path(onnx_path).resolve()) if spec is not None else None,
                  "source_run_sparsity": spec.sparsity_type if spec is not None else None},
         "tensorrt": getattr(trt, "__version__", "unknown"),
         "gpu": gpu,
+        "builder": "polygraphy",
+        "trtexec": command,
         "typing": plan.typing,
         "model_dtype": model_dtype,
         "builder_flags": list(plan.builder_flags),
         "network_flags": list(plan.network_flags),
         "notes": list(plan.notes),
         "profiles": used,
+        **io,
         "workspace_gib": cfg.workspace_gib,
         "opt_level": cfg.opt_level,
         "timing_cache": str(cfg.timing_cache) if cfg.timing_cache else None,
         "build_seconds": build_seconds,
-        "sparse": sparse_report,
+        "sparse": sparse,
         "config": cfg.to_dict(),
         "versions": versions(),
         "machine": machine(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    del parser
+
+
+def write_outputs(poly, engine, out: Path, record: dict, log_lines: list[str]) -> None:
+    """The engine, its sidecar and its build log, each staged and renamed into place together."""
     with staged_file(out, force=True) as tmp_plan, staged_file(engine_sidecar_path(out), force=True) as tmp_json, \
             staged_file(out.with_name(out.name + ".log"), force=True) as tmp_log:
-        tmp_plan.write_bytes(blob)
+        poly.save_engine(engine, str(tmp_plan))
+        record["bytes"] = tmp_plan.stat().st_size
         write_json(tmp_json, record)
-        tmp_log.write_text("\n".join(logger.lines) + "\n")
-    if cfg.timing_cache is not None:
-        with staged_file(cfg.timing_cache, force=True) as tmp:
-            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    del cache
-    return record
-
-
-def _parse(trt, network, onnx_path: Path, logger):
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineError(f"TensorRT's ONNX parser rejected {onnx_path.name}: "
-                          f"{errors[0].splitlines()[0] if errors else 'no error given'}"
-                          + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""))
-    return parser
+        tmp_log.write_text("\n".join(log_lines) + "\n")

@@ -1,4 +1,5 @@
-"""Pure TensorRT rules, testable without TensorRT: which flags to set, and what a build log says about sparsity."""
+"""Pure TensorRT rules, testable without TensorRT: which flags to set, how they become Polygraphy's `CreateConfig`
+arguments and the equivalent `trtexec` command line, and what a build log says about sparsity."""
 
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def select_flags(trt_ns, model_dtype: str, sparse_weights: bool, strict_nans: bo
             raise ConfigError("this TensorRT has no precision flags (TensorRT 11 builds strongly typed networks "
                               "only); leave strongly_typed unset")
         typing = "weak"
+        if hasattr(bflags, "TF32"):  # TensorRT's (and trtexec's) default; Polygraphy clears it unless asked
+            builder.append("TF32")
         flag = _PRECISION_FLAG.get(model_dtype)
         if flag is not None:
             if not hasattr(bflags, flag):
@@ -84,6 +87,67 @@ def dtype_from_network_inputs(type_names: Iterable[str]) -> str:
     if "HALF" in names:
         return "fp16"
     return "fp32"
+
+
+# ------------------------------------------------------------------------------------------ Polygraphy
+
+# builder flags that are keyword arguments of Polygraphy's CreateConfig; any other flag is set on the config
+# afterwards (PostprocessConfig). Precision keywords are passed only when set: TensorRT 11 has no such flags.
+_CREATE_CONFIG_KEYWORDS = {"FP16": "fp16", "BF16": "bf16", "TF32": "tf32", "SPARSE_WEIGHTS": "sparse_weights"}
+
+
+def config_options(trt_ns, plan: FlagPlan, workspace_bytes: int, opt_level: int,
+                   timing_cache: str | None) -> tuple[dict, tuple[str, ...]]:
+    """(keyword arguments for `polygraphy.backend.trt.CreateConfig` except `profiles`, flags to set afterwards).
+
+    `trt_ns` is the `tensorrt` module (for `MemoryPoolType` and `ProfilingVerbosity`). DETAILED profiling
+    verbosity makes the engine inspector report which layers run with sparse weights.
+    """
+    kwargs: dict = {_CREATE_CONFIG_KEYWORDS[f]: True for f in plan.builder_flags if f in _CREATE_CONFIG_KEYWORDS}
+    kwargs |= {"memory_pool_limits": {trt_ns.MemoryPoolType.WORKSPACE: int(workspace_bytes)},
+               "builder_optimization_level": int(opt_level)}
+    if timing_cache is not None:
+        kwargs["load_timing_cache"] = timing_cache
+    if hasattr(trt_ns, "ProfilingVerbosity"):
+        kwargs["profiling_verbosity"] = trt_ns.ProfilingVerbosity.DETAILED
+    extra = tuple(f for f in plan.builder_flags if f not in _CREATE_CONFIG_KEYWORDS)
+    return kwargs, extra
+
+
+# ------------------------------------------------------------------------------------------ trtexec
+
+_TRTEXEC_FLAG = {"FP16": "--fp16", "BF16": "--bf16", "SPARSE_WEIGHTS": "--sparsity=enable"}
+
+
+def _shape_list(profiles: dict, which: str) -> str:
+    return ",".join(f"{name}:{'x'.join(str(d) for d in p[which])}" for name, p in profiles.items())
+
+
+def trtexec_command(onnx: str, engine: str, plan: FlagPlan, profiles: dict, workspace_bytes: int,
+                    opt_level: int, timing_cache: str | None = None) -> str:
+    """The `trtexec` command line that builds the same engine, to repeat a build inside a TensorRT or
+    Triton container. `profiles` is {input: {"min", "opt", "max"}} as the engine sidecar records it.
+
+    STRICT_NANS has no trtexec option: it is named in a trailing shell comment instead.
+    """
+    import shlex
+
+    args = ["trtexec", f"--onnx={onnx}", f"--saveEngine={engine}"]
+    if "STRONGLY_TYPED" in plan.network_flags:
+        args.append("--stronglyTyped")
+    args += [_TRTEXEC_FLAG[f] for f in plan.builder_flags if f in _TRTEXEC_FLAG]
+    if plan.typing == "weak" and "TF32" not in plan.builder_flags:
+        args.append("--noTF32")
+    if profiles:
+        args += [f"--{which}Shapes={_shape_list(profiles, which)}" for which in ("min", "opt", "max")]
+    args += [f"--builderOptimizationLevel={opt_level}",
+             f"--memPoolSize=workspace:{max(1, round(workspace_bytes / 2**20))}M",
+             "--profilingVerbosity=detailed", "--skipInference"]
+    if timing_cache is not None:
+        args.append(f"--timingCacheFile={timing_cache}")
+    line = " ".join(shlex.quote(a) for a in args)
+    unmatched = [f for f in plan.builder_flags if f not in _TRTEXEC_FLAG and f != "TF32"]
+    return line + (f"  # also set BuilderFlag {', '.join(unmatched)} (no trtexec option)" if unmatched else "")
 
 
 # ------------------------------------------------------------------------------------------ build log

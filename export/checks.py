@@ -382,25 +382,3 @@ def check_structured_shapes(model, base_dir: str | Path, prefix: str, linears: d
     else:
         record["status"] = "passed"
     return record
-
-
-def ort_latency(path: str | Path, feed: dict[str, np.ndarray], iters: int = 30, warmup: int = 5,
-                threads: int | None = None) -> dict:
-    """Median and spread of onnxruntime CPU latency (ms) for one feed."""
-    import time
-
-    ort = G.require("onnxruntime")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or max(1, torch.get_num_threads())
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    n = len(times)
-    return {"median_ms": times[n // 2], "p10_ms": times[n // 10], "p90_ms": times[9 * n // 10], "iters": iters}

@@ -7,9 +7,9 @@ import torch
 from click.testing import CliRunner
 
 from obsdiff.engines import bench as B
+from obsdiff.engines.cli import cli
 from obsdiff.engines.report import format_bench
 from obsdiff.errors import ConfigError
-from obsdiff.export.cli import cli
 
 
 def test_summary_statistics():

@@ -7,8 +7,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from obsdiff.engines import trt as T
-from obsdiff.export.cli import cli
+from obsdiff.engines import trt_env
+from obsdiff.engines.cli import cli
 
 
 def run(*args):
@@ -20,6 +20,15 @@ def one_line_error(r, *fragments):
     assert r.output.startswith("error: ") and r.output.count("\n") == 1, r.output
     for f in fragments:
         assert f in r.output, r.output
+
+
+def test_the_entry_point_has_every_command_and_the_export_group_stays_engine_free():
+    from obsdiff.export.cli import cli as export_cli
+
+    assert {"onnx", "triton", "build-engine", "bench"} <= set(cli.commands)
+    assert "build-engine" not in export_cli.commands and "bench" not in export_cli.commands
+    r = run("--help")
+    assert r.exit_code == 0 and "build-engine" in r.output and "triton" in r.output
 
 
 def test_commands_list_their_options():
@@ -56,7 +65,7 @@ def test_build_engine_without_tensorrt(tmp_path, onnx_with_sidecar):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
 def test_build_engine_without_gpu(tmp_path, onnx_with_sidecar, monkeypatch):
-    monkeypatch.setattr(T, "require_tensorrt", lambda: SimpleNamespace(__version__="10.8.0"))
+    monkeypatch.setattr(trt_env, "require_tensorrt", lambda: SimpleNamespace(__version__="10.8.0"))
     one_line_error(run("build-engine", onnx_with_sidecar(), "--out", tmp_path / "m.plan"), "need a CUDA GPU")
 
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from obsdiff.engines import trt as T
+from obsdiff.engines import trt_env
+from obsdiff.engines.build_monitor import build_progress, captured_build_log
 from obsdiff.engines.sidecar import SidecarError, parse_shapes, parse_sidecar, read_onnx_sidecar
 from obsdiff.errors import ConfigError, MissingDependencyError, OutputExistsError
 from tests.engines.conftest import SD3_INPUTS, export_sidecar
@@ -38,7 +40,9 @@ TRT11_BUILDER = ("DEBUG", "GPU_FALLBACK", "REFIT", "DISABLE_TIMING_CACHE", "TF32
 
 
 def trt_ns(builder, network):
-    return SimpleNamespace(BuilderFlag=enum(*builder), NetworkDefinitionCreationFlag=enum(*network))
+    return SimpleNamespace(BuilderFlag=enum(*builder), NetworkDefinitionCreationFlag=enum(*network),
+                           MemoryPoolType=enum("WORKSPACE", "DLA_MANAGED_SRAM"),
+                           ProfilingVerbosity=enum("LAYER_NAMES_ONLY", "NONE", "DETAILED"))
 
 
 TRT10 = trt_ns(TRT10_BUILDER, TRT10_NETWORK)
@@ -54,7 +58,7 @@ TRT11_ALWAYS_STRONG = trt_ns(TRT11_BUILDER, ("PREFER_AOT_PYTHON_PLUGINS", "PREFE
 def test_tensorrt10_is_weakly_typed_with_the_onnx_precision_flag(dtype, precision):
     plan = T.select_flags(TRT10, dtype, sparse_weights=True)
     assert plan.typing == "weak" and plan.network_flags == ()
-    assert plan.builder_flags == (*precision, "SPARSE_WEIGHTS")
+    assert plan.builder_flags == ("TF32", *precision, "SPARSE_WEIGHTS")  # TF32: TensorRT's default, kept
 
 
 @pytest.mark.parametrize("ns", [TRT11, TRT11_ALWAYS_STRONG], ids=["11-with-flag", "11-always-strong"])
@@ -190,6 +194,96 @@ def test_real_export_sidecar_gives_a_profile(tiny_onnx_dir):
     assert spec.outputs[0].name == "latent" and spec.nm is None and spec.sha256
 
 
+# ------------------------------------------------------------------------------------------ Polygraphy config
+
+
+def test_config_options_for_tensorrt10_fp16_sparse_with_strict_nans():
+    plan = T.select_flags(TRT10, "fp16", sparse_weights=True, strict_nans=True)
+    kwargs, extra = T.config_options(TRT10, plan, 8 * 2**30, 4, "cache.bin")
+    assert kwargs == {"tf32": True, "fp16": True, "sparse_weights": True,
+                      "memory_pool_limits": {TRT10.MemoryPoolType.WORKSPACE: 8 * 2**30},
+                      "builder_optimization_level": 4, "load_timing_cache": "cache.bin",
+                      "profiling_verbosity": TRT10.ProfilingVerbosity.DETAILED}
+    assert extra == ("STRICT_NANS",)  # CreateConfig has no argument for it: set on the config afterwards
+
+
+def test_config_options_for_tensorrt11_carry_no_precision_arguments():
+    plan = T.select_flags(TRT11, "bf16", sparse_weights=True)
+    kwargs, extra = T.config_options(TRT11, plan, 2**30, 3, None)
+    assert not {"fp16", "bf16", "tf32", "int8", "fp8"} & set(kwargs)
+    assert kwargs["sparse_weights"] is True and "load_timing_cache" not in kwargs and extra == ()
+
+
+def test_trtexec_line_for_a_weakly_typed_sparse_build():
+    plan = T.select_flags(TRT10, "fp16", sparse_weights=True)
+    profiles = {"hidden_states": {"min": [1, 16, 64, 64], "opt": [2, 16, 128, 128], "max": [8, 16, 128, 128]},
+                "timestep": {"min": [1], "opt": [2], "max": [8]}}
+    line = T.trtexec_command("runs/x/onnx/transformer.onnx", "out dir/t.plan", plan, profiles, 8 * 2**30, 3,
+                             "tc.bin")
+    assert line == ("trtexec --onnx=runs/x/onnx/transformer.onnx '--saveEngine=out dir/t.plan' --fp16 "
+                    "--sparsity=enable --minShapes=hidden_states:1x16x64x64,timestep:1 "
+                    "--optShapes=hidden_states:2x16x128x128,timestep:2 --maxShapes=hidden_states:8x16x128x128,"
+                    "timestep:8 --builderOptimizationLevel=3 --memPoolSize=workspace:8192M "
+                    "--profilingVerbosity=detailed --skipInference --timingCacheFile=tc.bin")
+
+
+def test_trtexec_line_for_a_strongly_typed_static_build_names_what_trtexec_lacks():
+    plan = T.select_flags(TRT11, "bf16", sparse_weights=False, strict_nans=True)
+    line = T.trtexec_command("m.onnx", "m.plan", plan, {}, 1.5 * 2**30, 5)
+    assert line.startswith("trtexec --onnx=m.onnx --saveEngine=m.plan --stronglyTyped --builderOptimizationLevel=5 "
+                           "--memPoolSize=workspace:1536M")
+    assert "--bf16" not in line and "Shapes" not in line and "--sparsity" not in line
+    assert line.endswith("# also set BuilderFlag STRICT_NANS (no trtexec option)")
+
+
+def test_network_profile_checks_ranks_and_dynamic_inputs():
+    profiles = {"x": ((1, 4), (2, 4), (8, 4))}
+    assert T.network_profile([("x", (-1, 4)), ("y", (3,))], profiles, "m.onnx") == {
+        "x": {"min": [1, 4], "opt": [2, 4], "max": [8, 4]}}
+    with pytest.raises(ConfigError, match="input x has rank 3 in the ONNX"):
+        T.network_profile([("x", (-1, 4, 4))], profiles, "m.onnx")
+    with pytest.raises(ConfigError, match="input y of m.onnx is dynamic .*--opt-shapes"):
+        T.network_profile([("x", (-1, 4)), ("y", (-1,))], profiles, "m.onnx")
+
+
+def test_build_targets_follow_the_run_and_the_dense_twin(onnx_with_sidecar, tmp_path):
+    spec = read_onnx_sidecar(onnx_with_sidecar())  # a 2:4 run
+    out = tmp_path / "t.plan"
+    assert T.build_targets(out, spec, T.EngineConfig()) == [(out, True)]
+    assert T.build_targets(out, spec, T.EngineConfig(sparse_weights=False, also_dense=True)) == [
+        (out, False), (tmp_path / "t.dense.plan", False)]
+    dense = read_onnx_sidecar(onnx_with_sidecar(sparsity_type=None, name="dense"))
+    assert T.build_targets(out, dense, T.EngineConfig()) == [(out, False)]
+
+
+def test_build_log_capture_keeps_tensorrt_info_lines_and_restores_polygraphy():
+    from polygraphy.logger import G_LOGGER
+
+    before = (G_LOGGER.module_severity.get(), G_LOGGER.use_python_logging_system)
+    with captured_build_log() as build_log:
+        # TensorRT's INFO messages reach Polygraphy's logger at VERBOSE (polygraphy.backend.trt.util)
+        G_LOGGER.verbose("(Sparsity) Layers eligible for sparse math: gemm_a, gemm_b")
+        G_LOGGER.extra_verbose("a TensorRT VERBOSE line, not kept by default")
+        G_LOGGER.error("Could not find any implementation for node gemm_a")
+    assert T.parse_build_log(build_log.lines)["eligible"] == ["gemm_a", "gemm_b"]
+    assert len(build_log.lines) == 2 and build_log.errors() == ["Could not find any implementation for node gemm_a"]
+    assert (G_LOGGER.module_severity.get(), G_LOGGER.use_python_logging_system) == before
+
+
+def test_build_progress_refreshes_while_the_block_runs():
+    import io
+    import time
+
+    out = io.StringIO()
+    with build_progress("building t.plan", interval=0.01, file=out) as state:
+        time.sleep(0.2)
+    ticks = state["ticks"]
+    assert ticks >= 3
+    time.sleep(0.05)
+    assert state["ticks"] == ticks  # stopped with the block
+    assert "building t.plan" in out.getvalue()
+
+
 # ------------------------------------------------------------------------------------------ staleness
 
 
@@ -288,7 +382,7 @@ def test_without_tensorrt_build_says_how_to_install(tmp_path, onnx_with_sidecar)
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
 def test_without_a_gpu_build_says_so(tmp_path, onnx_with_sidecar, monkeypatch):
-    monkeypatch.setattr(T, "require_tensorrt", lambda: SimpleNamespace(__version__="10.8.0"))
+    monkeypatch.setattr(trt_env, "require_tensorrt", lambda: SimpleNamespace(__version__="10.8.0"))
     with pytest.raises(T.NoGpuError, match="need a CUDA GPU"):
         T.build_engine(onnx_with_sidecar(), tmp_path / "m.plan")
 

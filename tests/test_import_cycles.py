@@ -1,0 +1,151 @@
+"""No import cycles between obsdiff's modules, and `obsdiff.export` never imports `obsdiff.engines`.
+
+The imports are read from the source (ast), not by importing: every `import obsdiff.x`, `from obsdiff.x
+import y` and relative import counts, at module level and inside functions (a lazy import still ties two
+modules together: neither can be understood or moved without the other).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# import name -> folder, as pyproject.toml's package-dir maps them
+PACKAGES = {"obsdiff": ROOT / "obsdiff", "obsdiff.export": ROOT / "export", "obsdiff.engines": ROOT / "engines"}
+
+
+def module_files() -> dict[str, Path]:
+    """{dotted module name: file} for every module of the three folders."""
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def _resolve(name: str, modules: dict[str, Path]) -> str | None:
+    """The longest known module that `name` (a module or a name inside one) refers to."""
+    while name:
+        if name in modules:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """Modules of the three packages that `module` imports anywhere in its source."""
+    is_package = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")[: len(module.split(".")) - node.level + is_package]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module or ""
+            # `from pkg import sub` depends on the submodule `pkg.sub` when there is one, else on `pkg`
+            targets = [f"{prefix}.{alias.name}" if f"{prefix}.{alias.name}" in modules else prefix
+                       for alias in node.names]
+        for target in targets:
+            if not target.startswith("obsdiff"):
+                continue
+            resolved = _resolve(target, modules)
+            if resolved is not None and resolved != module:
+                out.add(resolved)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = module_files()
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[str]:
+    """Every strongly connected component of more than one module (Tarjan): one cycle through it, and the
+    other modules of the knot when there are more than the cycle shows."""
+    index, low, stack, on_stack, components = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return [_describe(component, graph) for component in components]
+
+
+def _describe(component: list[str], graph: dict[str, set[str]]) -> str:
+    cycle = _cycle_in(component, graph)
+    rest = [m for m in component if m not in cycle]
+    return " -> ".join(cycle) + (f" (same knot: {', '.join(rest)})" if rest else "")
+
+
+def _cycle_in(component: list[str], graph: dict[str, set[str]]) -> list[str]:
+    """One closed path through the first module of a strongly connected component (breadth-first)."""
+    start, members = component[0], set(component)
+    paths = {start: [start]}
+    queue = [start]
+    while queue:
+        v = queue.pop(0)
+        for w in sorted(graph[v] & members):
+            if w == start:
+                return paths[v] + [start]
+            if w not in paths:
+                paths[w] = paths[v] + [w]
+                queue.append(w)
+    return component
+
+
+def test_the_parser_sees_every_kind_of_import(tmp_path):
+    modules = {"obsdiff.engines.a": tmp_path / "a.py", "obsdiff.engines.b": tmp_path / "b.py",
+               "obsdiff.export": tmp_path / "export.py", "obsdiff.export.cli": tmp_path / "cli.py",
+               "obsdiff.errors": tmp_path / "errors.py"}
+    (tmp_path / "a.py").write_text("from . import b\nfrom obsdiff.errors import ConfigError\n"
+                                   "def f():\n    import obsdiff.export.cli\n    from .b import x\n")
+    deps = imports_of("obsdiff.engines.a", tmp_path / "a.py", modules)
+    assert deps == {"obsdiff.engines.b", "obsdiff.errors", "obsdiff.export.cli"}
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a -> b -> c -> a"]
+    assert find_cycles({"a": {"b", "c"}, "b": {"a"}, "c": {"a"}}) == ["a -> b -> a (same knot: c)"]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert len(graph) > 40 and "obsdiff.engines.trt" in graph and "obsdiff.export.cli" in graph
+    cycles = find_cycles(graph)
+    if cycles:
+        pytest.fail(f"{len(cycles)} import cycle(s): " + "; ".join(cycles))
+
+
+def test_export_never_imports_engines():
+    graph = import_graph()
+    offenders = sorted(f"{m} -> {d}" for m, deps in graph.items() if m.startswith("obsdiff.export")
+                       for d in deps if d.startswith("obsdiff.engines"))
+    assert offenders == [], f"obsdiff.export must not import obsdiff.engines: {', '.join(offenders)}"
