@@ -28,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 from obsdiff.artifacts import check_writable, machine, read_json, sha256_file, staged_dir, versions, write_json
+from obsdiff.devices import dtype_name, torch_dtype
 from obsdiff.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -79,13 +80,6 @@ def parse_size(size: int | str) -> int:
     if not m or float(m.group(1)) <= 0:
         raise ConfigError(f"shard size {size!r} is not a positive size; write it like 10GB or 500MB")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""])
-
-
-def _dtype_name(dtype) -> str:
-    from obsdiff.loading import DTYPES
-
-    names = {v: k for k, v in reversed(DTYPES.items())}  # the short name (fp16) wins over float16
-    return names.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def safetensors_header(path: str | Path) -> dict:
@@ -141,14 +135,12 @@ def save_dtype(model, dtype=None):
     "fp32"/"fp16"/"bf16"), else the base model's dtype on disk, else the in-memory one."""
     import torch
 
-    from obsdiff.loading import parse_dtype
-
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise ConfigError(f"save dtype {dtype} is not a floating-point dtype; use fp32, fp16 or bf16")
         return dtype
     if dtype is not None:
-        return parse_dtype(dtype)
+        return torch_dtype(dtype)
     folder = Path(model.path) / model.family.denoiser_attr
     name = stored_dtype(folder) if (folder / "config.json").is_file() else None
     if name is not None:
@@ -204,7 +196,7 @@ def _shard_tensors(state: dict, keys: list[str], dtype) -> dict:
         t = src.to("cpu", dtype) if src.is_floating_point() else src.to("cpu")
         if t.is_floating_point() and t.dtype != src.dtype and not torch.isfinite(t).all() \
                 and torch.isfinite(src).all():
-            raise ConfigError(f"weight {key} overflows {_dtype_name(dtype)} (largest |w| "
+            raise ConfigError(f"weight {key} overflows {dtype_name(dtype)} (largest |w| "
                               f"{float(src.abs().max()):g}); save in fp32 or bf16 instead (--save-dtype)")
         t = t.contiguous()
         ptr = t.untyped_storage().data_ptr()
@@ -268,7 +260,7 @@ def save_run(model, report: dict, out: str | Path, force: bool = False, dtype=No
             "denoiser_file": f"{DENOISER_DIR}/{INDEX_FILE if sharded else WEIGHTS_FILE}",
             "denoiser_sha256": combined_sha256(hashes) if sharded else next(iter(hashes.values())),
             "denoiser_shards": hashes,
-            "weights_dtype": _dtype_name(target),
+            "weights_dtype": dtype_name(target),
             **report,
             "versions": versions(),
             "machine": machine(),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from obsdiff import io
 from obsdiff.builtin import PREFIX as BUILTIN_PREFIX
 from obsdiff.builtin import builtin_pipeline_dir
 from obsdiff.devices import DTYPES as _DTYPE_NAMES
@@ -260,8 +261,6 @@ def load_pipeline(ref: str, device: str | torch.device | None = "cpu", dtype: st
     `ref` may also be a run directory written by `obsdiff prune`: its base model is loaded and the
     pruned denoiser weights replace the base ones.
     """
-    from obsdiff import io
-
     if Path(ref).expanduser().is_dir() and io.is_run_dir(Path(ref).expanduser()):
         return _load_run(ref, device, dtype)
     src = resolve_model(ref)
@@ -322,7 +321,6 @@ def resolve_run_base(run: Path, record: dict) -> ModelSource:
 
 def _load_run(ref: str, device, dtype) -> LoadedModel:
     """A run directory: its base pipeline with the pruned (possibly shrunk) denoiser in place."""
-    from obsdiff import io
     from obsdiff.models import get_family
 
     run_path = Path(ref).expanduser()
@@ -362,7 +360,6 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
     """
     import json
 
-    from obsdiff import io
     from obsdiff.artifacts import sha256_file
     from obsdiff.models import FAMILIES, get_family
 
