@@ -95,3 +95,87 @@ def test_eval_decodes_every_family(builder, tmp_path):
     m = json.loads((out / "metrics.json").read_text())["metrics"]
     assert m["latent_rel_mse_vs_reference"] == pytest.approx(0.0, abs=1e-10)
     assert Image.open(out / "grid.png").size[0] > 32
+
+
+@pytest.fixture
+def root_level():
+    """The root logger's level, restored afterwards (the -v/-q callbacks set it)."""
+    import logging
+
+    before = logging.getLogger().level
+    yield lambda: logging.getLogger().level
+    logging.getLogger().setLevel(before)
+
+
+@pytest.mark.parametrize("args, level", [
+    (["info"], 30), (["-v", "info"], 20), (["info", "-v"], 20), (["-v", "info", "-v"], 10),
+    (["-q", "info"], 40), (["info", "--quiet"], 40), (["-v", "info", "-q"], 30),
+])
+def test_verbosity_before_or_after_the_subcommand(args, level, root_level):
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert root_level() == level
+
+
+def test_export_cli_takes_verbosity_after_every_subcommand(tmp_path, root_level):
+    from obsdiff.engines.cli import cli as export_cli
+
+    for name, command in export_cli.commands.items():
+        opts = {o for p in command.params for o in p.opts}
+        assert {"-v", "--verbose", "-q", "--quiet"} <= opts, name
+    r = CliRunner().invoke(export_cli, ["triton", str(tmp_path / "none"), "--out", str(tmp_path / "repo"), "-q"])
+    assert r.exit_code == 2 and r.output.startswith("error: ")  # no such export directory
+    assert root_level() == 40
+
+
+def test_method_and_weighting_are_choices_from_the_registries():
+    from obsdiff.hessian import WEIGHTINGS
+    from obsdiff.methods import METHODS
+
+    text = "".join(run("prune", "--help").output.split())
+    assert f"[{'|'.join(METHODS)}]" in text and f"[{'|'.join(WEIGHTINGS)}]" in text
+    r = run("prune", "--model", "builtin:digits", "--method", "optimal", "--out", "x")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
+    assert "'optimal' is not one of 'obs-diff', 'sparsegpt', 'wanda', 'magnitude'" in r.output
+
+
+@pytest.mark.parametrize("command", [["prune"], ["eval"], ["generate"]])
+def test_device_and_dtype_default_to_auto(command):
+    text = " ".join(run(*command, "--help").output.split())
+    assert "--device TEXT auto (CUDA when available, else the CPU), cpu, cuda or cuda:N [default: auto]" in text
+    assert "--dtype [auto|fp32|fp16|bf16]" in text and "bf16 on CUDA, fp32 on the CPU" in text
+
+
+def test_export_onnx_device_defaults_to_auto():
+    from obsdiff.engines.cli import cli as export_cli
+
+    text = " ".join(CliRunner().invoke(export_cli, ["onnx", "--help"]).output.split())
+    assert "--device TEXT where the model runs while exporting: auto" in text and "[default: auto]" in text
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu0", "--device 'gpu0' is not a device name; use auto, cpu, cuda or cuda:N"),
+    ("meta", "--device 'meta' holds no data"),
+])
+def test_bad_device_is_refused_before_loading(device, message, tmp_path):
+    r = run("generate", "--model", "builtin:digits", "--prompt", "x", "--out", str(tmp_path / "x.png"),
+            "--device", device)
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
+    assert r.output.startswith(f"error: {message}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_records_and_prints_the_device_and_dtype_used(tiny_sd3_dir, tmp_path):
+    import torch
+
+    expected = ("cuda", "bf16") if torch.cuda.is_available() else ("cpu", "fp32")
+    out = tmp_path / "run"
+    r = run("prune", "--model", str(tiny_sd3_dir), "--method", "magnitude", "--sparsity", "0.5", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    record = json.loads((out / "obsdiff.json").read_text())
+    assert (record["device"], record["dtype"]) == expected
+    assert "| device, model dtype " in r.output and f"{expected[0]}, {expected[1]}" in r.output
+    r = run("prune", "--model", str(tiny_sd3_dir), "--method", "magnitude", "--sparsity", "0.5", "--dtype", "fp16",
+            "--device", "cpu", "--out", str(tmp_path / "fp16"))
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "fp16" / "obsdiff.json").read_text())["dtype"] == "fp16"

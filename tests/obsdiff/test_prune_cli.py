@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from obsdiff.cli import cli
@@ -26,13 +27,34 @@ def test_run_directory_contents(pruned_run, tiny_sd3_dir):
     record = json.loads((pruned_run / "obsdiff.json").read_text())
     assert record["base_model"] == str(tiny_sd3_dir.resolve())
     assert record["prune"]["method"] == "obs-diff" and record["calib"]["timestep_weighting"] == "log_decrease"
-    layer = record["layers"][0]
-    for key in ("name", "shape", "sparsity", "error_no_compensation", "error", "percdamp", "seconds"):
-        assert key in layer
-    for key in ("calib_seconds", "prune_seconds", "hessian_bytes"):
-        assert key in record["groups"][0]
-    assert record["total_seconds"] > 0 and record["peak_hessian_bytes"] > 0 and record["versions"]["torch"]
-    assert (pruned_run / "denoiser" / "diffusion_pytorch_model.safetensors").exists()
+    from safetensors.torch import load_file
+
+    state = load_file(str(pruned_run / "denoiser" / "diffusion_pytorch_model.safetensors"))
+    layers = {layer["name"]: layer for layer in record["layers"]}
+    assert len(layers) == 21  # 12 linears in block 0, 9 in the context_pre_only last block
+    for name, layer in layers.items():
+        w = state[f"{name}.weight"]
+        assert layer["shape"] == list(w.shape) and layer["skipped"] is None, name
+        assert layer["sparsity"] == 0.5 == float((w == 0).float().mean()), name  # 2:4: exactly half
+        assert 0 < layer["error"] <= layer["error_no_compensation"] and layer["percdamp"] == 0.01, name
+        assert layer["seconds"] >= layer["solve_seconds"] + layer["error_seconds"] - 1e-9 > 0, name
+    groups = record["groups"]
+    assert [g["index"] for g in groups] == [0, 1] and all(g["calib_calls"] == 2 * 3 for g in groups)
+    units = [u for g in groups for u in g["units"]]
+    assert sorted(n for u in units for n in u) == sorted(layers)  # every layer in exactly one group
+    for g in groups:  # one fp32 Hessian per unit (its linears share the input)
+        assert g["hessian_bytes"] == sum(4 * state[f"{u[0]}.weight"].shape[1] ** 2 for u in g["units"])
+        assert g["calib_seconds"] > 0
+        assert g["prune_seconds"] >= sum(layers[n]["seconds"] for u in g["units"] for n in u)
+    assert record["peak_hessian_bytes"] == max(g["hessian_bytes"] for g in groups)
+    # the stages are nested in the total, and the calibration split accounts for all calibration time
+    stages = record["encode_seconds"] + sum(g["calib_seconds"] + g["prune_seconds"] for g in groups)
+    assert 0 < stages <= record["total_seconds"]
+    calibration = record["calibration"]
+    assert calibration["mode"] == "rerun" and calibration["pipeline_runs"] == 2
+    assert calibration["forward_seconds"] + calibration["hessian_seconds"] == pytest.approx(
+        sum(g["calib_seconds"] for g in groups), rel=1e-6)
+    assert record["versions"]["torch"] == torch.__version__
 
 
 def test_generate_and_eval_take_a_run(pruned_run, tiny_sd3_dir, tmp_path):
@@ -67,8 +89,8 @@ def test_corrupt_run_weights_are_refused(pruned_run, tmp_path):
         (["--sparsity-type", "4:4"], "0 < N < M"),
         (["--sparsity-type", "4:2"], "0 < N < M"),
         (["--sparsity-type", "zigzag"], "N:M pattern"),
-        (["--method", "optimal", "--sparsity", "0.5"], "unknown method"),
-        (["--sparsity", "0.5", "--timestep-weighting", "cosine"], "unknown --timestep-weighting"),
+        (["--method", "optimal", "--sparsity", "0.5"], "'optimal' is not one of 'obs-diff'"),
+        (["--sparsity", "0.5", "--timestep-weighting", "cosine"], "'cosine' is not one of 'log_decrease'"),
         (["--sparsity", "0.5", "--blocks", "0:99"], "outside the model, which has 2 blocks"),
         (["--sparsity", "0.5", "--blocks", "3:1"], "is empty"),
         (["--sparsity", "0.5", "--blocks", "a-b"], "START:END"),
