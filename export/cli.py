@@ -83,6 +83,23 @@ def triton(export_dir: Path, out: Path, engines: tuple[str, ...], force: bool) -
     click.echo(f"wrote {out} (tritonserver --model-repository {out})")
 
 
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="diffusers pipeline folder")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="convert the denoiser and every component stored in another precision [as stored]")
+@click.option("--link", is_flag=True, help="hard-link (or symlink) unchanged components instead of copying them")
+@FORCE
+def diffusers(run: Path, out: Path, dtype: str | None, link: bool, force: bool) -> None:
+    """Write an unstructured or N:M run as a plain diffusers pipeline folder (no obsdiff needed to load it)."""
+    from .diffusers_export import export_diffusers
+
+    done = export_diffusers(run, out, dtype=dtype, link=link, force=force)
+    click.echo(", ".join(f"{name} {how}" for name, how in done.items()))
+    click.echo(f"wrote {out} (DiffusionPipeline.from_pretrained({str(out)!r}))")
+
+
 def main() -> None:
     cli(prog_name="obsdiff-export")
 

@@ -2,20 +2,26 @@
 
     REPO/<component>/config.pbtxt
     REPO/<component>/1/model.onnx   (+ its external data file, same name as inside the graph)
-    REPO/<component>/1/model.plan   (instead, when a TensorRT engine `<component>.plan` + sidecar is present)
+    REPO/<component>/1/model.plan   (instead, for a TensorRT engine: `--engine component=PATH`, or
+                                     `<component>.plan` + its sidecar next to the ONNX)
 
 The configs are generated from the export sidecars (names, dtypes, dynamic dims, batch profile) and
-checked by a strict parser of the protobuf text format before anything is written.
+validated before anything is written: by tritonclient's `ModelConfig` protobuf (Triton's own schema) when
+tritonclient is installed, by the strict parser of the protobuf text format below otherwise; then by the
+rules Triton enforces on load.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
-from obsdiff.artifacts import sha256_file, staged_dir, write_json
+from obsdiff.artifacts import check_json, read_json, sha256_file, staged_dir, write_json
 from obsdiff.errors import ConfigError, ModelLoadError
 
 TRITON_TYPES = {"bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "int16": "TYPE_INT16",
@@ -23,6 +29,10 @@ TRITON_TYPES = {"bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8",
                 "float32": "TYPE_FP32", "float64": "TYPE_FP64", "string": "TYPE_STRING"}
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan", "pytorch_libtorch", "tensorflow_savedmodel", "tensorflow_graphdef")
 BATCH_DIM = "batch"
+SIDECAR_KEYS = {"component": str, "file": str, "sha256": str}  # what a repository is written from, at least
+REEXPORT = "re-export with obsdiff-export onnx"
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -32,13 +42,11 @@ def _sidecars(export_dir: Path) -> list[dict]:
     if not export_dir.is_dir():
         raise ModelLoadError(f"{export_dir} is not a directory; pass the --out of obsdiff-export onnx")
     found = []
-    for path in sorted(export_dir.glob("*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
+    for path in sorted(export_dir.glob("*.json")):  # every JSON file here was written by obsdiff-export
+        record = read_json(path, "export record", expect=(dict, list), fix=REEXPORT, error=ModelLoadError)
         if isinstance(record, dict) and record.get("artifact") == "onnx":
-            found.append(record)
+            found.append(check_json(record, path, "export sidecar", require=SIDECAR_KEYS, fix=REEXPORT,
+                                    error=ModelLoadError))
     if not found:
         raise ModelLoadError(f"{export_dir} has no ONNX export sidecars (<component>.json); run obsdiff-export onnx "
                              "first")
@@ -56,15 +64,38 @@ def _sidecars(export_dir: Path) -> list[dict]:
     return found
 
 
-def _engine(export_dir: Path, record: dict) -> tuple[Path, dict] | None:
-    """A TensorRT engine `<component>.plan` with its sidecar `<component>.plan.json`, if both exist."""
-    plan = export_dir / f"{record['component']}.plan"
-    side = export_dir / f"{record['component']}.plan.json"
+def parse_engine_options(values) -> dict[str, Path]:
+    """`--engine component=PATH` values -> {component: path}; one-line errors for malformed or repeated ones."""
+    engines: dict[str, Path] = {}
+    for value in values or ():
+        component, sep, path = str(value).partition("=")
+        if not sep or not component.strip() or not path.strip():
+            raise ConfigError(f"--engine {value!r} is not COMPONENT=PATH; e.g. --engine transformer=transformer.plan")
+        if component.strip() in engines:
+            raise ConfigError(f"--engine names {component.strip()} twice; give one engine per component")
+        engines[component.strip()] = Path(path.strip())
+    return engines
+
+
+def _engine(export_dir: Path, record: dict, plan: Path | None = None) -> tuple[Path, dict] | None:
+    """The TensorRT engine of a component with its sidecar `<engine>.json`: `plan` when given (it must
+    exist), else `<component>.plan` next to the ONNX when there is one."""
+    given = plan is not None
+    plan = plan if given else export_dir / f"{record['component']}.plan"
+    side = plan.with_name(plan.name + ".json")
     if not plan.is_file():
+        if given:
+            raise ModelLoadError(f"engine {plan} (--engine {record['component']}=...) does not exist; build it with "
+                                 "obsdiff-export build-engine")
         return None
     if not side.is_file():
         raise ModelLoadError(f"{plan} has no sidecar {side.name}; rebuild it with obsdiff-export build-engine")
-    engine = json.loads(side.read_text())
+    try:
+        engine = read_json(side, "engine sidecar", fix="rebuild the engine with obsdiff-export build-engine --force",
+                       error=ModelLoadError)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"engine sidecar {side} is unreadable ({type(exc).__name__}); rebuild the engine"
+                             ) from None
     onnx_sha = (engine.get("onnx") or {}).get("sha256") or engine.get("onnx_sha256")
     if onnx_sha and onnx_sha != record["sha256"]:
         raise ModelLoadError(f"{plan} was built from another ONNX file than {record['file']}; rebuild the engine")
@@ -134,18 +165,26 @@ def render_pbtxt(config: dict, comment: str = "") -> str:
     return "\n".join([*head, *block(config, 0)]) + "\n"
 
 
-def write_triton_repository(export_dir: str | Path, out: str | Path, force: bool = False) -> list[dict]:
+def write_triton_repository(export_dir: str | Path, out: str | Path, force: bool = False,
+                            engines: Mapping[str, str | Path] | None = None) -> list[dict]:
     """Write a Triton model repository for every exported component of `export_dir` (atomically).
 
     Returns the model configs written. ONNX files are served by the onnxruntime backend; a component with
-    a TensorRT engine (`<component>.plan` + `<component>.plan.json`) by the TensorRT backend instead.
+    a TensorRT engine by the TensorRT backend instead: `engines` {component: engine path, from anywhere},
+    else `<component>.plan` + `<component>.plan.json` in `export_dir`. An engine must have its sidecar and
+    have been built from that component's ONNX file.
     """
     export_dir = Path(export_dir)
     records = _sidecars(export_dir)
+    engines = {k: Path(v) for k, v in (engines or {}).items()}
+    unknown = sorted(set(engines) - {r["component"] for r in records})
+    if unknown:
+        raise ConfigError(f"--engine names component {unknown[0]!r}, which {export_dir} does not have (it has "
+                          f"{', '.join(r['component'] for r in records)})")
     written = []
     with staged_dir(out, force=force) as tmp:
         for record in records:
-            engine = _engine(export_dir, record)
+            engine = _engine(export_dir, record, engines.get(record["component"]))
             version = tmp / record["component"] / "1"
             version.mkdir(parents=True)
             if engine is None:
@@ -162,13 +201,55 @@ def write_triton_repository(export_dir: str | Path, out: str | Path, force: bool
                 shutil.copy2(plan, version / "model.plan")
                 source = plan.name
             text = render_pbtxt(config, comment=f"generated by obsdiff from {source} (sha256 {record['sha256'][:16]})")
-            validate_model_config(parse_pbtxt(text))
+            validator = check_pbtxt(text)
             (tmp / record["component"] / "config.pbtxt").write_text(text)
             # the export sidecar travels with the model: serving code reads profiles and notes from it
             write_json(tmp / record["component"] / "obsdiff-export.json",
-                       record | {"triton": {"platform": config["platform"], "source_dir": str(export_dir.resolve())}})
-            written.append(config)
+                       record | {"triton": {"platform": config["platform"], "source_dir": str(export_dir.resolve()),
+                                            "config_validated_by": validator}})
+            written.append(config | {"validated_by": validator})
     return written
+
+
+# ------------------------------------------------------------------------------------------ checking
+
+
+def check_pbtxt(text: str) -> str:
+    """Validate a config.pbtxt; returns which validator ran ("tritonclient" or "obsdiff").
+
+    With tritonclient installed the text is parsed into Triton's own `ModelConfig` protobuf (every field and
+    enum Triton knows, nothing else); otherwise by `parse_pbtxt`, the subset obsdiff writes. Either way the
+    rules Triton enforces on load follow (`validate_model_config`). Raises `PbtxtError`.
+    """
+    parsed = parse_with_tritonclient(text)
+    validator = "tritonclient"
+    if parsed is None:
+        parsed, validator = parse_pbtxt(text), "obsdiff"
+    validate_model_config(parsed)
+    return validator
+
+
+def parse_with_tritonclient(text: str) -> dict | None:
+    """The config as a dict through tritonclient's ModelConfig protobuf; None when tritonclient is missing."""
+    try:
+        from google.protobuf import json_format, text_format
+
+        model_config_pb2 = importlib.import_module("tritonclient.grpc.model_config_pb2")
+    except ImportError:
+        log.debug("tritonclient is not installed; config.pbtxt is checked by obsdiff's parser")
+        return None
+    message = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as exc:
+        raise PbtxtError(f"config.pbtxt: {str(exc).splitlines()[0]} (tritonclient's ModelConfig)") from None
+    config = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    # int64 fields arrive as strings in the JSON mapping; the rules compare numbers
+    config["max_batch_size"] = int(config.get("max_batch_size", 0))
+    for kind in ("input", "output"):
+        for tensor in config.get(kind, []):
+            tensor["dims"] = [int(d) for d in tensor.get("dims", [])]
+    return config
 
 
 # ------------------------------------------------------------------------------------------ parsing

@@ -26,7 +26,8 @@ def one_line_error(r, *fragments):
 
 
 @pytest.mark.parametrize("command, option", [("onnx", "--linear-as-gemm"), ("onnx", "--component-dtype"),
-                                             ("onnx", "--external-data"), ("triton", "--out")])
+                                             ("onnx", "--external-data"), ("triton", "--out"),
+                                             ("triton", "--engine")])
 def test_export_commands_are_listed_with_options(command, option):
     r = CliRunner().invoke(cli, [command, "--help"])
     assert r.exit_code == 0 and option in r.output
