@@ -111,7 +111,12 @@ def generate(model, prompt, steps, guidance, seed, height, width, out, force, de
 @click.option("--batch-size", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path),
               help="text file, one prompt per line [held-out digit prompts / a generic list]")
-@click.option("--clip-model", type=click.Path(path_type=Path), help="local CLIP checkpoint for clip_score")
+@click.option("--clip-model", type=click.Path(path_type=Path),
+              help="CLIP checkpoint for clip_score: a local folder or a hub id in the hub cache")
+@click.option("--standard-metrics", is_flag=True,
+              help="also torchmetrics' CLIPScore and, with --reference, FID (pip install 'obsdiff[metrics]')")
+@click.option("--inception-weights", type=click.Path(dir_okay=False, path_type=Path),
+              help="FID Inception weights (torch-fidelity's .pth) [the torch hub cache]")
 @click.option("--height", type=click.IntRange(1), default=None, help="image pixels [model default]")
 @click.option("--width", type=click.IntRange(1), default=None, help="image pixels [model default]")
 @click.option("--sheet-prompts", type=click.IntRange(1), default=40, show_default=True,
@@ -123,7 +128,8 @@ def generate(model, prompt, steps, guidance, seed, height, width, out, force, de
 @DEVICE
 @DTYPE
 def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_size, prompts_file, clip_model,
-             height, width, sheet_prompts, out, as_json, force, device, dtype) -> None:
+             standard_metrics, inception_weights, height, width, sheet_prompts, out, as_json, force, device,
+             dtype) -> None:
     """Measure image quality of a model, optionally against a reference model.
 
     Writes metrics.json, sheet.png (reference and pruned image side by side for each prompt) and every image
@@ -138,7 +144,8 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
     prompts = read_prompts(prompts_file) if prompts_file else None
     config = EvalConfig(num_images=num_images, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                         prompts=prompts, clip_model=str(clip_model) if clip_model else None, height=height,
-                        width=width)
+                        width=width, standard_metrics=standard_metrics,
+                        inception_weights=str(inception_weights) if inception_weights else None)
     target = target or model
     if out is None:
         from obsdiff.io import is_run_dir
@@ -154,7 +161,8 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
         return
     m = report["metrics"]
     keys = ["digit_accuracy", "digit_confidence", "fd_real", "psnr_vs_reference", "latent_rel_mse_vs_reference",
-            "fd_reference", "clip_score", "seconds_per_image"]
+            "fd_reference", "clip_score", "torchmetrics_clip_score", "torchmetrics_fid_vs_reference",
+            "seconds_per_image"]
     click.echo(format_table(["metric", "value"], [[k, m[k]] for k in keys if k in m]))
     click.echo(f"wrote {out}/metrics.json, {out}/sheet.png and {out}/images/")
 

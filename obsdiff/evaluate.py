@@ -7,7 +7,11 @@ Metrics (keys of `metrics.json`):
 - with a reference model: `psnr_vs_reference`, `latent_rel_mse_vs_reference` (same seed and prompt
   through both models: how far the trajectory drifted) and `fd_reference` (classifier features for
   digits, CLIP image features when a CLIP model is given).
-- `clip_score` when `clip_model` points to a local CLIP checkpoint.
+- `clip_score` when `clip_model` points to a CLIP checkpoint (a local folder or a hub id in the hub cache).
+- with `standard_metrics` (the `metrics` extra): torchmetrics' `CLIPScore` (`torchmetrics_clip_score`) and, with a
+  reference, `FrechetInceptionDistance` on torch-fidelity's Inception (`torchmetrics_fid_vs_reference`): the
+  implementations papers report, so numbers compare with published ones (for FID only at the same image count
+  and reference set: thousands of images, real photos).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ GENERIC_PROMPTS = (
     "a snowy forest at dawn",
     "a portrait of an old fisherman",
 )
+# CLIPScore's usual model (torchmetrics' default), used with --standard-metrics when no --clip-model is given
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,8 @@ class EvalConfig:
     clip_model: str | None = None
     height: int | None = None  # image pixels; None: the model's default
     width: int | None = None
+    standard_metrics: bool = False  # torchmetrics' CLIPScore and FID (the `metrics` extra)
+    inception_weights: str | None = None  # FID network weights file; None: the torch hub cache
 
     def __post_init__(self):
         if self.num_images < 2:
@@ -64,6 +72,9 @@ class EvalConfig:
             raise ConfigError(f"--steps {self.steps}: must be at least 1")
         if self.prompts is not None and not self.prompts:
             raise ConfigError("the prompts list is empty; give at least one prompt")
+        if self.inception_weights is not None and not self.standard_metrics:
+            raise ConfigError(f"--inception-weights {self.inception_weights!r} is used only with --standard-metrics; "
+                              "add it or drop the weights")
 
 
 @dataclass
@@ -171,16 +182,22 @@ def digit_metrics(images: np.ndarray, labels: list[int]) -> tuple[dict, np.ndarr
 
 
 def load_clip(clip_model: str):
-    """A local CLIP checkpoint directory -> (CLIPModel, CLIPProcessor)."""
+    """A CLIP checkpoint -> (CLIPModel, CLIPProcessor): a local directory, or a hub id already in the hub cache
+    (never downloaded here)."""
     path = Path(clip_model)
-    if not path.is_dir():
-        raise ModelLoadError(f"--clip-model {clip_model!r} is not a directory; pass a local CLIP checkpoint")
+    is_hub_id = not path.exists() and clip_model.count("/") == 1 and not clip_model.startswith((".", "/", "~"))
+    if not path.is_dir() and not is_hub_id:
+        raise ModelLoadError(f"--clip-model {clip_model!r} is not a directory; pass a local CLIP checkpoint or a hub "
+                             "id (org/name) in the hub cache")
     from transformers import CLIPModel, CLIPProcessor
 
     try:
-        model = CLIPModel.from_pretrained(str(path), local_files_only=True).eval()
-        processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
+        model = CLIPModel.from_pretrained(clip_model, local_files_only=True).eval()
+        processor = CLIPProcessor.from_pretrained(clip_model, local_files_only=True)
     except Exception as exc:
+        if is_hub_id:
+            raise ModelLoadError(f"CLIP model {clip_model!r} is not in the hub cache; download it once (hf download "
+                                 f"{clip_model}) or pass --clip-model DIR") from None
         raise ModelLoadError(f"could not load a CLIP model and processor from {clip_model!r}: "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     return model, processor
@@ -210,13 +227,23 @@ def clip_score(image_emb: np.ndarray, text_emb: np.ndarray) -> float:
 
 def evaluate(model: str | LoadedModel, reference: str | LoadedModel | None = None,
              config: EvalConfig = EvalConfig(), device: str | None = "cpu", dtype: str = "fp32",
-             progress: bool = True) -> dict:
+             progress: bool = True, fid_features: torch.nn.Module | None = None) -> dict:
     """Generate `config.num_images` images (and the same from `reference`) and measure them.
 
     Returns a report dict: metrics, per-digit accuracies, settings, timing. The generated images are
-    under the private keys `_images` / `_reference_images` (not written to JSON).
+    under the private keys `_images` / `_reference_images` (not written to JSON). `fid_features` replaces
+    the FID Inception network (tests).
     """
-    clip = load_clip(config.clip_model) if config.clip_model else None  # fail before generating anything
+    # Everything that can fail without generating (packages, checkpoints, weights) fails first.
+    standard = None
+    if config.standard_metrics:
+        from obsdiff.standard_metrics import require_torchmetrics, standard_metrics
+
+        require_torchmetrics()
+    clip = load_clip(config.clip_model) if config.clip_model else None
+    if config.standard_metrics:
+        standard = standard_metrics(clip or load_clip(DEFAULT_CLIP), reference is not None, config.inception_weights,
+                                    fid_features)
     m = _as_loaded(model, device, dtype)
     ref = _as_loaded(reference, device, dtype) if reference is not None else None
     prompts, labels = prompts_for(m, config)
@@ -250,6 +277,11 @@ def evaluate(model: str | LoadedModel, reference: str | LoadedModel | None = Non
             metrics["reference_clip_score"] = clip_score(ref_img_emb, ref_txt)
             if "fd_reference" not in metrics:
                 metrics["fd_reference"] = M.feature_frechet_distance(img_emb, ref_img_emb)
+    if standard is not None:
+        metrics["torchmetrics_clip_score"] = standard.clip(gen.images, prompts)
+        if ref_gen is not None:
+            metrics["reference_torchmetrics_clip_score"] = standard.clip(ref_gen.images, prompts)
+            metrics["torchmetrics_fid_vs_reference"] = standard.fid_vs(gen.images, ref_gen.images)
     from obsdiff.artifacts import machine, versions
 
     return {
