@@ -18,19 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from obsdiff import obs
 from obsdiff.errors import ConfigError
 
-if TYPE_CHECKING:
-    from obsdiff.config import PruneConfig
-
-# (W [out, in] in the compute dtype, H [in, in] or None, sparsity or None for N:M, config) -> (W', damping used)
-Solve = Callable[[torch.Tensor, "torch.Tensor | None", "float | None", "PruneConfig"],
-                 "tuple[torch.Tensor, float | None]"]
+# (W [out, in] in the compute dtype, H [in, in] or None, sparsity or None for N:M, the PruneConfig: it reads nm,
+# block_size, percdamp, compensate; config.py imports this module, so not typed here) -> (W', damping used)
+Solve = Callable[[torch.Tensor, "torch.Tensor | None", "float | None", Any], "tuple[torch.Tensor, float | None]"]
 
 
 @dataclass(frozen=True)
