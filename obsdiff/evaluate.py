@@ -85,10 +85,20 @@ class Generated:
     settings: dict = field(default_factory=dict)
 
 
-def _as_loaded(model, device, dtype) -> LoadedModel:
-    if isinstance(model, str | Path):
-        return load_pipeline(str(model), device=device, dtype=dtype)
-    return as_loaded(model)
+def _load_all(models: list, device, dtype, progress: bool) -> list[LoadedModel | None]:
+    """Each of `models` (a reference to load, a pipeline, or None) as a `LoadedModel`, with a bar over the ones
+    read from disk (the libraries' own loading bars are silenced while obsdiff loads)."""
+    paths = [m for m in models if isinstance(m, str | Path)]
+    loaded = []
+    with tqdm(total=len(paths), desc="load models", unit="model", disable=not progress or not paths) as bar:
+        for m in models:
+            if isinstance(m, str | Path):
+                bar.set_postfix_str(str(m))
+                loaded.append(load_pipeline(str(m), device=device, dtype=dtype))
+                bar.update()
+            else:
+                loaded.append(as_loaded(m) if m is not None else None)
+    return loaded
 
 
 def prompts_for(model: LoadedModel, config: EvalConfig) -> tuple[list[str], list[int] | None]:
@@ -244,8 +254,7 @@ def evaluate(model: str | LoadedModel, reference: str | LoadedModel | None = Non
     if config.standard_metrics:
         standard = standard_metrics(clip or load_clip(DEFAULT_CLIP), reference is not None, config.inception_weights,
                                     fid_features)
-    m = _as_loaded(model, device, dtype)
-    ref = _as_loaded(reference, device, dtype) if reference is not None else None
+    m, ref = _load_all([model, reference], device, dtype, progress)
     prompts, labels = prompts_for(m, config)
     seeds = [config.seed + i for i in range(len(prompts))]
     size = {"height": config.height, "width": config.width}

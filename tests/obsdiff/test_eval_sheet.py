@@ -93,6 +93,7 @@ def test_eval_writes_sheet_images_and_json(tiny_sd3_dir, tmp_path):
                                  "--steps", "2", "--sheet-prompts", "2", "--json", "--out", str(out)])
     assert r.exit_code == 0, r.output
     printed = json.loads(r.stdout)  # --json: stdout is the record alone, the same as metrics.json
+    assert "load models: 100%" in r.stderr and "2/2" in r.stderr  # model and reference, with a progress bar
     assert printed == json.loads((out / "metrics.json").read_text())
     names = sorted(p.name for p in (out / "images").iterdir())
     assert names == [f"{k}_{i:04d}.png" for k in ("pruned", "ref") for i in range(3)]
