@@ -240,25 +240,8 @@ class CalibConfig:
     hessian_device: str | None = None
 
     def __post_init__(self):
-        if self.mode not in CALIBRATION_MODES:
-            raise ConfigError(f"unknown --calibration-mode {self.mode!r}; choose rerun or cached")
-        if self.cache_device is not None and self.mode != "cached":
-            raise ConfigError("--cache-device only applies to --calibration-mode cached")
-        if self.cache_spill not in CACHE_SPILL:
-            raise ConfigError(f"unknown --cache-spill {self.cache_spill!r}; choose one of {', '.join(CACHE_SPILL)}")
-        if self.cache_spill != "auto" and self.mode != "cached":
-            raise ConfigError("--cache-spill only applies to --calibration-mode cached")
-        for option, name in (("--cache-device", self.cache_device), ("--hessian-device", self.hessian_device)):
-            _check_device(option, name)
-        if self.timestep_weighting not in WEIGHTINGS:
-            raise ConfigError(f"unknown --timestep-weighting {self.timestep_weighting!r}; "
-                              f"choose one of {', '.join(WEIGHTINGS)}")
-        for name in ("num_prompts", "steps", "batch_size", "groups", "max_tokens", "height", "width"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} {value} must be at least 1")
-        if not 0 < self.alpha_min <= self.alpha_max:
-            raise ConfigError(f"timestep weights need 0 < a_min <= a_max, got {self.alpha_min}, {self.alpha_max}")
+        for check in CALIB_CHECKS:
+            check(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -267,6 +250,47 @@ class CalibConfig:
     def from_dict(cls, d: dict) -> CalibConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ------------------------------------------------------------------------------ CalibConfig's checks, in order
+
+
+def check_mode(calib: CalibConfig) -> None:
+    if calib.mode not in CALIBRATION_MODES:
+        raise ConfigError(f"unknown --calibration-mode {calib.mode!r}; choose rerun or cached")
+
+
+def check_cached_only_options(calib: CalibConfig) -> None:
+    if calib.cache_spill not in CACHE_SPILL:
+        raise ConfigError(f"unknown --cache-spill {calib.cache_spill!r}; choose one of {', '.join(CACHE_SPILL)}")
+    if calib.mode != "cached":
+        for flag, changed in (("--cache-device", calib.cache_device is not None),
+                              ("--cache-spill", calib.cache_spill != "auto")):
+            if changed:
+                raise ConfigError(f"{flag} only applies to --calibration-mode cached")
+
+
+def check_devices(calib: CalibConfig) -> None:
+    for option, name in (("--cache-device", calib.cache_device), ("--hessian-device", calib.hessian_device)):
+        _check_device(option, name)
+
+
+def check_weighting(calib: CalibConfig) -> None:
+    if calib.timestep_weighting not in WEIGHTINGS:
+        raise ConfigError(f"unknown --timestep-weighting {calib.timestep_weighting!r}; "
+                          f"choose one of {', '.join(WEIGHTINGS)}")
+    if not 0 < calib.alpha_min <= calib.alpha_max:
+        raise ConfigError(f"timestep weights need 0 < a_min <= a_max, got {calib.alpha_min}, {calib.alpha_max}")
+
+
+def check_counts(calib: CalibConfig) -> None:
+    for name in ("num_prompts", "steps", "batch_size", "groups", "max_tokens", "height", "width"):
+        value = getattr(calib, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value} must be at least 1")
+
+
+CALIB_CHECKS = (check_mode, check_cached_only_options, check_devices, check_weighting, check_counts)
 
 
 # METHOD.md's reference settings, and the scaled-down ones for the embedded model (a prune in ~1 min on CPU).

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from obsdiff.config import (
+    CALIB_CHECKS,
     DEFAULT_CALIB,
     DIGITS_CALIB,
     PRUNE_CHECKS,
@@ -62,21 +63,26 @@ def test_every_prune_check_refuses_in_one_line(kwargs, message):
     assert "\n" not in str(info.value)
 
 
-def test_every_check_has_a_row():
-    """Each check in the one sequence is the first to fail for at least one row of BAD_PRUNE."""
-    first_failing = set()
-    for kwargs, _ in BAD_PRUNE:
-        cfg = object.__new__(PruneConfig)  # the fields without running __post_init__
-        defaults = {f.name: f.default for f in dataclasses.fields(PruneConfig)}
+def first_failing_checks(cls, checks, rows) -> set[str]:
+    """The checks that are the first to refuse some row (settings set without running __post_init__)."""
+    found = set()
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for kwargs, _ in rows:
+        cfg = object.__new__(cls)
         for name, value in {**defaults, **kwargs}.items():
             object.__setattr__(cfg, name, value)
-        for check in PRUNE_CHECKS:
+        for check in checks:
             try:
                 check(cfg)
             except ConfigError:
-                first_failing.add(check.__name__)
+                found.add(check.__name__)
                 break
-    assert first_failing == {c.__name__ for c in PRUNE_CHECKS}
+    return found
+
+
+def test_every_check_has_a_row():
+    assert first_failing_checks(PruneConfig, PRUNE_CHECKS, BAD_PRUNE) == {c.__name__ for c in PRUNE_CHECKS}
+    assert first_failing_checks(CalibConfig, CALIB_CHECKS, BAD_CALIB) == {c.__name__ for c in CALIB_CHECKS}
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -155,7 +161,7 @@ def test_each_method_solves_one_layer_as_declared():
 # ------------------------------------------------------------------------------------------------- calibration
 
 
-@pytest.mark.parametrize("kwargs, message", [
+BAD_CALIB = [
     ({"mode": "replay"}, "unknown --calibration-mode 'replay'"),
     ({"cache_device": "cpu"}, "--cache-device only applies to --calibration-mode cached"),
     ({"mode": "cached", "cache_spill": "maybe"}, "unknown --cache-spill 'maybe'"),
@@ -166,7 +172,10 @@ def test_each_method_solves_one_layer_as_declared():
     ({"steps": 0}, "--steps 0 must be at least 1"),
     ({"max_tokens": -1}, "--max-tokens -1 must be at least 1"),
     ({"alpha_min": 1.3}, r"0 < a_min <= a_max, got 1.3, 1.2"),
-])
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_CALIB)
 def test_calib_checks(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         CalibConfig(**kwargs)
