@@ -33,7 +33,9 @@ class BuildLog(logging.Handler):
             log.debug("TensorRT: %s", _strip_tag(text))
 
     def errors(self) -> list[str]:
-        return [_strip_tag(line) for line in self.lines if line.startswith(("[E]", "[!]"))]
+        """TensorRT's error lines, first first; Polygraphy's closing summary ("[!] Could not parse ...") is left
+        out: the first error names the cause."""
+        return [_strip_tag(line) for line in self.lines if line.startswith("[E]")]
 
 
 def _strip_tag(line: str) -> str:

@@ -247,7 +247,7 @@ def network_profile(inputs: list[tuple[str, tuple[int, ...]]], profiles: dict, o
 
 def _polygraphy_error(what: str, onnx_path: Path, build_log, exc: BaseException) -> EngineError:
     errors = build_log.errors()
-    detail = (errors[-1] if errors else str(exc)).strip().splitlines()
+    detail = (errors[0] if errors else str(exc)).strip().splitlines()
     return EngineError(f"TensorRT could not {what} {onnx_path.name}: {detail[0] if detail else 'no error logged'}"
                        + (f" (+{len(errors) - 1} more errors)" if len(errors) > 1 else "")
                        + "; run with -vv for the whole log")

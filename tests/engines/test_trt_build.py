@@ -1,0 +1,144 @@
+"""The build sequence of `build_engine` end to end with TensorRT and the GPU replaced by stand-ins.
+
+Polygraphy's logger, `Profile`, the staged outputs, the flag rules, the trtexec line and the sidecar are
+the real ones; only what needs TensorRT (parsing, building, the engine) is a stand-in that records what it
+was asked. The real build runs in test_trt.py where TensorRT and a GPU exist.
+"""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from obsdiff.engines import trt as T
+from obsdiff.engines import trt_env
+from tests.engines.test_trt import TRT10_BUILDER, TRT10_NETWORK, enum, trt_ns
+
+GPU = {"name": "NVIDIA H200", "compute_capability": "9.0"}
+LOG_LINES = ["(Sparsity) Layers eligible for sparse math: gemm_q, gemm_ff",
+             "(Sparsity) TRT inference plan picked sparse implementation for layers: gemm_ff"]
+
+
+class FakeEngine:
+    io = [("hidden_states", "INPUT", "HALF"), ("timestep", "INPUT", "FLOAT"), ("latent", "OUTPUT", "HALF")]
+    num_io_tensors = 3
+
+    def get_tensor_name(self, i):
+        return self.io[i][0]
+
+    def get_tensor_mode(self, name):
+        return next(mode for n, mode, _ in self.io if n == name)
+
+    def get_tensor_dtype(self, name):
+        return SimpleNamespace(name=next(d for n, _, d in self.io if n == name))
+
+    def create_engine_inspector(self):
+        layers = [{"Name": "gemm_ff", "HasSparseWeights": 1}, {"Name": "gemm_q", "HasSparseWeights": 0}]
+        return SimpleNamespace(get_engine_information=lambda fmt: json.dumps({"Layers": layers}))
+
+
+def fake_polygraphy(calls: dict, fail_parse: bool = False):
+    from polygraphy.backend.trt import Profile
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    inputs = [SimpleNamespace(name="hidden_states", shape=(-1, 16, -1, -1), dtype=SimpleNamespace(name="HALF")),
+              SimpleNamespace(name="timestep", shape=(-1,), dtype=SimpleNamespace(name="FLOAT"))]
+    network = SimpleNamespace(num_inputs=2, get_input=lambda i: inputs[i])
+
+    def network_from_onnx_path(path, strongly_typed=False):
+        calls["parse"] = {"path": path, "strongly_typed": strongly_typed}
+        if fail_parse:
+            G_LOGGER.error("In node 12 (parseGraph): INVALID_NODE: Invalid Node - /attn/Einsum")
+            G_LOGGER.critical("Could not parse ONNX correctly")  # raises PolygraphyException, as Polygraphy does
+        return "builder", network, "parser"
+
+    def engine_from_network(net, config, save_timing_cache=None):
+        calls["build"] = {"network": net, "config": config, "save_timing_cache": save_timing_cache}
+        for line in LOG_LINES:  # TensorRT's INFO lines reach Polygraphy's logger at VERBOSE
+            G_LOGGER.verbose(line)
+        return FakeEngine()
+
+    def save_engine(engine, path):
+        calls["saved_to"] = path
+        with open(path, "wb") as f:
+            f.write(b"serialized engine")
+
+    assert PolygraphyException  # the error type the builder turns into one line
+    return SimpleNamespace(
+        network_from_onnx_path=network_from_onnx_path, engine_from_network=engine_from_network,
+        save_engine=save_engine, Profile=Profile,
+        CreateConfig=lambda **kw: calls.setdefault("create_config", kw) and ("CreateConfig", kw),
+        PostprocessConfig=lambda create, func: calls.setdefault("postprocess", func) and ("Postprocess", create))
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    trt = trt_ns(TRT10_BUILDER, TRT10_NETWORK)
+    trt.__version__ = "10.8.0.43"
+    trt.TensorIOMode = SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+    trt.LayerInformationFormat = enum("ONELINE", "JSON")
+    calls = {}
+    monkeypatch.setattr(trt_env, "require_tensorrt", lambda: trt)
+    monkeypatch.setattr(trt_env, "require_cuda_gpu", lambda: dict(GPU))
+    monkeypatch.setattr(trt_env, "require_polygraphy_trt", lambda: fake_polygraphy(calls))
+    return SimpleNamespace(trt=trt, calls=calls, monkeypatch=monkeypatch)
+
+
+def test_build_runs_the_steps_and_writes_engine_sidecar_log(fake_tensorrt, onnx_with_sidecar, tmp_path):
+    onnx = onnx_with_sidecar()  # fp16, 2:4 run, SD3 profile
+    out = tmp_path / "engines" / "transformer.plan"
+    cache = tmp_path / "timing.cache"
+    record = T.build_engine(onnx, out, T.EngineConfig(timing_cache=cache, strict_nans=True, opt_level=4))
+    calls, trt = fake_tensorrt.calls, fake_tensorrt.trt
+
+    assert calls["parse"] == {"path": str(onnx), "strongly_typed": False}  # TensorRT 10: weakly typed
+    kwargs = calls["create_config"]
+    assert kwargs["fp16"] and kwargs["tf32"] and kwargs["sparse_weights"] and "bf16" not in kwargs
+    assert kwargs["builder_optimization_level"] == 4 and kwargs["load_timing_cache"] == str(cache)
+    assert kwargs["memory_pool_limits"] == {trt.MemoryPoolType.WORKSPACE: 8 * 2**30}
+    (profile,) = kwargs["profiles"]
+    assert tuple(profile["hidden_states"].max) == (8, 16, 192, 192)
+    assert calls["build"]["save_timing_cache"] == str(cache) and calls["build"]["network"][0] == "builder"
+    set_on_config = []
+    calls["postprocess"](None, None, SimpleNamespace(set_flag=set_on_config.append))
+    assert set_on_config == [trt.BuilderFlag.STRICT_NANS]  # no CreateConfig argument for it
+
+    assert out.read_bytes() == b"serialized engine" and not list(out.parent.glob("*.tmp*"))
+    sidecar = json.loads(T.engine_sidecar_path(out).read_text())
+    assert sidecar == json.loads(json.dumps(record)) and sidecar["bytes"] == len(b"serialized engine")
+    assert sidecar["sparse"]["picked"] == ["gemm_ff"] and sidecar["sparse"]["eligible_count"] == 2
+    assert sidecar["sparse"]["inspector_sparse_layers"] == ["gemm_ff"]
+    assert sidecar["inputs"] == [{"name": "hidden_states", "dtype": "float16"},
+                                 {"name": "timestep", "dtype": "float32"}]
+    assert sidecar["outputs"] == [{"name": "latent", "dtype": "float16"}]
+    assert sidecar["builder"] == "polygraphy" and sidecar["builder_flags"] == ["TF32", "FP16", "SPARSE_WEIGHTS",
+                                                                                "STRICT_NANS"]
+    assert sidecar["trtexec"].startswith(f"trtexec --onnx={onnx} --saveEngine={out} --fp16 --sparsity=enable "
+                                         "--minShapes=hidden_states:1x16x64x64,")
+    assert f"--timingCacheFile={cache}" in sidecar["trtexec"]
+    assert sidecar["trtexec"].endswith("STRICT_NANS (no trtexec option)")
+    log_text = (out.parent / "transformer.plan.log").read_text()
+    assert "picked sparse implementation for layers: gemm_ff" in log_text
+    env = {"tensorrt": "10.8.0.43", "gpu": GPU["name"], "compute_capability": "9.0"}
+    assert T.check_engine(out, environment=env)["file"] == "transformer.plan"
+
+
+def test_dense_twin_is_built_without_sparse_weights(fake_tensorrt, onnx_with_sidecar, tmp_path):
+    out = tmp_path / "t.plan"
+    record = T.build_engine(onnx_with_sidecar(), out, T.EngineConfig(also_dense=True))
+    assert record["sparse"]["requested"] and record["dense_twin"]["sparse"]["requested"] is False
+    assert "--sparsity=enable" not in record["dense_twin"]["trtexec"]
+    assert (tmp_path / "t.dense.plan").read_bytes() == b"serialized engine"
+    assert json.loads(T.engine_sidecar_path(out).read_text())["dense_twin"]["file"] == "t.dense.plan"
+
+
+def test_a_parser_failure_is_one_line_naming_tensorrts_error(fake_tensorrt, onnx_with_sidecar, tmp_path):
+    fake_tensorrt.monkeypatch.setattr(trt_env, "require_polygraphy_trt",
+                                      lambda: fake_polygraphy(fake_tensorrt.calls, fail_parse=True))
+    with pytest.raises(T.EngineError) as err:
+        T.build_engine(onnx_with_sidecar(), tmp_path / "t.plan")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("TensorRT could not parse transformer.onnx: ")
+    assert "INVALID_NODE: Invalid Node - /attn/Einsum" in msg and "-vv" in msg
+    assert not list(tmp_path.glob("t.plan*"))
