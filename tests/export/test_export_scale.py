@@ -84,7 +84,8 @@ def test_run_exports_without_text_encoders_and_frees_torch_before_onnxruntime(ru
     assert checks["parity"]["status"] == checks["pruned_weights"]["status"] == "passed"
     cross = checks["nm_crosscheck"]
     assert cross["status"] == "passed" and cross["sparse_tensors"] >= cross["expected_at_least"] == 21
-    assert cross["tool"].startswith("polygraphy") and cross["weights"] > 0 and cross["seconds"] >= 0
+    assert cross["tool"].startswith("polygraphy") and cross["weights"] > 0 and cross["seconds"] > 0
+    assert cross["pattern"] == "2:4" and cross["sparse_2_4_tensors"] == cross["sparse_tensors"] <= cross["tensors"]
 
 
 def test_bf16_parity_through_external_data_when_over_the_limit(run_without_encoders, tmp_path, monkeypatch):

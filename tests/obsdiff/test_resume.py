@@ -137,15 +137,29 @@ def test_interrupted_prune_resumes_to_the_same_model(mode, prune, tmp_path, monk
         assert torch.equal(ref_state[k], got_state[k]), k
     assert without_timings(report.to_dict())["layers"] == without_timings(ref_report.to_dict())["layers"]
     assert report.shrink_plan == ref_report.shrink_plan
+    # equal models prove nothing if nothing was pruned: both really are
+    if prune.structured:
+        removed = {s["name"]: (len(s["removed"]), s["count"]) for s in report.structures}
+        assert report.shrink_plan and sum(n for n, _ in removed.values()) > len(removed) > 0
+        if prune.allocation == "uniform":
+            assert all(n == min(round(0.5 * count), count - 1) for n, count in removed.values())
+        dense = tiny_sd3(num_layers=3).transformer.state_dict()
+        assert sum(v.numel() for v in got_state.values()) < sum(v.numel() for v in dense.values())
+    else:
+        assert len(report.pruned_layers) == 12 + 12 + 9 and all(r.sparsity == 0.5 for r in report.pruned_layers)
 
 
 def test_flux_cached_resume_across_double_and_single_blocks(tmp_path, monkeypatch):
     prune, calib = PruneConfig(sparsity=0.5), CalibConfig(num_prompts=2, steps=2, batch_size=2, mode="cached")
     reference = tiny_flux()
     prune_(reference, prune, calib, progress=False)
-    resumed, _ = interrupted_then_resumed(tiny_flux, prune, calib, tmp_path / "f", 3, monkeypatch)
+    resumed, report = interrupted_then_resumed(tiny_flux, prune, calib, tmp_path / "f", 3, monkeypatch)
     for k, v in reference.transformer.state_dict().items():
         assert torch.equal(v, resumed.transformer.state_dict()[k]), k
+    layers = dict(resumed.transformer.named_modules())
+    assert len(report.pruned_layers) == 2 * 12 + 2 * 5  # double and single blocks
+    for r in report.pruned_layers:
+        assert r.sparsity == 0.5 == float((layers[r.name].weight == 0).float().mean()), r.name
 
 
 def test_resume_with_other_settings_names_the_difference(tmp_path):
