@@ -44,18 +44,32 @@ def layer_errors(layers: list[dict]) -> dict:
             "mask_only": [r.get("error_no_compensation") for r in kept], "compensated": [r["error"] for r in kept]}
 
 
-def kept_structures(structures: list[dict]) -> tuple[list[str], dict[str, list[float | None]]]:
-    """Blocks in report order and, per structure kind within a block (`attn heads`, `ff neurons`,
-    `ff_context neurons`, ...), the fraction kept in each block (None where the block has no such group)."""
-    blocks: list[str] = []
+def _local(name: str) -> str:
+    """A structure group's name inside its block: `transformer_blocks.3.ff_context` -> `ff_context`."""
+    return name[len(block_of(name)) + 1:] or name
+
+
+def kept_structures(structures: list[dict], removed: dict[str, int] | None = None
+                    ) -> tuple[list[str], dict[str, list[float | None]]]:
+    """Blocks in forward order and, per structure kind within a block (`attn heads`, `ff neurons`,
+    `ff_context neurons`, ...), the fraction kept in each block.
+
+    `structures` lists only the groups that lost something; `removed` (the sensitivity allocation's count per
+    group, forward order) also names those that lost nothing: they count as fully kept. None where nothing is
+    known (no such group in that block, e.g. the last SD3 block's text FFN).
+    """
+    kinds = {_local(s["name"]): s["kind"] for s in structures}
+    fractions = {s["name"]: s["kept"] / s["count"] for s in structures}
+    for name, n in (removed or {}).items():
+        if n == 0 and _local(name) in kinds:
+            fractions.setdefault(name, 1.0)
+    names = [n for n in (removed or {}) if n in fractions] + [n for n in fractions if n not in (removed or {})]
+    blocks = list(dict.fromkeys(block_of(n) for n in names))
     kept: dict[str, dict[str, float]] = {}
-    for s in structures:
-        block = block_of(s["name"])
-        if block not in blocks:
-            blocks.append(block)
-        local = s["name"][len(block) + 1:] or s["name"]
-        label = f"{local} {'heads' if s['kind'] == 'heads' else 'neurons'}"
-        kept.setdefault(label, {})[block] = s["kept"] / s["count"]
+    for name in names:
+        local = _local(name)
+        label = f"{local} {'heads' if kinds[local] == 'heads' else 'neurons'}"
+        kept.setdefault(label, {})[block_of(name)] = fractions[name]
     return blocks, {label: [per.get(b) for b in blocks] for label, per in kept.items()}
 
 
@@ -105,19 +119,23 @@ def plot_layer_errors(report: dict, path: Path) -> None:
     prune = report.get("prune", {})
     ax.set_title(f"{prune.get('method', '')} {prune.get('sparsity_type', '')} {_sparsity_text(report)}: "
                  f"per-layer error", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="best")
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.savefig(path, format="png")
 
 
 def _sparsity_text(report: dict) -> str:
+    """Structured runs by their parameter ratio (their zero fraction covers only the sliced layers)."""
+    stats = report.get("model_stats") or {}
+    if "parameter_ratio" in stats:
+        return f"(parameters x{stats['parameter_ratio']:.3f})"
     value = report.get("sparsity")
     return f"(sparsity {value:.1%})" if isinstance(value, int | float) else ""
 
 
 def plot_structures(report: dict, path: Path) -> None:
     """Fraction of heads and FFN neurons kept per block (structured runs), one bar per structure group."""
-    blocks, kept = kept_structures(report.get("structures", []))
+    blocks, kept = kept_structures(report.get("structures", []), (report.get("allocation") or {}).get("removed"))
     if not blocks:
         raise ValueError("the report has no structures to plot (not a structured run)")
     fig = _figure(min(4 + 0.35 * len(blocks) * len(kept), 20), 4.2)
@@ -127,13 +145,11 @@ def plot_structures(report: dict, path: Path) -> None:
         xs = [i + (k - (len(kept) - 1) / 2) * width for i, v in enumerate(values) if v is not None]
         ax.bar(xs, [v for v in values if v is not None], width, label=label)
     _set_ticks(ax, range(len(blocks)), [short_block(b) for b in blocks])
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.2)  # room for the legend above the bars
     ax.set_ylabel("fraction kept")
     ax.set_xlabel("block")
-    stats = report.get("model_stats") or {}
-    ratio = f" (parameters x{stats['parameter_ratio']:.3f})" if "parameter_ratio" in stats else ""
-    ax.set_title(f"heads and FFN neurons kept per block{ratio}", fontsize=10)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(f"heads and FFN neurons kept per block {_sparsity_text(report)}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(kept))
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(path, format="png")
 

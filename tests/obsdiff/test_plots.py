@@ -66,6 +66,18 @@ def test_kept_structures_per_block_and_kind():
     assert kept == {"attn heads": [0.75, 0.5], "ff neurons": [0.5, 0.75], "ff_context neurons": [0.25, None]}
 
 
+def test_groups_that_lost_nothing_count_as_kept_with_the_allocation():
+    """`structures` holds only groups that lost something; the sensitivity allocation names the others."""
+    structures = [{"name": "transformer_blocks.0.attn", "kind": "heads", "count": 8, "kept": 4},
+                  {"name": "transformer_blocks.1.ff", "kind": "ffn", "count": 512, "kept": 256}]
+    removed = {"transformer_blocks.0.attn": 4, "transformer_blocks.0.ff": 0, "transformer_blocks.1.attn": 0,
+               "transformer_blocks.1.ff": 256}
+    blocks, kept = kept_structures(structures, removed)
+    assert blocks == ["transformer_blocks.0", "transformer_blocks.1"]
+    assert kept == {"attn heads": [0.5, 1.0], "ff neurons": [1.0, 0.5]}
+    assert kept_structures(structures)[1] == {"attn heads": [0.5, None], "ff neurons": [None, 0.5]}
+
+
 def test_report_writes_pngs_and_refuses_to_overwrite(tmp_path):
     layers = [layer(f"transformer_blocks.{b}.attn.to_{x}", 0.1 * (b + 1), 0.01 * (b + 1)) for b in range(3)
               for x in "qkv"]
