@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -32,8 +33,9 @@ cli = type(export_cli)(name="obsdiff-export", commands=dict(export_cli.commands)
               help="read and update this timing cache file")
 @click.option("--strict-nans", is_flag=True, help="keep NaN/Inf semantics (no x*0 -> 0 rewrites)")
 @click.option("--also-dense", is_flag=True, help="also build the dense twin <stem>.dense.plan for comparison")
+@click.option("--json", "as_json", is_flag=True, help="print the engine sidecar as JSON on stdout")
 @FORCE
-def build_engine(onnx_path: Path, out: Path, force: bool, **kwargs) -> None:
+def build_engine(onnx_path: Path, out: Path, force: bool, as_json: bool, **kwargs) -> None:
     """Build a TensorRT engine (sparse weights enabled for N:M models) with <out>.json and <out>.log."""
     from .sidecar import parse_shapes
     from .trt import EngineConfig, build_engine
@@ -46,6 +48,9 @@ def build_engine(onnx_path: Path, out: Path, force: bool, **kwargs) -> None:
                           timing_cache=kwargs["timing_cache"], strict_nans=kwargs["strict_nans"],
                           also_dense=kwargs["also_dense"])
     record = build_engine(onnx_path, out, config, force=force, progress=True)
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+        return
     for rec in [record] + ([record["dense_twin"]] if record.get("dense_twin") else []):
         sp = rec["sparse"]
         sparse = (f"sparse: {sp['picked_count']} of {sp['eligible_count']} eligible layers picked a sparse kernel"

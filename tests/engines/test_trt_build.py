@@ -142,3 +142,21 @@ def test_a_parser_failure_is_one_line_naming_tensorrts_error(fake_tensorrt, onnx
     assert "\n" not in msg and msg.startswith("TensorRT could not parse transformer.onnx: ")
     assert "INVALID_NODE: Invalid Node - /attn/Einsum" in msg and "-vv" in msg
     assert not list(tmp_path.glob("t.plan*"))
+
+
+def test_build_engine_command_prints_the_trtexec_line_or_the_sidecar_as_json(fake_tensorrt, onnx_with_sidecar,
+                                                                            tmp_path):
+    from click.testing import CliRunner
+
+    from obsdiff.engines.cli import cli
+
+    onnx = onnx_with_sidecar()
+    r = CliRunner().invoke(cli, ["build-engine", str(onnx), "--out", str(tmp_path / "a.plan")])
+    assert r.exit_code == 0, r.output
+    assert "a.plan: TensorRT 10.8.0.43, NVIDIA H200, weakly typed, flags TF32, FP16, SPARSE_WEIGHTS" in r.stdout
+    assert "sparse: 1 of 2 eligible layers picked a sparse kernel" in r.stdout
+    assert f"the same build with trtexec: trtexec --onnx={onnx} --saveEngine={tmp_path / 'a.plan'} --fp16" in r.stdout
+    r = CliRunner().invoke(cli, ["build-engine", str(onnx), "--out", str(tmp_path / "b.plan"), "--json"])
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.stdout)
+    assert record == json.loads((tmp_path / "b.plan.json").read_text()) and record["file"] == "b.plan"
