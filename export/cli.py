@@ -43,8 +43,9 @@ def cli() -> None:
 @click.option("--external-data", is_flag=True, help="weights in <component>.onnx.data [only above 2 GB]")
 @click.option("--device", default="auto", show_default=True, callback=device_option,
               help="where the model runs while exporting: auto (CUDA when available, else the CPU), cpu, cuda:N")
+@click.option("--json", "as_json", is_flag=True, help="print the export record as JSON on stdout")
 @FORCE
-def onnx(model_or_run: str, out: Path, force: bool, **kwargs) -> None:
+def onnx(model_or_run: str, out: Path, force: bool, as_json: bool, **kwargs) -> None:
     """Export a model or pruned run to ONNX, with parity and N:M checks."""
     from obsdiff.cli_utils import format_table
 
@@ -56,6 +57,11 @@ def onnx(model_or_run: str, out: Path, force: bool, **kwargs) -> None:
                           linear_as_gemm=kwargs["linear_as_gemm"], external_data=kwargs["external_data"],
                           component_dtypes=tuple(kwargs["component_dtype"]), device=kwargs["device"])
     report = export_onnx(model_or_run, out, config, force=force)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
     rows = []
     for name, c in report["components"].items():
         failed_or_run = {k: v for k, v in c["checks"].items() if v != "skipped"}
