@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from obsdiff.errors import ConfigError, ObsdiffError
+from obsdiff.errors import ConfigError, ObsdiffError, first_line  # noqa: F401 (first_line: re-exported)
 
 RUNNERS: dict[str, type[Runner]] = {}
 
@@ -37,11 +37,6 @@ class InputRanges:
 def register_runner(cls: type[Runner]) -> type[Runner]:
     RUNNERS[cls.name] = cls
     return cls
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def model_param(model) -> torch.Tensor:

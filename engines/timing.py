@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from obsdiff.devices import synchronize as sync  # noqa: F401 (the scopes' name for it)
 from obsdiff.devices import time_call  # noqa: F401 (re-exported to the scopes)
+from obsdiff.errors import first_line
 
 from .runners import Runner
 
@@ -42,8 +43,7 @@ class Variant:
     max_abs_diff: float | None = None
 
     def fail(self, exc: BaseException, when: str) -> None:
-        text = str(exc).strip()
-        self.status, self.reason = "failed", f"{when}: {text.splitlines()[0] if text else type(exc).__name__}"
+        self.status, self.reason = "failed", f"{when}: {first_line(exc)}"
         log.warning("%s on %s failed %s", self.model, self.backend, self.reason)
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from obsdiff import errors
+
 from . import graph as G
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,7 @@ TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
 
 
 def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+    return errors.first_line(exc)[:300]  # reasons are stored in sidecars: keep them short
 
 
 def check_model(path: str | Path) -> tuple[dict, object | None]:

@@ -22,14 +22,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from obsdiff.artifacts import check_json, read_json, sha256_file, staged_dir, write_json
-from obsdiff.errors import ConfigError, ModelLoadError
+from obsdiff.errors import ConfigError, ModelLoadError, first_line
 
 TRITON_TYPES = {"bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "int16": "TYPE_INT16",
                 "int32": "TYPE_INT32", "int64": "TYPE_INT64", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16",
                 "float32": "TYPE_FP32", "float64": "TYPE_FP64", "string": "TYPE_STRING"}
 PLATFORMS = ("onnxruntime_onnx", "tensorrt_plan", "pytorch_libtorch", "tensorflow_savedmodel", "tensorflow_graphdef")
 BATCH_DIM = "batch"
-SIDECAR_KEYS = {"component": str, "file": str, "sha256": str}  # what a repository is written from, at least
+SIDECAR_KEYS = {"component": str, "file": str, "sha256": str, "inputs": list, "outputs": list}  # read below
 REEXPORT = "re-export with obsdiff-export onnx"
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ def _sidecars(export_dir: Path) -> list[dict]:
         raise ModelLoadError(f"{export_dir} is not a directory; pass the --out of obsdiff-export onnx")
     found = []
     for path in sorted(export_dir.glob("*.json")):  # every JSON file here was written by obsdiff-export
+        if path.name.endswith(".plan.json"):  # an engine sidecar: `_engine` reads it
+            continue
         record = read_json(path, "export record", expect=(dict, list), fix=REEXPORT, error=ModelLoadError)
         if isinstance(record, dict) and record.get("artifact") == "onnx":
             found.append(check_json(record, path, "export sidecar", require=SIDECAR_KEYS, fix=REEXPORT,
@@ -90,12 +92,8 @@ def _engine(export_dir: Path, record: dict, plan: Path | None = None) -> tuple[P
         return None
     if not side.is_file():
         raise ModelLoadError(f"{plan} has no sidecar {side.name}; rebuild it with obsdiff-export build-engine")
-    try:
-        engine = read_json(side, "engine sidecar", fix="rebuild the engine with obsdiff-export build-engine --force",
+    engine = read_json(side, "engine sidecar", fix="rebuild the engine with obsdiff-export build-engine --force",
                        error=ModelLoadError)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"engine sidecar {side} is unreadable ({type(exc).__name__}); rebuild the engine"
-                             ) from None
     onnx_sha = (engine.get("onnx") or {}).get("sha256") or engine.get("onnx_sha256")
     if onnx_sha and onnx_sha != record["sha256"]:
         raise ModelLoadError(f"{plan} was built from another ONNX file than {record['file']}; rebuild the engine")
@@ -242,7 +240,7 @@ def parse_with_tritonclient(text: str) -> dict | None:
     try:
         text_format.Parse(text, message)
     except text_format.ParseError as exc:
-        raise PbtxtError(f"config.pbtxt: {str(exc).splitlines()[0]} (tritonclient's ModelConfig)") from None
+        raise PbtxtError(f"config.pbtxt: {first_line(exc)} (tritonclient's ModelConfig)") from None
     config = json_format.MessageToDict(message, preserving_proto_field_name=True)
     # int64 fields arrive as strings in the JSON mapping; the rules compare numbers
     config["max_batch_size"] = int(config.get("max_batch_size", 0))

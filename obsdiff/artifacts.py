@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -107,8 +108,9 @@ def read_json(path: str | Path, what: str, expect: type | tuple = dict,
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        state = "truncated JSON" if exc.pos >= len(text.rstrip()) else "not JSON"
-        raise error(f"{what} {path} is unreadable ({state}: line {exc.lineno}, column {exc.colno}, {exc.msg}); "
+        cut = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")  # runs to the end
+        state = "truncated JSON" if cut else "not JSON"
+        raise error(f"{what} {path} is unreadable ({state}; {exc.msg}: line {exc.lineno} column {exc.colno}); "
                     f"{fix}") from None
     return check_json(data, path, what, expect, require, fix, error)
 
@@ -229,9 +231,19 @@ def _staged(path: str | Path, force: bool, make_tmp, mode: int) -> Iterator[Path
                 d.rmdir()
         if isinstance(exc, KeyboardInterrupt):
             exc.obsdiff_unfinished = (*unfinished_outputs(exc), str(path))
-        if isinstance(exc, OSError) and _about_output(exc, tmp):
-            raise OutputPathError(os_error_message(exc, path, "could not write") + "; nothing was written") from exc
+        fault = _os_fault(exc)
+        if fault is not None and _about_output(fault, tmp):
+            raise OutputPathError(os_error_message(fault, path, "could not write") + "; nothing was written") from exc
         raise
+
+
+def _os_fault(exc: BaseException) -> OSError | None:
+    """`exc` as an OSError: itself, or one rebuilt from a Rust I/O error's "(os error N)" (safetensors raises
+    its own `SafetensorError` for a full disk)."""
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"\(os error (\d+)\)", str(exc)) if isinstance(exc, Exception) else None
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
 
 
 def _about_output(exc: OSError, tmp: Path | None) -> bool:

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from obsdiff.config import CalibConfig, PruneConfig
-from obsdiff.errors import ConfigError, UnsupportedModelError
+from obsdiff.errors import ConfigError, UnsupportedModelError, first_line
 from obsdiff.hessian import HessianAccumulator, timestep_weights
 from obsdiff.hooks import CallCut, HessianHooks, InputCapture, LastStepCut, StepCounter, StopPass, tensors_to
 from obsdiff.loading import LoadedModel
@@ -130,9 +130,8 @@ def resolve_device(name: str | None, default: torch.device, option: str) -> torc
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{option} {name!r} is not usable on this machine ({first}); use cpu or the model's "
-                          "device") from None
+        raise ConfigError(f"{option} {name!r} is not usable on this machine ({first_line(exc)}); use cpu or the "
+                          "model's device") from None
     return device
 
 

@@ -335,14 +335,14 @@ def draw_plots_best_effort(run: Path) -> None:
     """The run's plots (`obsdiff report`) after a prune: a missing matplotlib or a failed plot never fails it."""
     import logging
 
-    from obsdiff.errors import ObsdiffError
+    from obsdiff.errors import ObsdiffError, first_line
     from obsdiff.plots import write_run_plots
 
     try:
         write_run_plots(run)
     except (ObsdiffError, ValueError, OSError) as exc:
         logging.getLogger("obsdiff.cli").warning("no plots for %s (%s); obsdiff report %s draws them later",
-                                                 run, str(exc).splitlines()[0] if str(exc) else exc, run)
+                                                 run, first_line(exc), run)
 
 
 @cli.command()

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from obsdiff import metrics as M
-from obsdiff.errors import ConfigError, ModelLoadError
+from obsdiff.errors import ConfigError, ModelLoadError, first_line
 from obsdiff.loading import LoadedModel, as_loaded, load_pipeline
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def load_clip(clip_model: str):
             raise ModelLoadError(f"CLIP model {clip_model!r} is not in the hub cache; download it once (hf download "
                                  f"{clip_model}) or pass --clip-model DIR") from None
         raise ModelLoadError(f"could not load a CLIP model and processor from {clip_model!r}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+                             f"{first_line(exc)}") from exc
     return model, processor
 
 

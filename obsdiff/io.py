@@ -27,7 +27,16 @@ import struct
 from collections import Counter
 from pathlib import Path
 
-from obsdiff.artifacts import check_writable, machine, read_json, sha256_file, staged_dir, versions, write_json
+from obsdiff.artifacts import (
+    check_json,
+    check_writable,
+    machine,
+    read_json,
+    sha256_file,
+    staged_dir,
+    versions,
+    write_json,
+)
 from obsdiff.devices import dtype_name, torch_dtype
 from obsdiff.errors import ConfigError, ModelLoadError
 
@@ -275,9 +284,8 @@ def read_run(path: str | Path) -> dict:
     path = Path(path)
     record = read_json(path / RUN_FILE, "run record", fix="the run directory is damaged; re-run obsdiff prune",
                        error=ModelLoadError)
-    for key in ("base_model", "denoiser_file"):
-        if not isinstance(record.get(key), str):
-            raise ModelLoadError(f"{path / RUN_FILE} has no {key!r}; it was not written by obsdiff prune")
+    check_json(record, path / RUN_FILE, "run record", require={"base_model": str, "denoiser_file": str},
+               fix="it was not written by obsdiff prune", error=ModelLoadError)
     if not isinstance(record.get("format", 1), int):
         raise ModelLoadError(f"{path / RUN_FILE} has format {record['format']!r}; it was not written by obsdiff prune")
     if record.get("format", 1) > FORMAT_VERSION:

@@ -21,7 +21,7 @@ from obsdiff.builtin import PREFIX as BUILTIN_PREFIX
 from obsdiff.builtin import builtin_pipeline_dir
 from obsdiff.devices import DTYPES as _DTYPE_NAMES
 from obsdiff.devices import resolve_device, torch_dtype
-from obsdiff.errors import ModelLoadError
+from obsdiff.errors import ModelLoadError, first_line
 from obsdiff.models import ModelFamily, family_for_pipeline
 
 log = logging.getLogger(__name__)
@@ -218,10 +218,9 @@ def _hub_error(exc: BaseException, repo: str, revision: str | None, name: str) -
                               f"forbids downloading: download it with `hf download {repo}` where the hub is "
                               "reachable, or unset HF_HUB_OFFLINE")
     root = chain[-1]
-    first = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
     return ModelLoadError(f"hub model {name!r} is not in the local cache ({hub_cache_dir()}) and could not be "
-                          f"downloaded ({type(root).__name__}: {first}); check the network (or HF_ENDPOINT), or "
-                          "pass a local pipeline directory")
+                          f"downloaded ({type(root).__name__}: {first_line(root)}); check the network (or "
+                          "HF_ENDPOINT), or pass a local pipeline directory")
 
 
 @contextlib.contextmanager
@@ -295,8 +294,7 @@ def _from_pretrained(path: Path, ref: str, torch_dtype: torch.dtype, **component
             return DiffusionPipeline.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True,
                                                      **components)
     except Exception as exc:  # corrupt weights, missing component folders, wrong class names, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not load a diffusers pipeline from {ref!r}: {first}") from exc
+        raise ModelLoadError(f"could not load a diffusers pipeline from {ref!r}: {first_line(exc)}") from exc
 
 
 def resolve_run_base(run: Path, record: dict) -> ModelSource:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from obsdiff.artifacts import staged_file
 from obsdiff.errors import ConfigError, ModelLoadError, OutputExistsError
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,11 @@ def first_difference(old, new, prefix: str = "") -> tuple[str, object, object] |
 
 
 def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:  # the data must be on disk before the rename makes it visible
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # staged_file: a full disk or Ctrl-C mid-write leaves the last complete file and no temporary behind
+    with staged_file(path, force=True) as tmp:
+        write(tmp)
+        with open(tmp, "rb") as f:  # the data must be on disk before the rename makes it visible
+            os.fsync(f.fileno())
 
 
 class Checkpoint:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from obsdiff.errors import MissingDependencyError, ModelLoadError
+from obsdiff.errors import MissingDependencyError, ModelLoadError, first_line
 
 # torch-fidelity's Inception-v3 (a port of the TensorFlow FID network): where torch.hub caches it, and its source
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -84,7 +84,7 @@ def require_fidelity() -> None:
         import torch_fidelity  # noqa: F401
     except (ImportError, RuntimeError) as exc:
         raise MissingDependencyError(f"FID needs torch-fidelity and a torchvision built for this torch "
-                                     f"({torch.__version__}): {str(exc).splitlines()[0] if str(exc) else exc}; "
+                                     f"({torch.__version__}): {first_line(exc)}; "
                                      "pip install 'obsdiff[metrics]' with a matching torchvision") from None
 
 

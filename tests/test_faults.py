@@ -1,0 +1,523 @@
+"""Faults from the operating system and from files, over every command of `obsdiff` and `obsdiff-export`.
+
+Each fault ends the command with one `error:` line on stderr that names the path (exit 2; Ctrl-C 130), no
+traceback, and nothing left behind: the working directory holds exactly what it held before. The one exception
+is a prune's OUT.partial once it exists: it keeps finished groups for --resume by design, and the next run
+names it. Faults that the commands can see before working (paths, inputs) leave stderr with nothing but that
+line; faults in the middle of the work (a full disk, Ctrl-C) are simulated by patching the writer or a long
+step, in process, so the table stays fast.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+from obsdiff.artifacts import check_json, read_json, staged_dir, staged_file
+from obsdiff.cli import cli as obsdiff_cli
+from obsdiff.errors import BadFileError, OutputPathError, first_line, os_error_message
+from tests.engines.conftest import SD3_INPUTS, export_sidecar
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def export_entry_point() -> tuple[str, str]:
+    """(module, function) of the `obsdiff-export` script as pyproject.toml declares it."""
+    text = (ROOT / "pyproject.toml").read_text()
+    module, func = re.search(r'^obsdiff-export\s*=\s*"([\w.]+):(\w+)"', text, re.M).groups()
+    return module, func
+
+
+def export_cli():
+    return importlib.import_module(export_entry_point()[0]).cli
+
+
+def sd3_class():
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel
+
+
+# ------------------------------------------------------------------------------------------ the inputs
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_sd3_dir, tmp_path_factory):
+    """The tiny SD3 pipeline pruned 2:4 by magnitude (no calibration), as a run directory."""
+    from obsdiff.config import PruneConfig
+    from obsdiff.io import save_run
+    from obsdiff.loading import load_pipeline
+    from obsdiff.prune import prune_
+
+    model = load_pipeline(str(tiny_sd3_dir))
+    report = prune_(model, PruneConfig(method="magnitude", sparsity_type="2:4"), progress=False)
+    return save_run(model, report.to_dict(), tmp_path_factory.mktemp("runs") / "tiny-24")
+
+
+def write_export(folder: Path, sidecar_text: str | bytes | None = None) -> Path:
+    """A stand-in export directory: transformer.onnx (bytes) with its sidecar (or `sidecar_text` instead)."""
+    folder.mkdir()
+    onnx = folder / "transformer.onnx"
+    onnx.write_bytes(b"onnx graph bytes")
+    record = export_sidecar(SD3_INPUTS, sha256=hashlib.sha256(onnx.read_bytes()).hexdigest())
+    record["dims"] = {"batch": {"min": 1, "opt": 2, "max": 8}}
+    text = json.dumps(record) if sidecar_text is None else sidecar_text
+    (folder / "transformer.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    return folder
+
+
+NOT_UTF8 = b"\xff\xfe\x00 a cat \xc3\x28\n"
+TRUNCATED = '{"format": 2, "base_model": "builtin:di'
+
+
+@pytest.fixture
+def p(tmp_path, tiny_sd3_dir, tiny_run):
+    """The paths the faults use, created fresh for each case under `root`."""
+    root = tmp_path / "w"
+    root.mkdir()
+    (root / "afile").write_text("a regular file where a directory should be\n")
+    (root / "bad.txt").write_bytes(NOT_UTF8)
+    (root / "prompts-dir").mkdir()
+    runs = {}
+    wrong_types = {"format": "2", "base_model": 7, "denoiser_file": 3}
+    for name, content in [("run-garbage", bytes(range(256)) * 4), ("run-truncated", TRUNCATED.encode()),
+                          ("run-wrong-shape", b'["base_model", "denoiser_file"]'),
+                          ("run-wrong-types", json.dumps(wrong_types).encode())]:
+        (root / name).mkdir()
+        (root / name / "obsdiff.json").write_bytes(content)
+        runs[name] = root / name
+    (root / "dir.onnx").mkdir()
+    (root / "dir.json").write_text(json.dumps(export_sidecar(SD3_INPUTS)))
+    for name, content in [("trunc", TRUNCATED.encode()), ("latin", NOT_UTF8), ("shape", b'{"inputs": "x"}'),
+                          ("list", b"[1, 2, 3]")]:
+        (root / f"{name}.onnx").write_bytes(b"onnx graph bytes")
+        (root / f"{name}.json").write_bytes(content)
+    good = write_export(root / "export")
+    write_export(root / "export-truncated", TRUNCATED)
+    write_export(root / "export-no-file", json.dumps({"artifact": "onnx", "component": "transformer"}))
+    engine = write_export(root / "export-engine")
+    (engine / "transformer.plan").write_bytes(b"engine bytes")
+    (engine / "transformer.plan.json").write_text(TRUNCATED)
+    return SimpleNamespace(root=root, tiny=str(tiny_sd3_dir), run=str(tiny_run), afile=root / "afile",
+                           bad=root / "bad.txt", prompts_dir=root / "prompts-dir", export=good, **{
+                               k.replace("-", "_"): v for k, v in runs.items()})
+
+
+def snapshot(root: Path) -> set[str]:
+    return {str(q.relative_to(root)) for q in root.rglob("*")}
+
+
+# ------------------------------------------------------------------------------------------ the faults
+
+
+def disk_full_at(name: str):
+    """Patch the file writers so that writing `name` (or its staged temporary) fills the disk half-way."""
+
+    def hits(path: Path) -> bool:
+        return path.name == name or path.name.startswith(f".{name}.")
+
+    def patch(mp, p):
+        real_text, real_bytes = Path.write_text, Path.write_bytes
+
+        def write_text(self, data, *args, **kwargs):
+            if hits(self):
+                real_text(self, data[: len(data) // 2], *args, **kwargs)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_text(self, data, *args, **kwargs)
+
+        def write_bytes(self, data):
+            if hits(self):
+                real_bytes(self, data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_bytes(self, data)
+
+        mp.setattr(Path, "write_text", write_text)
+        mp.setattr(Path, "write_bytes", write_bytes)
+
+    return patch
+
+
+def disk_full_in_png(mp, p):
+    from PIL import Image
+
+    def save(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    mp.setattr(Image.Image, "save", save)
+
+
+def raising(exc_type, target):
+    """Patch `target` ("module:attr", or a callable giving (object, attr)) to raise `exc_type` when called."""
+
+    def patch(mp, p):
+        def boom(*args, **kwargs):
+            raise exc_type("the user pressed Ctrl-C" if exc_type is KeyboardInterrupt else "a bug")
+
+        if callable(target):
+            mp.setattr(*target(), boom)
+        else:
+            module, attr = target.split(":")
+            mp.setattr(importlib.import_module(module), attr, boom)
+
+    return patch
+
+
+CTRL_C_IN_FORWARD = raising(KeyboardInterrupt, lambda: (sd3_class(), "forward"))
+
+
+@dataclass
+class Fault:
+    id: str
+    tool: str  # "obsdiff" or "export"
+    args: callable  # p -> command line
+    names: callable  # p -> the path the error line must name
+    code: int = 2
+    words: tuple = ()  # more fragments the error line must hold
+    patch: callable | None = None
+    upfront: bool = True  # found before any work: stderr holds nothing but the error line
+    may_leave: tuple = ()  # names in p.root that may exist afterwards (a prune's resumable OUT.partial)
+    subprocess: bool = False  # run the real entry point in a fresh interpreter
+    needs: str | None = None  # a fixture the case needs (e.g. a mounted file system)
+    extra: dict = field(default_factory=dict)
+
+
+GEN = ["generate", "--prompt", "a red cat", "--steps", "1", "--device", "cpu", "--dtype", "fp32"]
+EVAL = ["--num-images", "2", "--steps", "1", "--batch-size", "2", "--device", "cpu", "--dtype", "fp32"]
+PRUNE = ["prune", "--method", "magnitude", "--sparsity-type", "2:4", "--device", "cpu", "--dtype", "fp32"]
+BENCH = ["bench", "--backend", "torch", "--warmup", "0", "--iters", "1", "--device", "cpu"]
+ONNX = ["onnx", "--exporter", "legacy", "--device", "cpu"]
+INTERRUPTED = ("interrupted (Ctrl-C)", "run the command again")
+
+FAULTS = [
+    # obsdiff generate
+    Fault("generate-out-under-file", "obsdiff", lambda p: [*GEN, "--model", p.tiny, "--out", p.afile / "x.png"],
+          lambda p: p.afile / "x.png", words=("is a file, not a directory",)),
+    Fault("generate-out-in-proc", "obsdiff", lambda p: [*GEN, "--model", p.tiny, "--out", "/proc/obsdiff/x.png"],
+          lambda p: "/proc/obsdiff/x.png", words=("/proc does not accept new files",)),
+    Fault("generate-out-in-sys", "obsdiff", lambda p: [*GEN, "--model", p.tiny, "--out", "/sys/obsdiff-x.png"],
+          lambda p: "/sys/obsdiff-x.png", words=("/sys does not accept new files",)),
+    Fault("generate-out-read-only-fs", "obsdiff", lambda p: [*GEN, "--model", p.tiny, "--out", p.ro / "x.png"],
+          lambda p: p.ro / "x.png", words=("Read-only file system",), needs="read_only_fs"),
+    Fault("generate-disk-full", "obsdiff", lambda p: [*GEN, "--model", p.tiny, "--out", p.root / "new" / "x.png"],
+          lambda p: p.root / "new" / "x.png", words=("ENOSPC", "nothing was written"), patch=disk_full_in_png,
+          upfront=False),
+    Fault("generate-ctrl-c", "obsdiff", lambda p: [*GEN, "--model", p.tiny, "--out", p.root / "x.png"],
+          lambda p: "", code=130, words=INTERRUPTED, patch=CTRL_C_IN_FORWARD, upfront=False),
+    # obsdiff eval
+    Fault("eval-prompts-not-utf8", "obsdiff", lambda p: ["eval", p.tiny, *EVAL, "--prompts", p.bad,
+                                                         "--out", p.root / "e"],
+          lambda p: p.bad, words=("not UTF-8 text",)),
+    Fault("eval-prompts-is-dir", "obsdiff", lambda p: ["eval", p.tiny, *EVAL, "--prompts", p.prompts_dir,
+                                                       "--out", p.root / "e"],
+          lambda p: p.prompts_dir, words=("is a directory", "--help")),
+    Fault("eval-run-record-garbage", "obsdiff", lambda p: ["eval", p.run_garbage, *EVAL, "--out", p.root / "e"],
+          lambda p: p.run_garbage / "obsdiff.json", words=("not UTF-8 text", "re-run obsdiff prune"), upfront=False),
+    Fault("eval-run-record-truncated", "obsdiff", lambda p: ["eval", p.run_truncated, *EVAL],
+          lambda p: p.run_truncated / "obsdiff.json", words=("truncated JSON",), upfront=False),
+    Fault("eval-out-under-file", "obsdiff", lambda p: ["eval", p.tiny, *EVAL, "--out", p.afile / "e"],
+          lambda p: p.afile / "e", words=("is a file",)),
+    Fault("eval-disk-full", "obsdiff", lambda p: ["eval", p.tiny, *EVAL, "--out", p.root / "e"],
+          lambda p: p.root / "e", words=("ENOSPC", "nothing was written"), patch=disk_full_at("metrics.json"),
+          upfront=False),
+    Fault("eval-ctrl-c", "obsdiff", lambda p: ["eval", p.tiny, *EVAL, "--out", p.root / "e"],
+          lambda p: "", code=130, words=INTERRUPTED, patch=CTRL_C_IN_FORWARD, upfront=False),
+    # obsdiff prune
+    Fault("prune-out-under-file", "obsdiff", lambda p: [*PRUNE, "--model", p.tiny, "--out", p.afile / "r"],
+          lambda p: p.afile / "r", words=("is a file",)),
+    Fault("prune-out-in-proc", "obsdiff", lambda p: [*PRUNE, "--model", p.tiny, "--out", "/proc/obsdiff-run"],
+          lambda p: "/proc/obsdiff-run", subprocess=True),
+    Fault("prune-out-read-only-fs", "obsdiff", lambda p: [*PRUNE, "--model", p.tiny, "--out", p.ro / "r"],
+          lambda p: p.ro / "r", words=("EROFS",), needs="read_only_fs"),
+    Fault("prune-prompts-not-utf8", "obsdiff", lambda p: [*PRUNE, "--method", "sparsegpt", "--model", p.tiny,
+                                                          "--prompts", p.bad, "--out", p.root / "r"],
+          lambda p: p.bad, words=("not UTF-8 text", "one prompt per line")),
+    Fault("prune-model-run-garbage", "obsdiff", lambda p: [*PRUNE, "--model", p.run_garbage, "--out", p.root / "r"],
+          lambda p: p.run_garbage / "obsdiff.json", words=("unreadable",)),
+    Fault("prune-model-run-wrong-types", "obsdiff", lambda p: [*PRUNE, "--model", p.run_wrong_types,
+                                                               "--out", p.root / "r"],
+          lambda p: p.run_wrong_types / "obsdiff.json", words=("'base_model' is an integer, not a string",
+                                                                "not written by obsdiff prune")),
+    Fault("prune-disk-full", "obsdiff", lambda p: [*PRUNE, "--model", p.tiny, "--out", p.root / "r"],
+          lambda p: p.root / "r", words=("ENOSPC", "nothing was written"), patch=disk_full_at("obsdiff.json"),
+          upfront=False, may_leave=("r.partial",)),
+    Fault("prune-disk-full-for-real", "obsdiff", lambda p: [*PRUNE, "--model", p.tiny, "--out", p.full / "r"],
+          lambda p: p.full / "r", words=("No space left on device",), upfront=False, needs="full_fs",
+          may_leave=("r.partial",)),
+    Fault("prune-ctrl-c", "obsdiff", lambda p: [*PRUNE, "--model", p.tiny, "--out", p.root / "r"],
+          lambda p: p.root / "r.partial", code=130, words=("--resume",), upfront=False,
+          patch=raising(KeyboardInterrupt, "obsdiff.prune:prune_"), may_leave=("r.partial",)),
+    Fault("prune-ctrl-c-while-loading", "obsdiff", lambda p: [*PRUNE, "--model", p.tiny, "--out", p.root / "r"],
+          lambda p: "", code=130, words=INTERRUPTED, upfront=False,
+          patch=raising(KeyboardInterrupt, "obsdiff.loading:load_pipeline")),
+    # obsdiff info, report
+    Fault("info-ctrl-c", "obsdiff", lambda p: ["info"], lambda p: "", code=130, words=INTERRUPTED,
+          patch=raising(KeyboardInterrupt, "obsdiff.info:environment_info")),
+    Fault("report-run-record-truncated", "obsdiff", lambda p: ["report", p.run_truncated],
+          lambda p: p.run_truncated / "obsdiff.json", words=("truncated JSON",)),
+    Fault("report-out-in-proc", "obsdiff", lambda p: ["report", p.run, "--out", "/proc/obsdiff-plots"],
+          lambda p: "/proc/obsdiff-plots"),
+    # obsdiff-export onnx
+    Fault("onnx-out-under-file", "export", lambda p: [*ONNX, p.tiny, "--out", p.afile / "onnx"],
+          lambda p: p.afile / "onnx", words=("is a file",)),
+    Fault("onnx-out-in-sys", "export", lambda p: [*ONNX, p.tiny, "--out", "/sys/obsdiff-onnx"],
+          lambda p: "/sys/obsdiff-onnx"),
+    Fault("onnx-run-record-wrong-shape", "export", lambda p: [*ONNX, p.run_wrong_shape, "--out", p.root / "o"],
+          lambda p: p.run_wrong_shape / "obsdiff.json", words=("holds an array, not an object",)),
+    Fault("onnx-disk-full", "export", lambda p: [*ONNX, p.tiny, "--out", p.root / "o"],
+          lambda p: p.root / "o", words=("ENOSPC",), upfront=False,
+          patch=raising(lambda *a: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                        "obsdiff.export.onnx_export:_run_exporter")),
+    Fault("onnx-ctrl-c", "export", lambda p: [*ONNX, p.tiny, "--out", p.root / "o"],
+          lambda p: p.root / "o", code=130, words=("the unfinished", "was removed"), upfront=False,
+          patch=raising(KeyboardInterrupt, "obsdiff.export.onnx_export:_run_exporter")),
+    # obsdiff-export diffusers
+    Fault("diffusers-run-record-garbage", "export", lambda p: ["diffusers", p.run_garbage, "--out", p.root / "d"],
+          lambda p: p.run_garbage / "obsdiff.json", words=("not UTF-8 text",)),
+    Fault("diffusers-out-under-file", "export", lambda p: ["diffusers", p.run, "--out", p.afile / "d"],
+          lambda p: p.afile / "d", words=("is a file",)),
+    Fault("diffusers-out-in-proc", "export", lambda p: ["diffusers", p.run, "--out", "/proc/obsdiff-pipeline"],
+          lambda p: "/proc/obsdiff-pipeline"),
+    Fault("diffusers-disk-full", "export", lambda p: ["diffusers", p.run, "--out", p.root / "d"],
+          lambda p: p.root / "d", words=("ENOSPC", "nothing was written"), upfront=False,
+          patch=raising(lambda *a: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                        "obsdiff.export.diffusers_export:_place_tree")),
+    Fault("diffusers-ctrl-c", "export", lambda p: ["diffusers", p.run, "--out", p.root / "d"],
+          lambda p: p.root / "d", code=130, words=("the unfinished", "was removed"), upfront=False,
+          patch=raising(KeyboardInterrupt, "obsdiff.export.diffusers_export:_place_tree")),
+    # obsdiff-export build-engine (TensorRT is not needed: every input is checked first)
+    Fault("build-engine-onnx-is-dir", "export", lambda p: ["build-engine", p.root / "dir.onnx",
+                                                           "--out", p.root / "e.plan"],
+          lambda p: p.root / "dir.onnx", words=("is a directory", "--help"), subprocess=True),
+    Fault("build-engine-sidecar-truncated", "export", lambda p: ["build-engine", p.root / "trunc.onnx",
+                                                                 "--out", p.root / "e.plan"],
+          lambda p: p.root / "trunc.json", words=("truncated JSON", "re-export")),
+    Fault("build-engine-sidecar-not-utf8", "export", lambda p: ["build-engine", p.root / "latin.onnx",
+                                                                "--out", p.root / "e.plan"],
+          lambda p: p.root / "latin.json", words=("not UTF-8 text",)),
+    Fault("build-engine-sidecar-wrong-shape", "export", lambda p: ["build-engine", p.root / "shape.onnx",
+                                                                   "--out", p.root / "e.plan"],
+          lambda p: p.root / "shape.json"),
+    Fault("build-engine-sidecar-a-list", "export", lambda p: ["build-engine", p.root / "list.onnx",
+                                                              "--out", p.root / "e.plan"],
+          lambda p: p.root / "list.json", words=("holds an array",)),
+    # obsdiff-export bench
+    Fault("bench-json-under-file", "export", lambda p: [*BENCH, p.tiny, "--json", p.afile / "b.json"],
+          lambda p: p.afile / "b.json", words=("is a file",)),
+    Fault("bench-plot-in-proc", "export", lambda p: [*BENCH, p.tiny, "--plot", "/proc/obsdiff-b.png"],
+          lambda p: "/proc/obsdiff-b.png"),
+    Fault("bench-run-record-garbage", "export", lambda p: [*BENCH, p.run_garbage],
+          lambda p: p.run_garbage / "obsdiff.json", words=("not UTF-8 text",), upfront=False),
+    Fault("bench-disk-full", "export", lambda p: [*BENCH, p.tiny, "--json", p.root / "b.json"],
+          lambda p: p.root / "b.json", words=("ENOSPC", "nothing was written"), patch=disk_full_at("b.json"),
+          upfront=False),
+    Fault("bench-ctrl-c", "export", lambda p: [*BENCH, p.tiny, "--json", p.root / "b.json"],
+          lambda p: "", code=130, words=INTERRUPTED, patch=CTRL_C_IN_FORWARD, upfront=False),
+    # obsdiff-export triton
+    Fault("triton-sidecar-truncated", "export", lambda p: ["triton", p.root / "export-truncated",
+                                                           "--out", p.root / "repo"],
+          lambda p: p.root / "export-truncated" / "transformer.json", words=("truncated JSON", "re-export")),
+    Fault("triton-sidecar-without-file", "export", lambda p: ["triton", p.root / "export-no-file",
+                                                              "--out", p.root / "repo"],
+          lambda p: p.root / "export-no-file" / "transformer.json", words=("has no 'file'",)),
+    Fault("triton-engine-sidecar-truncated", "export", lambda p: ["triton", p.root / "export-engine",
+                                                                  "--out", p.root / "repo"],
+          lambda p: p.root / "export-engine" / "transformer.plan.json", words=("truncated JSON",)),
+    Fault("triton-out-under-file", "export", lambda p: ["triton", p.export, "--out", p.afile / "repo"],
+          lambda p: p.afile / "repo", words=("is a file",)),
+    Fault("triton-out-in-proc", "export", lambda p: ["triton", p.export, "--out", "/proc/obsdiff-repo"],
+          lambda p: "/proc/obsdiff-repo"),
+    Fault("triton-disk-full", "export", lambda p: ["triton", p.export, "--out", p.root / "repo"],
+          lambda p: p.root / "repo", words=("ENOSPC", "nothing was written"), patch=disk_full_at("config.pbtxt"),
+          upfront=False),
+    Fault("triton-ctrl-c", "export", lambda p: ["triton", p.export, "--out", p.root / "repo"],
+          lambda p: p.root / "repo", code=130, words=("the unfinished", "was removed"), upfront=False,
+          patch=raising(KeyboardInterrupt, "obsdiff.export.triton:render_pbtxt")),
+]
+
+
+def mount_tmpfs(path: Path, options: str) -> None:
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        path.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); needs root in a privileged "
+                    "environment")
+
+
+@pytest.fixture
+def read_only_fs(p):
+    mount_tmpfs(p.root / "ro", "ro,size=16k")
+    p.ro = p.root / "ro"
+    yield
+    subprocess.run(["umount", str(p.ro)], check=True)
+
+
+@pytest.fixture
+def full_fs(p):
+    """A 32 KiB file system: the tiny denoiser's 93 KiB of weights do not fit."""
+    mount_tmpfs(p.root / "full", "size=32k")
+    p.full = p.root / "full"
+    yield
+    subprocess.run(["umount", str(p.full)], check=True)
+
+
+def invoke(fault: Fault, args: list[str]) -> tuple[int, str, str]:
+    if fault.subprocess:
+        if fault.tool == "obsdiff":
+            cmd = [sys.executable, "-m", "obsdiff", *args]
+        else:
+            module, func = export_entry_point()
+            cmd = [sys.executable, "-c", f"import sys; from {module} import {func}; sys.argv[0] = 'obsdiff-export'; "
+                                         f"{func}()", *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                           env=os.environ | {"OMP_NUM_THREADS": "1"})
+        return r.returncode, r.stdout, r.stderr
+    r = CliRunner().invoke(obsdiff_cli if fault.tool == "obsdiff" else export_cli(), args)
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def error_line(stderr: str, upfront: bool) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]  # progress bars end lines with \r
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], stderr
+    if upfront:
+        assert lines == errors, stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.id for f in FAULTS])
+def test_fault_is_one_line_and_leaves_nothing(fault, p, request, monkeypatch):
+    if fault.needs:
+        request.getfixturevalue(fault.needs)
+    if fault.patch:
+        fault.patch(monkeypatch, p)
+    before = snapshot(p.root)
+    code, stdout, stderr = invoke(fault, [str(a) for a in fault.args(p)])
+    assert "Traceback" not in stdout + stderr
+    line = error_line(stderr, fault.upfront)
+    assert code == fault.code, stderr
+    assert str(fault.names(p)) in line, line
+    for word in fault.words:
+        assert word in line, line
+    after = snapshot(p.root)
+    left = {name for name in after - before if not set(Path(name).parts) & set(fault.may_leave)}
+    assert not left, f"left behind: {sorted(left)}"
+    assert before <= after, f"removed: {sorted(before - after)}"
+
+
+def test_the_stand_in_export_is_served(p, tmp_path):
+    """Control for the triton faults: the same export directory, unbroken, gives a repository."""
+    r = CliRunner().invoke(export_cli(), ["triton", str(p.export), "--out", str(tmp_path / "repo")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "repo" / "transformer" / "config.pbtxt").is_file()
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "with-v"])
+def test_a_bug_is_one_line_exit_1_and_a_traceback_only_with_v(verbose, p, monkeypatch):
+    raising(ZeroDivisionError, lambda: (sd3_class(), "forward"))(monkeypatch, p)
+    args = [*(["-v"] if verbose else []), *GEN, "--model", p.tiny, "--out", str(p.root / "x.png")]
+    r = CliRunner().invoke(obsdiff_cli, args)
+    assert r.exit_code == 1
+    if verbose:  # the exception reaches the interpreter, which prints the traceback
+        assert isinstance(r.exception, ZeroDivisionError)
+    else:
+        line = error_line(r.stderr, upfront=False)
+        assert line == ("error: internal error: ZeroDivisionError: a bug (run with -v for the traceback; please "
+                        "report it)")
+    assert not (p.root / "x.png").exists()
+
+
+# ------------------------------------------------------------------------------------------ the helpers
+
+
+@pytest.mark.parametrize("content, expect, require, message", [
+    (TRUNCATED, dict, None, r"unreadable \(truncated JSON; Unterminated string starting at: line 1 column 29\)"),
+    ('{"a": 1} trailing', dict, None, r"unreadable \(not JSON; Extra data: line 1 column 10\)"),
+    (NOT_UTF8, dict, None, r"unreadable \(not UTF-8 text: byte 0, invalid start byte\)"),
+    ("[1]", dict, None, "holds an array, not an object"),
+    ('{"format": "2"}', dict, {"format": int}, "'format' is a string, not an integer"),
+    ('{"format": true}', dict, {"format": int}, "'format' is true or false, not an integer"),
+    ('{"format": 2}', dict, {"format": int, "file": str}, "has no 'file'"),
+    ("3", (dict, list), None, "holds an integer, not an object or an array"),
+])
+def test_read_json_names_the_file_and_the_fix(content, expect, require, message, tmp_path):
+    path = tmp_path / "obsdiff.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(BadFileError, match=message) as err:
+        read_json(path, "run record", expect=expect, require=require, fix="re-run obsdiff prune")
+    assert str(err.value).endswith("; re-run obsdiff prune") and "\n" not in str(err.value)
+
+
+def test_read_json_returns_checked_values(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text('{"format": 2, "file": "a.onnx", "n": null}')
+    assert read_json(path, "x", require={"format": int, "file": str}) == {"format": 2, "file": "a.onnx", "n": None}
+    assert check_json([1], path, "x", expect=(dict, list)) == [1]
+    with pytest.raises(BadFileError, match=r"cannot read x .*: Is a directory \[EISDIR\]; it is a directory"):
+        read_json(tmp_path, "x")
+
+
+@pytest.mark.parametrize("code, advice", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only"),
+                                          (errno.ENOTDIR, "is a file, not a directory"),
+                                          (errno.EACCES, "check its permissions")])
+def test_os_error_message_names_the_path_and_what_to_do(code, advice):
+    exc = OSError(code, os.strerror(code), "/tmp/.x.png.abc")
+    assert os_error_message(exc) == f"/tmp/.x.png.abc: {os.strerror(code)} [{errno.errorcode[code]}]; " + \
+        os_error_message(exc).split("; ", 1)[1]
+    assert advice in os_error_message(exc)
+    assert os_error_message(exc, "x.png", "could not write").startswith(f"could not write x.png: {os.strerror(code)}")
+
+
+def test_first_line():
+    assert first_line(RuntimeError("\n  first \nsecond")) == "first"
+    assert first_line(KeyError()) == "KeyError"
+    assert first_line(ValueError("   \n ")) == "ValueError"
+
+
+@pytest.mark.parametrize("helper", [staged_dir, staged_file])
+@pytest.mark.parametrize("make", [KeyboardInterrupt, lambda: OSError(errno.ENOSPC, "No space left on device"),
+                                  lambda: RuntimeError("I/O error: No space left on device (os error 28)")],
+                         ids=["ctrl-c", "enospc", "rust-io-error"])
+def test_staged_writes_leave_nothing_and_name_the_output(helper, make, tmp_path):
+    exc = make()
+    out = tmp_path / "new" / "deeper" / "out"
+    expected = KeyboardInterrupt if isinstance(exc, KeyboardInterrupt) else OutputPathError
+    with pytest.raises(expected) as err, helper(out) as tmp:
+        (tmp / "half" if tmp.is_dir() else tmp).write_text("half")
+        raise exc
+    assert list(tmp_path.iterdir()) == []  # the staging and the parents made for it are gone
+    if expected is OutputPathError:
+        assert str(err.value).startswith(f"could not write {out}: No space left on device [ENOSPC]")
+    else:
+        assert getattr(err.value, "obsdiff_unfinished", ()) == (str(out),)
+
+
+def test_a_forced_replacement_keeps_the_old_output_when_the_move_fails(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if Path(target) == out and self.name.startswith(".run.") and ".replaced-" not in self.name:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(self))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OutputPathError, match=f"could not write {out}"), staged_dir(out, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [q.name for q in tmp_path.iterdir()] == ["run"] and (out / "old.txt").read_text() == "old"
