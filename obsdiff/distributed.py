@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from obsdiff.errors import ConfigError, ObsdiffError
+from obsdiff.errors import ConfigError, ObsdiffError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,6 @@ class RankFailed(ObsdiffError):
 
 class LostRank(ObsdiffError):
     """A collective failed: another rank died or the network between them broke."""
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @dataclass
