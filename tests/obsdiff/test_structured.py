@@ -15,6 +15,7 @@ from obsdiff.models import family_for_pipeline
 from obsdiff.prune import prune_
 from obsdiff.shrink import removed_indices, shrink_
 from tests.conftest import outputs_before_and_after_reload, tiny_flux, tiny_sd3, tiny_sdxl
+from tests.obsdiff.test_shrink import zeroed_copy
 
 CALIB = CalibConfig(num_prompts=4, steps=3, guidance=2.0, batch_size=2, groups=2)
 
@@ -149,12 +150,8 @@ def test_physical_removal_equals_zeroing(name):
     # drop the first head of every attention and every third FFN neuron
     kept = {g.name: list(range(1, g.count)) if g.kind == "heads" else [i for i in range(g.count) if i % 3]
             for g in groups}
-    zeroed = copy.deepcopy(dense)
-    mods = dict(zeroed.named_modules())
-    with torch.no_grad():
-        for g in groups:
-            for s in g.readers:
-                mods[s.linear].weight[:, removed_indices(g, s.offset, kept[g.name])] = 0
+    zeroed = zeroed_copy(dense, groups, kept)
+    mods = dict(dense.named_modules())
     shrunk = copy.deepcopy(dense)
     shrink_(shrunk, groups, kept)
     inputs = _inputs(name, fam, dense)
