@@ -98,7 +98,7 @@ def triton(export_dir: Path, out: Path, engines: tuple[str, ...], force: bool) -
 @click.option("--link", is_flag=True, help="hard-link (or symlink) unchanged components instead of copying them")
 @FORCE
 def diffusers(run: Path, out: Path, dtype: str | None, link: bool, force: bool) -> None:
-    """Write an unstructured or N:M run as a plain diffusers pipeline folder (no obsdiff needed to load it)."""
+    """Write a run as a diffusers pipeline folder that loads without obsdiff (structured: trust_remote_code=True)."""
     from .diffusers_export import export_diffusers
 
     done = export_diffusers(run, out, dtype=dtype, link=link, force=force)
