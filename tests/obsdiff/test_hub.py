@@ -90,6 +90,12 @@ def test_prune_from_a_hub_id_records_it_and_the_run_travels(hub, tmp_path, tiny_
     assert r.exit_code == 0, r.output
 
 
+def test_the_cli_takes_a_hub_id_at_a_commit(hub, tmp_path):
+    r = run("generate", "--model", f"{REPO}@{SHA}", "--prompt", "a cat", "--steps", "2", "--out", tmp_path / "x.png")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_an_uncached_hub_id_offline_is_one_line_and_exit_2(hub, tmp_path):
     r = run("generate", "--model", "tiny-org/absent", "--prompt", "x", "--out", tmp_path / "x.png")
     assert r.exit_code == 2
