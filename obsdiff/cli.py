@@ -335,12 +335,12 @@ def draw_plots_best_effort(run: Path) -> None:
     """The run's plots (`obsdiff report`) after a prune: a missing matplotlib or a failed plot never fails it."""
     import logging
 
-    from obsdiff.errors import ObsdiffError, first_line
+    from obsdiff.errors import first_line
     from obsdiff.plots import write_run_plots
 
     try:
         write_run_plots(run)
-    except (ObsdiffError, ValueError, OSError) as exc:
+    except Exception as exc:  # the run is saved by now: no plotting fault may turn it into a failed prune
         logging.getLogger("obsdiff.cli").warning("no plots for %s (%s); obsdiff report %s draws them later",
                                                  run, first_line(exc), run)
 

@@ -139,11 +139,20 @@ def test_prune_draws_plots_and_prints_json(tiny_sd3_dir, tmp_path):
     assert (out / "layer_errors.png").is_file() and not (out / "structures.png").exists()
 
 
-def test_prune_without_matplotlib_still_succeeds(tiny_sd3_dir, tmp_path, monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+def crash(*args):
+    raise RuntimeError("font cache unwritable")
+
+
+@pytest.mark.parametrize("fault, message", [("no matplotlib", "pip install matplotlib"),
+                                            ("plot crashes", "font cache unwritable")])
+def test_prune_succeeds_when_plots_fail(fault, message, tiny_sd3_dir, tmp_path, monkeypatch, caplog):
+    if fault == "no matplotlib":
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+        monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    else:
+        monkeypatch.setattr("obsdiff.plots.plot_layer_errors", crash)
     out = tmp_path / "run"
     r = run("prune", "--model", tiny_sd3_dir, "--sparsity", "0.5", *FAST, "--out", out)
     assert r.exit_code == 0, r.output
-    assert (out / "obsdiff.json").is_file() and not (out / "layer_errors.png").exists()
-    assert any("no plots" in m and "matplotlib" in m for m in caplog.messages)
+    assert sorted(p.name for p in out.iterdir()) == ["denoiser", "obsdiff.json"]  # no PNG, no staged leftovers
+    assert any("no plots" in m and message in m for m in caplog.messages)
