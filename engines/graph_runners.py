@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from obsdiff.devices import DTYPES, dtype_name
 from obsdiff.errors import ConfigError, ObsdiffError
 
 from .runner_base import InputRanges, Runner, RunnerUnavailable, first_line, is_nm_sparse, model_param, register_runner
@@ -19,9 +20,6 @@ ONNX_INSTALL = 'pip install "obsdiff[onnx]"'
 # preferred first; onnxruntime falls back down the list for nodes (or whole graphs) a provider cannot take
 PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "int64": torch.int64, "int32": torch.int32, "bool": torch.bool, "float64": torch.float64}
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def onnx_file(onnx: str | Path, model) -> Path:
@@ -41,7 +39,8 @@ def export_denoiser(model, ranges: InputRanges, out_dir: Path) -> Path:
     except ImportError as exc:
         raise RunnerUnavailable(f"no ONNX file given and the ONNX exporter is not available ({first_line(exc)}); "
                                 "pass --onnx DIR from `obsdiff-export onnx`") from None
-    dtype = _DTYPE_NAMES.get(model_param(model).dtype, "fp32")
+    dtype = dtype_name(model_param(model).dtype)
+    dtype = dtype if dtype in DTYPES else "fp32"
     opset = 22 if dtype == "bf16" else 18
     cfg = ExportConfig(component="transformer", dtype=dtype, opset=opset, batch=ranges.batch, height=ranges.height,
                        width=ranges.width, text_len=ranges.text, parity=False,
@@ -101,7 +100,9 @@ class _GraphRunner(Runner):
                 if not isinstance(value, dict) or key not in value:
                     raise ConfigError(f"graph input {name} needs the denoiser argument {feed!r}, which was not given")
                 value = value[key]
-            out[name] = value.detach().to(_TORCH_DTYPES.get(dtype, torch.float32))
+            # the sidecar's dtype names are numpy's, which torch shares (float16, bfloat16, int64, bool, ...)
+            target = getattr(torch, dtype, None)
+            out[name] = value.detach().to(target if isinstance(target, torch.dtype) else torch.float32)
         return out
 
     def close(self) -> None:

@@ -56,6 +56,7 @@ from .engine_record import (  # noqa: F401 (part of this module's API)
 from .sidecar import OnnxSpec, Shape, format_shape, read_onnx_sidecar, sidecar_path
 from .trt_env import NoGpuError, current_environment, require_cuda_gpu, require_tensorrt  # noqa: F401 (API)
 from .trt_rules import (  # noqa: F401 (part of this module's API)
+    TRT_DTYPE_NAMES,
     FlagPlan,
     config_options,
     dtype_from_network_inputs,
@@ -331,14 +332,12 @@ def sparse_report(trt, engine, log_lines: list[str], requested: bool) -> dict:
 
 def engine_io(trt, engine) -> dict:
     """{"inputs": [{name, dtype}], "outputs": [...]} of a built engine (dtype names as in numpy)."""
-    names = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
-             "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
     io = {"inputs": [], "outputs": []}
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
         kind = "inputs" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "outputs"
         dtype = getattr(engine.get_tensor_dtype(name), "name", "")
-        io[kind].append({"name": name, "dtype": names.get(dtype, dtype.lower())})
+        io[kind].append({"name": name, "dtype": TRT_DTYPE_NAMES.get(dtype, dtype.lower())})
     return io
 
 

@@ -24,6 +24,9 @@ class FlagPlan:
 
 
 _PRECISION_FLAG = {"fp16": "FP16", "bf16": "BF16"}
+# TensorRT DataType names -> numpy / torch dtype names (the engine sidecar's and the runtime's)
+TRT_DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
+                   "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
 
 
 def select_flags(trt_ns, model_dtype: str, sparse_weights: bool, strict_nans: bool = False,

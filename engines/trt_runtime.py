@@ -7,9 +7,7 @@ from pathlib import Path
 
 from .engine_record import EngineError
 from .trt_env import require_cuda_gpu, require_polygraphy_trt, require_tensorrt
-
-_TORCH = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
-          "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
+from .trt_rules import TRT_DTYPE_NAMES
 
 
 class TrtEngine:
@@ -41,9 +39,9 @@ class TrtEngine:
         self.dtypes = {}
         for n in names:
             kind = engine.get_tensor_dtype(n).name
-            if kind not in _TORCH:
+            if kind not in TRT_DTYPE_NAMES:
                 raise EngineError(f"engine tensor {n} has type {kind}, which obsdiff cannot feed from PyTorch")
-            self.dtypes[n] = getattr(torch, _TORCH[kind])
+            self.dtypes[n] = getattr(torch, TRT_DTYPE_NAMES[kind])
         self.runner = poly.TrtRunner(engine)
         self.runner.activate()
 
