@@ -138,6 +138,17 @@ def _is_complete_pipeline(folder: Path) -> bool:
     return all((folder / k).is_dir() and any((folder / k).iterdir()) for k in parts)
 
 
+def cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
+    """The hub cache's snapshot folder of `repo` at `revision` (None: not cached); never uses the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, cache_dir=hub_cache_dir(), local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError):
+        return None
+
+
 def resolve_hub(repo: str, revision: str | None = None) -> ModelSource:
     """The cached snapshot of hub pipeline `repo` at `revision` (a branch, tag or commit; default main).
 
@@ -145,15 +156,9 @@ def resolve_hub(repo: str, revision: str | None = None) -> ModelSource:
     by diffusers' own `DiffusionPipeline.download` (safetensors preferred over pickles, only the files the
     pipeline loads, huggingface_hub's progress bars), unless HF_HUB_OFFLINE forbids it.
     """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
     name = f"{repo}@{revision}" if revision else repo
     cache = hub_cache_dir()
-    try:
-        folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError):
-        folder = None
+    folder = cached_snapshot(repo, revision)
     if folder is not None and _is_complete_pipeline(folder):
         log.info("%s: cached snapshot %s", name, folder)
         return ModelSource(folder, hub_id=repo, revision=folder.name)
@@ -280,10 +285,15 @@ def as_loaded(pipeline) -> LoadedModel:
     if isinstance(pipeline, LoadedModel):
         return pipeline
     family = family_for_pipeline(pipeline)
-    origin = getattr(getattr(pipeline, "config", None), "_name_or_path", None) or "."
+    origin = str(getattr(getattr(pipeline, "config", None), "_name_or_path", None) or ".")
     if hasattr(pipeline, "set_progress_bar_config"):  # obsdiff shows its own progress over whole generations
         pipeline.set_progress_bar_config(disable=True)
-    return LoadedModel(ref=str(origin), path=Path(origin), pipeline=pipeline, family=family)
+    hub = parse_hub_id(origin) if not Path(origin).exists() else None
+    snapshot = cached_snapshot(*hub) if hub else None  # loaded from the hub: a run then records id and commit
+    if snapshot is not None:
+        return LoadedModel(ref=origin, path=snapshot, pipeline=pipeline, family=family, hub_id=hub[0],
+                           revision=snapshot.name)
+    return LoadedModel(ref=origin, path=Path(origin), pipeline=pipeline, family=family)
 
 
 def _from_pretrained(path: Path, ref: str, torch_dtype: torch.dtype, **components):
@@ -437,13 +447,9 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
 
 
 def _read_json(file: Path) -> dict:
-    import json
+    from obsdiff.artifacts import read_json
 
-    try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{file} is missing or unreadable ({exc}); pass a diffusers pipeline or run "
-                             "directory") from None
+    return read_json(file, "pipeline file", fix="pass a diffusers pipeline or run directory", error=ModelLoadError)
 
 
 def _safetensors_files(folder: Path) -> list[Path]:

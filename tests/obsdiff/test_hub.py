@@ -206,3 +206,20 @@ def test_a_run_without_base_record_loads_from_its_absolute_path(local_run, tmp_p
     shutil.rmtree(base)
     with pytest.raises(ModelLoadError, match=f"looked in {base.resolve()} \\(where it was when pruned\\)"):
         load_pipeline(str(out))
+
+
+def test_a_pipeline_object_loaded_from_the_hub_is_recorded_by_id_and_commit(hub, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from obsdiff.config import PruneConfig
+    from obsdiff.io import save_run
+    from obsdiff.loading import as_loaded
+    from obsdiff.prune import prune_
+
+    pipe = DiffusionPipeline.from_pretrained(hub)  # what diffusers records when given the id: the id itself
+    pipe.register_to_config(_name_or_path=REPO)
+    model = as_loaded(pipe)
+    assert (model.hub_id, model.revision, model.path) == (REPO, SHA, hub)
+    report = prune_(model, PruneConfig(method="magnitude", sparsity_type="2:4"), progress=False)
+    record = json.loads((save_run(model, report.to_dict(), tmp_path / "run") / "obsdiff.json").read_text())
+    assert record["base_model"] == f"{REPO}@{SHA}" and record["base"] == {"hub_id": REPO, "revision": SHA}
