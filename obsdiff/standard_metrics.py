@@ -3,6 +3,7 @@ Inception-v3, the implementations papers report. Imported only with `--standard-
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +29,21 @@ def inception_weights(path: str | None) -> Path:
     return Path(path)
 
 
-def require_torchmetrics() -> None:
+def _require(module: str, purpose: str) -> None:
+    """Import `module` or raise one line saying what to install. A torchvision built for another torch (PyPI's
+    CUDA build next to the CPU wheel) makes torchmetrics and torch-fidelity fail at import with a RuntimeError."""
     try:
-        import torchmetrics  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
-        raise MissingDependencyError("--standard-metrics needs torchmetrics, which is not installed; "
+        raise MissingDependencyError(f"{purpose} needs {module}, which is not installed; "
                                      "pip install 'obsdiff[metrics]'") from None
+    except RuntimeError as exc:
+        raise MissingDependencyError(f"{purpose}: {module} does not import with this torch ({torch.__version__}): "
+                                     f"{first_line(exc)}; install the torchvision built for this torch") from None
+
+
+def require_torchmetrics() -> None:
+    _require("torchmetrics", "--standard-metrics")
 
 
 class TensorFeatures(torch.nn.Module):
@@ -80,12 +90,7 @@ class StandardMetrics:
 
 
 def require_fidelity() -> None:
-    try:  # torch-fidelity imports torchvision: one built for another torch fails here with a RuntimeError
-        import torch_fidelity  # noqa: F401
-    except (ImportError, RuntimeError) as exc:
-        raise MissingDependencyError(f"FID needs torch-fidelity and a torchvision built for this torch "
-                                     f"({torch.__version__}): {first_line(exc)}; "
-                                     "pip install 'obsdiff[metrics]' with a matching torchvision") from None
+    _require("torch_fidelity", "FID")
 
 
 def _fid_metric(weights: Path | None, features: torch.nn.Module | None):

@@ -34,7 +34,17 @@ def test_missing_torchmetrics_is_one_line_before_generating(tiny_sd3_dir, tmp_pa
 
 def test_missing_torch_fidelity_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)
-    with pytest.raises(MissingDependencyError, match=r"FID needs torch-fidelity .*obsdiff\[metrics\]"):
+    with pytest.raises(MissingDependencyError, match=r"FID needs torch_fidelity, .*obsdiff\[metrics\]"):
+        require_fidelity()
+
+
+def test_torchvision_for_another_torch_is_one_line(monkeypatch):
+    def broken_import(name):
+        raise RuntimeError("operator torchvision::nms does not exist\nmore")
+
+    monkeypatch.setattr("importlib.import_module", broken_import)
+    with pytest.raises(MissingDependencyError, match="torch_fidelity does not import with this torch .*"
+                                                     "torchvision::nms does not exist; install the torchvision"):
         require_fidelity()
 
 
