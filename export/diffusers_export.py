@@ -157,8 +157,8 @@ def export_diffusers(run: str | Path, out: str | Path, dtype: str | None = None,
     out = check_writable(out, force)
     target = torch_dtype(dtype) if dtype else torch_dtype(record.get("weights_dtype", "fp32"))
     base = resolve_run_base(run, record).path
+    denoiser, family, _ = load_denoiser(str(run), target, "cpu")  # reads and checks the base's model_index.json
     index = json.loads((base / "model_index.json").read_text())
-    denoiser, family, _ = load_denoiser(str(run), target, "cpu")
     done = {}
     with staged_dir(out, force=force) as tmp:
         for name, entry in _components(index).items():

@@ -98,6 +98,9 @@ def p(tmp_path, tiny_sd3_dir, tiny_run):
         (root / name).mkdir()
         (root / name / "obsdiff.json").write_bytes(content)
         runs[name] = root / name
+    for name, content in [("pipe-garbage", NOT_UTF8), ("pipe-array", b"[1]")]:  # model_index.json only
+        (root / name).mkdir()
+        (root / name / "model_index.json").write_bytes(content)
     (root / "dir.onnx").mkdir()
     (root / "dir.json").write_text(json.dumps(export_sidecar(SD3_INPUTS)))
     for name, content in [("trunc", TRUNCATED.encode()), ("latin", NOT_UTF8), ("shape", b'{"inputs": "x"}'),
@@ -250,6 +253,9 @@ FAULTS = [
                                                                "--out", p.root / "r"],
           lambda p: p.run_wrong_types / "obsdiff.json", words=("'base_model' is an integer, not a string",
                                                                 "not written by obsdiff prune")),
+    Fault("prune-model-index-not-utf8", "obsdiff", lambda p: [*PRUNE, "--model", p.root / "pipe-garbage",
+                                                              "--out", p.root / "r"],
+          lambda p: p.root / "pipe-garbage" / "model_index.json", words=("not UTF-8 text",)),
     Fault("prune-disk-full", "obsdiff", lambda p: [*PRUNE, "--model", p.tiny, "--out", p.root / "r"],
           lambda p: p.root / "r", words=("ENOSPC", "nothing was written"), patch=disk_full_at("obsdiff.json"),
           upfront=False, may_leave=("r.partial",)),
@@ -276,6 +282,8 @@ FAULTS = [
           lambda p: "/sys/obsdiff-onnx"),
     Fault("onnx-run-record-wrong-shape", "export", lambda p: [*ONNX, p.run_wrong_shape, "--out", p.root / "o"],
           lambda p: p.run_wrong_shape / "obsdiff.json", words=("holds an array, not an object",)),
+    Fault("onnx-model-index-an-array", "export", lambda p: [*ONNX, p.root / "pipe-array", "--out", p.root / "o"],
+          lambda p: p.root / "pipe-array" / "model_index.json", words=("holds an array",)),
     Fault("onnx-disk-full", "export", lambda p: [*ONNX, p.tiny, "--out", p.root / "o"],
           lambda p: p.root / "o", words=("ENOSPC",), upfront=False,
           patch=raising(lambda *a: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
