@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from obsdiff.artifacts import machine, staged_file, versions, write_json
+from obsdiff.artifacts import check_writable, machine, staged_file, versions, write_json
 from obsdiff.errors import ConfigError, OutputExistsError
 
 from . import trt_env
@@ -184,6 +184,7 @@ def refuse_existing(targets: list[tuple[Path, bool]], onnx_path: Path, force: bo
         if path.exists() and not force:
             raise OutputExistsError(f"{path} already exists{_staleness(path, onnx_path)}; pass --force to rebuild "
                                     "it or choose another --out")
+        check_writable(path, force=True)  # a path the OS refuses fails now, not after a long build
 
 
 def build_engine(onnx_path: str | Path, out: str | Path, config: EngineConfig | None = None,

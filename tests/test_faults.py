@@ -101,6 +101,8 @@ def p(tmp_path, tiny_sd3_dir, tiny_run):
     for name, content in [("pipe-garbage", NOT_UTF8), ("pipe-array", b"[1]")]:  # model_index.json only
         (root / name).mkdir()
         (root / name / "model_index.json").write_bytes(content)
+    (root / "good.onnx").write_bytes(b"onnx graph bytes")
+    (root / "good.json").write_text(json.dumps(export_sidecar(SD3_INPUTS)))
     (root / "dir.onnx").mkdir()
     (root / "dir.json").write_text(json.dumps(export_sidecar(SD3_INPUTS)))
     for name, content in [("trunc", TRUNCATED.encode()), ("latin", NOT_UTF8), ("shape", b'{"inputs": "x"}'),
@@ -309,6 +311,12 @@ FAULTS = [
     Fault("build-engine-onnx-is-dir", "export", lambda p: ["build-engine", p.root / "dir.onnx",
                                                            "--out", p.root / "e.plan"],
           lambda p: p.root / "dir.onnx", words=("is a directory", "--help"), subprocess=True),
+    Fault("build-engine-out-in-proc", "export", lambda p: ["build-engine", p.root / "good.onnx",
+                                                           "--out", "/proc/obsdiff.plan"],
+          lambda p: "/proc/obsdiff.plan", words=("does not accept new files",)),
+    Fault("build-engine-out-under-file", "export", lambda p: ["build-engine", p.root / "good.onnx",
+                                                              "--out", p.afile / "e.plan"],
+          lambda p: p.afile / "e.plan", words=("is a file",)),
     Fault("build-engine-sidecar-truncated", "export", lambda p: ["build-engine", p.root / "trunc.onnx",
                                                                  "--out", p.root / "e.plan"],
           lambda p: p.root / "trunc.json", words=("truncated JSON", "re-export")),
