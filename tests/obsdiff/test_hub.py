@@ -45,6 +45,15 @@ def hub(tmp_path, monkeypatch, tiny_sd3_dir):
     return make_hub_cache(tmp_path / "hub-cache", REPO, tiny_sd3_dir)
 
 
+def online(monkeypatch):
+    """Network allowed, as far as obsdiff can tell (whatever the environment set when huggingface_hub loaded)."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
 def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
@@ -60,6 +69,20 @@ def weights(module):
 ])
 def test_what_counts_as_a_hub_id(ref, expected):
     assert parse_hub_id(ref) == expected
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"HF_HUB_CACHE": "/c/hub", "HF_HOME": "/h"}, "/c/hub"), ({"HF_HOME": "/h"}, "/h/hub"),
+    ({"HUGGINGFACE_HUB_CACHE": "/legacy"}, "/legacy"),
+])
+def test_the_cache_is_read_from_the_environment_at_call_time(monkeypatch, env, expected):
+    from obsdiff.loading import hub_cache_dir
+
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert str(hub_cache_dir()) == expected
 
 
 @pytest.mark.parametrize("suffix", ["", "@main", f"@{SHA}"])
@@ -115,7 +138,7 @@ def test_a_partly_cached_snapshot_is_not_taken_for_a_model(hub, tmp_path):
 def test_an_uncached_id_with_network_downloads_through_diffusers(hub, tmp_path, monkeypatch):
     from diffusers import DiffusionPipeline
 
-    monkeypatch.delenv("HF_HUB_OFFLINE")
+    online(monkeypatch)
     calls = []
 
     def download(repo, revision=None, cache_dir=None):
@@ -150,7 +173,7 @@ def _http_error(cls, status):
 def test_hub_failures_say_which_case_it_was(hub, monkeypatch, make, message):
     from diffusers import DiffusionPipeline
 
-    monkeypatch.delenv("HF_HUB_OFFLINE")
+    online(monkeypatch)
 
     def download(repo, revision=None, cache_dir=None):
         try:  # diffusers wraps what the hub raised, as its own download does
