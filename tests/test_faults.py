@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from obsdiff.artifacts import check_json, read_json, staged_dir, staged_file
 from obsdiff.cli import cli as obsdiff_cli
 from obsdiff.errors import BadFileError, OutputPathError, first_line, os_error_message
-from tests.engines.conftest import SD3_INPUTS, export_sidecar
+from tests.engines.conftest import SD3_INPUTS, export_sidecar, tiny_run_24  # noqa: F401 (a fixture used below)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,19 +53,6 @@ def sd3_class():
 # ------------------------------------------------------------------------------------------ the inputs
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_sd3_dir, tmp_path_factory):
-    """The tiny SD3 pipeline pruned 2:4 by magnitude (no calibration), as a run directory."""
-    from obsdiff.config import PruneConfig
-    from obsdiff.io import save_run
-    from obsdiff.loading import load_pipeline
-    from obsdiff.prune import prune_
-
-    model = load_pipeline(str(tiny_sd3_dir))
-    report = prune_(model, PruneConfig(method="magnitude", sparsity_type="2:4"), progress=False)
-    return save_run(model, report.to_dict(), tmp_path_factory.mktemp("runs") / "tiny-24")
-
-
 def write_export(folder: Path, sidecar_text: str | bytes | None = None) -> Path:
     """A stand-in export directory: transformer.onnx (bytes) with its sidecar (or `sidecar_text` instead)."""
     folder.mkdir()
@@ -83,8 +70,9 @@ TRUNCATED = '{"format": 2, "base_model": "builtin:di'
 
 
 @pytest.fixture
-def p(tmp_path, tiny_sd3_dir, tiny_run):
+def p(tmp_path, tiny_sd3_dir, request):
     """The paths the faults use, created fresh for each case under `root`."""
+    run = request.getfixturevalue("tiny_run_24")  # the engines' fixture, imported above
     root = tmp_path / "w"
     root.mkdir()
     (root / "afile").write_text("a regular file where a directory should be\n")
@@ -115,7 +103,7 @@ def p(tmp_path, tiny_sd3_dir, tiny_run):
     engine = write_export(root / "export-engine")
     (engine / "transformer.plan").write_bytes(b"engine bytes")
     (engine / "transformer.plan.json").write_text(TRUNCATED)
-    return SimpleNamespace(root=root, tiny=str(tiny_sd3_dir), run=str(tiny_run), afile=root / "afile",
+    return SimpleNamespace(root=root, tiny=str(tiny_sd3_dir), run=str(run), afile=root / "afile",
                            bad=root / "bad.txt", prompts_dir=root / "prompts-dir", export=good, **{
                                k.replace("-", "_"): v for k, v in runs.items()})
 
@@ -364,30 +352,29 @@ FAULTS = [
 ]
 
 
-def mount_tmpfs(path: Path, options: str) -> None:
+def mounted_tmpfs(p, name: str, options: str):
+    """A tmpfs at p.root/name (also p.<name>) while the test runs; skips where mounting is not allowed."""
+    path = p.root / name
     path.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
     if r.returncode != 0:
         path.rmdir()
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); needs root in a privileged "
                     "environment")
+    setattr(p, name, path)
+    yield
+    subprocess.run(["umount", str(path)], check=True)
 
 
 @pytest.fixture
 def read_only_fs(p):
-    mount_tmpfs(p.root / "ro", "ro,size=16k")
-    p.ro = p.root / "ro"
-    yield
-    subprocess.run(["umount", str(p.ro)], check=True)
+    yield from mounted_tmpfs(p, "ro", "ro,size=16k")
 
 
 @pytest.fixture
 def full_fs(p):
     """A 32 KiB file system: the tiny denoiser's 93 KiB of weights do not fit."""
-    mount_tmpfs(p.root / "full", "size=32k")
-    p.full = p.root / "full"
-    yield
-    subprocess.run(["umount", str(p.full)], check=True)
+    yield from mounted_tmpfs(p, "full", "size=32k")
 
 
 def invoke(fault: Fault, args: list[str]) -> tuple[int, str, str]:
