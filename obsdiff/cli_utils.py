@@ -55,15 +55,17 @@ class Group(click.Group):
             cmd.params.extend(verbosity_params())
         super().add_command(cmd, name)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:  # the group's own options (a subcommand's are parsed in `invoke`)
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            usage_error(exc, ctx)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:
-            if type(exc).__name__ == "NoArgsIsHelpError":  # click shows the help: not an error
-                raise
-            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
-            click.echo(f"error: {exc.format_message()} (see {where} --help)", err=True)
-            ctx.exit(exc.exit_code)
+            usage_error(exc, ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort, BrokenPipeError):
             raise  # click's own ends (and a closed pipe, which click's main quiets)
         except (Exception, KeyboardInterrupt) as exc:
@@ -95,6 +97,15 @@ def _count_verbosity(ctx: click.Context, param: click.Parameter, value: int) -> 
     setup_logging(net)
     # basicConfig sets the level only on its first call: a later -v (or another command in-process) sets it here
     logging.getLogger().setLevel(logging.WARNING - 10 * max(-1, min(net, 2)))
+
+
+def usage_error(exc: click.UsageError, ctx: click.Context) -> None:
+    """Click's usage errors as one line too (click prints usage, a hint and the error on three)."""
+    if type(exc).__name__ == "NoArgsIsHelpError":  # click shows the help: not an error
+        raise exc
+    where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+    click.echo(f"error: {exc.format_message()} (see {where} --help)", err=True)
+    ctx.exit(exc.exit_code)
 
 
 def setup_logging(verbose: int) -> None:

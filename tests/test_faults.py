@@ -444,6 +444,19 @@ def test_a_bug_is_one_line_exit_1_and_a_traceback_only_with_v(verbose, p, monkey
     assert not (p.root / "x.png").exists()
 
 
+@pytest.mark.parametrize("tool, args, words", [
+    ("obsdiff", ["--bogus"], ("No such option '--bogus'", "(see cli --help)")),
+    ("obsdiff", ["prune", "--out", "x"], ("Missing option '--model'", "(see cli prune --help)")),
+    ("obsdiff", ["nope"], ("No such command 'nope'",)),
+    ("export", ["onnx", "builtin:digits", "--opset", "x"], ("Invalid value for '--opset'",)),
+], ids=["group-option", "missing-option", "unknown-command", "bad-value"])
+def test_usage_errors_are_one_line(tool, args, words):
+    r = CliRunner().invoke(obsdiff_cli if tool == "obsdiff" else export_cli(), args)
+    assert r.exit_code == 2
+    line = error_line(r.stderr, upfront=True)
+    assert all(w in line for w in words), line
+
+
 # ------------------------------------------------------------------------------------------ the helpers
 
 
