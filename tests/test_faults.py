@@ -202,6 +202,11 @@ FAULTS = [
           lambda p: "/proc/obsdiff/x.png", words=("/proc does not accept new files",)),
     Fault("generate-out-in-sys", "obsdiff", lambda p: [*GEN, "--model", p.tiny, "--out", "/sys/obsdiff-x.png"],
           lambda p: "/sys/obsdiff-x.png", words=("/sys does not accept new files",)),
+    Fault("generate-out-no-permission", "obsdiff", lambda p: [*GEN, "--model", p.tiny, "--out", p.locked / "x.png"],
+          lambda p: p.locked / "x.png", words=("does not accept new files",), needs="locked_dir"),
+    Fault("generate-run-record-garbage", "obsdiff", lambda p: [*GEN, "--model", p.run_garbage,
+                                                               "--out", p.root / "x.png"],
+          lambda p: p.run_garbage / "obsdiff.json", words=("not UTF-8 text",)),
     Fault("generate-out-read-only-fs", "obsdiff", lambda p: [*GEN, "--model", p.tiny, "--out", p.ro / "x.png"],
           lambda p: p.ro / "x.png", words=("Read-only file system",), needs="read_only_fs"),
     Fault("generate-disk-full", "obsdiff", lambda p: [*GEN, "--model", p.tiny, "--out", p.root / "new" / "x.png"],
@@ -232,6 +237,8 @@ FAULTS = [
           lambda p: p.afile / "r", words=("is a file",)),
     Fault("prune-out-in-proc", "obsdiff", lambda p: [*PRUNE, "--model", p.tiny, "--out", "/proc/obsdiff-run"],
           lambda p: "/proc/obsdiff-run", subprocess=True),
+    Fault("prune-out-no-permission", "obsdiff", lambda p: [*PRUNE, "--model", p.tiny, "--out", p.locked / "r"],
+          lambda p: p.locked / "r", words=("does not accept new files",), needs="locked_dir"),
     Fault("prune-out-read-only-fs", "obsdiff", lambda p: [*PRUNE, "--model", p.tiny, "--out", p.ro / "r"],
           lambda p: p.ro / "r", words=("EROFS",), needs="read_only_fs"),
     Fault("prune-prompts-not-utf8", "obsdiff", lambda p: [*PRUNE, "--method", "sparsegpt", "--model", p.tiny,
@@ -265,6 +272,9 @@ FAULTS = [
           lambda p: p.run_truncated / "obsdiff.json", words=("truncated JSON",)),
     Fault("report-out-in-proc", "obsdiff", lambda p: ["report", p.run, "--out", "/proc/obsdiff-plots"],
           lambda p: "/proc/obsdiff-plots"),
+    Fault("report-ctrl-c", "obsdiff", lambda p: ["report", p.run, "--out", p.root / "plots"],
+          lambda p: p.root / "plots" / "layer_errors.png", code=130, words=("the unfinished", "was removed"),
+          patch=raising(KeyboardInterrupt, "obsdiff.plots:plot_layer_errors"), upfront=False),
     # obsdiff-export onnx
     Fault("onnx-out-under-file", "export", lambda p: [*ONNX, p.tiny, "--out", p.afile / "onnx"],
           lambda p: p.afile / "onnx", words=("is a file",)),
@@ -364,6 +374,23 @@ def mounted_tmpfs(p, name: str, options: str):
     setattr(p, name, path)
     yield
     subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.fixture
+def locked_dir(p):
+    """A directory this user may not write to: mode 555, and immutable (chattr +i) for root, who ignores modes."""
+    path = p.root / "locked"
+    path.mkdir()
+    path.chmod(0o555)
+    root = os.geteuid() == 0
+    if root and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        path.chmod(0o755)
+        pytest.skip("root writes anywhere, and chattr +i is not available here to stop it")
+    p.locked = path
+    yield
+    if root:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    path.chmod(0o755)
 
 
 @pytest.fixture
