@@ -487,6 +487,24 @@ def test_usage_errors_are_one_line(tool, args, words):
 # ------------------------------------------------------------------------------------------ the helpers
 
 
+@pytest.mark.parametrize("exc, code, words", [
+    (PermissionError(errno.EACCES, "Permission denied", "/data/x"), 2, ("/data/x: Permission denied [EACCES]",
+                                                                    "check its permissions")),
+    (OSError(errno.ENOSPC, "No space left on device"), 2, ("No space left on device [ENOSPC]; the disk is full",)),
+    (UnicodeDecodeError("utf-8", NOT_UTF8, 0, 1, "invalid start byte"), 2, ("not UTF-8 text (byte 0: invalid start",)),
+    (json.JSONDecodeError("Expecting value", "[1, ", 4), 2, ("not valid JSON (line 1, column 5: Expecting value)",)),
+    (KeyboardInterrupt(), 130, ("interrupted (Ctrl-C); no output was left half-written",)),
+    (ValueError("a bug"), None, ()),
+], ids=["os-error-with-path", "os-error-without-path", "undecodable", "bad-json", "ctrl-c", "bug"])
+def test_failures_the_readers_did_not_anticipate(exc, code, words):
+    from obsdiff.cli_utils import failure
+
+    found = failure(exc)
+    assert (found and found[1]) == code
+    for word in words:
+        assert word in found[0], found[0]
+
+
 @pytest.mark.parametrize("content, expect, require, message", [
     (TRUNCATED, dict, None, r"unreadable \(truncated JSON; Unterminated string starting at: line 1 column 29\)"),
     ('{"a": 1} trailing', dict, None, r"unreadable \(not JSON; Extra data: line 1 column 10\)"),
@@ -564,3 +582,28 @@ def test_a_forced_replacement_keeps_the_old_output_when_the_move_fails(tmp_path,
     with pytest.raises(OutputPathError, match=f"could not write {out}"), staged_dir(out, force=True) as tmp:
         (tmp / "new.txt").write_text("new")
     assert [q.name for q in tmp_path.iterdir()] == ["run"] and (out / "old.txt").read_text() == "old"
+
+
+def test_a_real_ctrl_c_during_calibration_exits_130_and_keeps_only_the_checkpoint(tiny_sd3_dir, tmp_path):
+    """SIGINT to `python -m obsdiff prune` once it has started calibrating (no patching)."""
+    import signal
+    import time
+
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "obsdiff", "prune", "--model", str(tiny_sd3_dir), "--method", "sparsegpt",
+           "--sparsity", "0.5", "--num-prompts", "64", "--steps", "50", "--batch-size", "1", "--groups", "1",
+           "--device", "cpu", "--dtype", "fp32", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (out.with_name("r.partial") / "state.json").exists():  # the checkpoint exists: calibration runs
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stdout + stderr
+    line = error_line(stderr, upfront=False)
+    assert str(out.with_name("r.partial")) in line and "--resume" in line, line
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["r.partial"]
