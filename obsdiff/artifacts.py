@@ -238,12 +238,21 @@ def _staged(path: str | Path, force: bool, make_tmp, mode: int) -> Iterator[Path
 
 
 def _os_fault(exc: BaseException) -> OSError | None:
-    """`exc` as an OSError: itself, or one rebuilt from a Rust I/O error's "(os error N)" (safetensors raises
-    its own `SafetensorError` for a full disk)."""
-    if isinstance(exc, OSError):
-        return exc
-    found = re.search(r"\(os error (\d+)\)", str(exc)) if isinstance(exc, Exception) else None
-    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
+    """The OS fault behind `exc`: itself, its cause (exporters wrap a full disk in their own errors), or one
+    rebuilt from a Rust I/O error's "(os error N)" (safetensors raises `SafetensorError` for a full disk).
+
+    Ctrl-C and an `OutputPathError` (an inner staged write already named its output) are left as they are.
+    """
+    for _ in range(8):
+        if exc is None or not isinstance(exc, Exception) or isinstance(exc, OutputPathError):
+            return None
+        if isinstance(exc, OSError):
+            return exc
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found:
+            return OSError(int(found.group(1)), os.strerror(int(found.group(1))))
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return None
 
 
 def _about_output(exc: OSError, tmp: Path | None) -> bool:

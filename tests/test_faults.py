@@ -115,6 +115,11 @@ def snapshot(root: Path) -> set[str]:
 # ------------------------------------------------------------------------------------------ the faults
 
 
+def enospc(*args) -> OSError:
+    """What a write to a full disk raises: no file name (the file was opened before the disk filled up)."""
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def disk_full_at(name: str):
     """Patch the file writers so that writing `name` (or its staged temporary) fills the disk half-way."""
 
@@ -127,13 +132,13 @@ def disk_full_at(name: str):
         def write_text(self, data, *args, **kwargs):
             if hits(self):
                 real_text(self, data[: len(data) // 2], *args, **kwargs)
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                raise enospc()
             return real_text(self, data, *args, **kwargs)
 
         def write_bytes(self, data):
             if hits(self):
                 real_bytes(self, data[: len(data) // 2])
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                raise enospc()
             return real_bytes(self, data)
 
         mp.setattr(Path, "write_text", write_text)
@@ -147,7 +152,7 @@ def disk_full_in_png(mp, p):
 
     def save(self, fp, *args, **kwargs):
         Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise enospc()
 
     mp.setattr(Image.Image, "save", save)
 
@@ -286,8 +291,10 @@ FAULTS = [
           lambda p: p.root / "pipe-array" / "model_index.json", words=("holds an array",)),
     Fault("onnx-disk-full", "export", lambda p: [*ONNX, p.tiny, "--out", p.root / "o"],
           lambda p: p.root / "o", words=("ENOSPC",), upfront=False,
-          patch=raising(lambda *a: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+          patch=raising(enospc,
                         "obsdiff.export.onnx_export:_run_exporter")),
+    Fault("onnx-disk-full-for-real", "export", lambda p: [*ONNX, p.tiny, "--out", p.full / "o"],
+          lambda p: p.full / "o", words=("No space left on device",), upfront=False, needs="full_fs"),
     Fault("onnx-ctrl-c", "export", lambda p: [*ONNX, p.tiny, "--out", p.root / "o"],
           lambda p: p.root / "o", code=130, words=("the unfinished", "was removed"), upfront=False,
           patch=raising(KeyboardInterrupt, "obsdiff.export.onnx_export:_run_exporter")),
@@ -300,7 +307,7 @@ FAULTS = [
           lambda p: "/proc/obsdiff-pipeline"),
     Fault("diffusers-disk-full", "export", lambda p: ["diffusers", p.run, "--out", p.root / "d"],
           lambda p: p.root / "d", words=("ENOSPC", "nothing was written"), upfront=False,
-          patch=raising(lambda *a: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+          patch=raising(enospc,
                         "obsdiff.export.diffusers_export:_place_tree")),
     Fault("diffusers-ctrl-c", "export", lambda p: ["diffusers", p.run, "--out", p.root / "d"],
           lambda p: p.root / "d", code=130, words=("the unfinished", "was removed"), upfront=False,
@@ -549,10 +556,16 @@ def test_first_line():
     assert first_line(ValueError("   \n ")) == "ValueError"
 
 
+def wrapped(outer: Exception, cause: BaseException) -> Exception:
+    outer.__cause__ = cause
+    return outer
+
+
 @pytest.mark.parametrize("helper", [staged_dir, staged_file])
-@pytest.mark.parametrize("make", [KeyboardInterrupt, lambda: OSError(errno.ENOSPC, "No space left on device"),
-                                  lambda: RuntimeError("I/O error: No space left on device (os error 28)")],
-                         ids=["ctrl-c", "enospc", "rust-io-error"])
+@pytest.mark.parametrize("make", [KeyboardInterrupt, enospc,
+                                  lambda: RuntimeError("I/O error: No space left on device (os error 28)"),
+                                  lambda: wrapped(RuntimeError("export failed"), enospc())],
+                         ids=["ctrl-c", "enospc", "rust-io-error", "wrapped-by-an-exporter"])
 def test_staged_writes_leave_nothing_and_name_the_output(helper, make, tmp_path):
     exc = make()
     out = tmp_path / "new" / "deeper" / "out"
@@ -582,6 +595,14 @@ def test_a_forced_replacement_keeps_the_old_output_when_the_move_fails(tmp_path,
     with pytest.raises(OutputPathError, match=f"could not write {out}"), staged_dir(out, force=True) as tmp:
         (tmp / "new.txt").write_text("new")
     assert [q.name for q in tmp_path.iterdir()] == ["run"] and (out / "old.txt").read_text() == "old"
+
+
+def test_an_input_error_inside_a_staged_write_stays_what_it_is(tmp_path):
+    with pytest.raises(BadFileError, match="prompts file"), staged_dir(tmp_path / "out"):
+        read_json(tmp_path / "missing.json", "prompts file")  # an OSError without the output's name, suppressed
+    with pytest.raises(FileNotFoundError), staged_file(tmp_path / "out.png"):
+        (tmp_path / "missing.txt").read_text()  # names another file: not the output's fault
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_real_ctrl_c_during_calibration_exits_130_and_keeps_only_the_checkpoint(tiny_sd3_dir, tmp_path):
