@@ -31,6 +31,9 @@ def failure(exc: BaseException) -> tuple[str, int] | None:
         return f"interrupted (Ctrl-C); {kept}; run the command again", Interrupted.exit_code
     if isinstance(exc, OSError):
         return os_error_message(exc), 2
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # host RAM, or torch's for a GPU
+        return (f"out of memory ({first_line(exc)}); lower the batch size, give "
+                "prune a --max-memory, or run on a machine with more memory"), 2
     if isinstance(exc, UnicodeDecodeError):
         return f"an input file is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8", 2
     if isinstance(exc, json.JSONDecodeError):

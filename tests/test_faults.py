@@ -501,8 +501,12 @@ def test_usage_errors_are_one_line(tool, args, words):
     (UnicodeDecodeError("utf-8", NOT_UTF8, 0, 1, "invalid start byte"), 2, ("not UTF-8 text (byte 0: invalid start",)),
     (json.JSONDecodeError("Expecting value", "[1, ", 4), 2, ("not valid JSON (line 1, column 5: Expecting value)",)),
     (KeyboardInterrupt(), 130, ("interrupted (Ctrl-C); no output was left half-written",)),
+    (MemoryError(), 2, ("out of memory (MemoryError)", "--max-memory")),
+    (type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"), 2,
+     ("out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)",)),
     (ValueError("a bug"), None, ()),
-], ids=["os-error-with-path", "os-error-without-path", "undecodable", "bad-json", "ctrl-c", "bug"])
+], ids=["os-error-with-path", "os-error-without-path", "undecodable", "bad-json", "ctrl-c", "host-memory", "gpu-memory",
+        "bug"])
 def test_failures_the_readers_did_not_anticipate(exc, code, words):
     from obsdiff.cli_utils import failure
 
