@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -42,8 +44,14 @@ def test_latency_bench(tmp_path):
     ok = [r for r in wide_pipe["rows"] if r["status"] == "ok"]
     assert {r["backend"] for r in ok} == {"torch", "onnxruntime"}
     for r in ok:  # every stage timed, and they add up to the total
-        stages = {k: v["latency_ms"]["median"] for k, v in r["stages"].items()}
-        assert all(v >= 0 for v in stages.values()) and stages["denoiser"] > 0
+        parts = ("text_encoders", "denoiser", "vae_decode", "other")
+        assert set(r["stages"]) == {*parts, "total"}
+        mean = {k: v["latency_ms"]["mean"] for k, v in r["stages"].items()}
+        median = {k: v["latency_ms"]["median"] for k, v in r["stages"].items()}
+        assert all(mean[k] > 0 for k in ("text_encoders", "denoiser", "vae_decode")) and mean["other"] >= 0
+        assert sum(mean[k] for k in parts) == pytest.approx(mean["total"], rel=1e-9)  # per call: exact
+        assert sum(median[k] for k in parts) == pytest.approx(median["total"], rel=0.05)
+        assert median["total"] == r["latency_ms"]["median"]
         assert r["denoiser_calls"] == 2  # one call per step: CFG's two halves share a batch
 
 
@@ -52,8 +60,6 @@ def test_calibration_speed_bench(tmp_path):
     if not Path("/tmp/obsdiff-baseline/obsdiff").is_dir():
         known = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", "7b6eeef^{commit}"], capture_output=True)
         if known.returncode != 0:
-            import pytest
-
             pytest.skip("the baseline commit 7b6eeef is not in this clone")
     data = run_script("calibration_speed.py", tmp_path / "speed.json")
     rows = {r["mode"]: r for r in data["rows"]}
