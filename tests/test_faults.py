@@ -455,6 +455,13 @@ def test_fault_is_one_line_and_leaves_nothing(fault, p, request, monkeypatch):
     assert before <= after, f"removed: {sorted(before - after)}"
 
 
+def test_every_command_has_rows_in_the_table():
+    """A new command needs its faults here (ids start with the command's name)."""
+    commands = set(obsdiff_cli.commands) | set(export_cli().commands)
+    assert {c for c in commands if not any(f.id.startswith(f"{c}-") for f in FAULTS)} == set()
+    assert len(commands) >= 10
+
+
 def test_the_stand_in_export_is_served(p, tmp_path):
     """Control for the triton faults: the same export directory, unbroken, gives a repository."""
     r = CliRunner().invoke(export_cli(), ["triton", str(p.export), "--out", str(tmp_path / "repo")])
