@@ -135,6 +135,8 @@ class World:
         outcomes = self.all_gather(mine)
         failed = [(r, m) for r, m in enumerate(outcomes) if m is not None]
         if error is not None:
+            with contextlib.suppress(AttributeError):  # rank 0 reports it: `session` keeps this rank quiet
+                error.obsdiff_agreed = True
             raise error
         if failed:
             rank, message = failed[0]
@@ -213,6 +215,28 @@ class World:
             else:
                 acc.release(weight_sum, int(calls), int(tokens))
 
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """A command's whole run on this rank: the process group is left at the end, and on a failure only
+        rank 0 speaks for a failure every rank knows of (another rank exits quietly with the same code);
+        a failure only this rank knows of is reported by it, naming the rank."""
+        import click
+
+        try:
+            yield
+        except click.exceptions.Exit:
+            raise
+        except BaseException as exc:
+            if not self.distributed or self.is_main:
+                raise
+            code = getattr(exc, "exit_code", 130 if isinstance(exc, KeyboardInterrupt) else 2)
+            if getattr(exc, "obsdiff_agreed", False) or isinstance(exc, RankFailed | KeyboardInterrupt):
+                log.debug("rank %d stops: %s", self.rank, first_line(exc))
+                raise click.exceptions.Exit(code) from None
+            raise RankFailed(f"rank {self.rank} of {self.size}: {first_line(exc)}") from exc
+        finally:
+            self.close()
+
     def close(self) -> None:
         if self.distributed:
             import torch.distributed as dist
@@ -273,6 +297,7 @@ class CheckpointView:
         self.world, self.done, self.report, self.extra = world, state["done"], state["report"], state["extra"]
 
     def restore_(self, module: torch.nn.Module) -> None:
+        self.world.agree(None)  # rank 0 reads its checkpoint; wait for its outcome
         self.world.broadcast_(_module_tensors(module), src=0)
 
     def save_group(self, index: int, tensors: dict, report: dict, extra: dict | None = None) -> None:
