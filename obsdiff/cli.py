@@ -251,6 +251,7 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
     from obsdiff.artifacts import check_writable
     from obsdiff.config import CalibConfig, PruneConfig
     from obsdiff.devices import dtype_name
+    from obsdiff.distributed import init_from_env, share_checkpoint
     from obsdiff.errors import Interrupted
     from obsdiff.io import check_can_save, save_run
     from obsdiff.loading import load_pipeline, parse_dtype, resolve_device
@@ -259,50 +260,69 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
     from obsdiff.prune import open_checkpoint, prune_
     from obsdiff.resume import Checkpoint
 
-    # Validate everything before the (slow) model load, so bad input fails at once and writes nothing.
-    pcfg = PruneConfig(method=method, sparsity=sparsity, sparsity_type=sparsity_type, percdamp=percdamp,
-                       block_size=block_size, compensate=not no_compensate, blocks=parse_span(blocks),
-                       on_indivisible="skip" if skip_indivisible else "error", compute_dtype=solver_precision,
-                       head_ratio=head_ratio, ffn_ratio=ffn_ratio, structure_cost=structure_cost,
-                       joint_scoring=joint_scoring, ffn_per_round=ffn_per_round, allocation=allocation)
-    ccfg = CalibConfig(prompts=prompts, num_prompts=num_prompts, steps=steps, guidance=guidance,
-                       batch_size=batch_size, groups=groups, timestep_weighting=timestep_weighting, seed=seed,
-                       max_tokens=max_tokens, height=height, width=width, mode=calibration_mode,
-                       cache_device=cache_device, cache_spill=cache_spill, hessian_device=hessian_device)
-    if prompts != "builtin":
-        read_prompts(Path(prompts))
-    if not dry_run:
-        check_writable(out, force)
-        Checkpoint.check_leftover(out, resume=resume, force=force)
-    # Plan from configs and safetensors headers: a prune that cannot fit is refused before any weight loads.
-    torch_device = resolve_device(device)
-    dtype = dtype_name(parse_dtype(dtype, torch_device))  # --dtype auto follows the device
-    sketch, weights = skeleton(model, dtype)
-    if max_memory is not None:
-        ccfg, plan = choose_groups(sketch, pcfg, ccfg, max_memory, torch_device, hessian_device, weights)
-    else:
-        plan = plan_memory(sketch, pcfg, ccfg, torch_device, hessian_device, weights)
-    if dry_run:
-        click.echo(describe(plan))
-        return
-    check_fits(plan, torch_device, plan.limit)
-    save_as = check_can_save(sketch, out, force, None if save_dtype == "base" else save_dtype)
-    click.echo(f"plan: {len(plan.groups)} calibration groups, predicted peak "
-               + ", ".join(f"{n / 2**30:.1f} GiB on {d}" for d, n in sorted(plan.peak.items()))
-               + " (--dry-run shows the groups)", err=True)
-    loaded = load_pipeline(model, device=torch_device, dtype=dtype)
-    checkpoint = open_checkpoint(loaded, pcfg, ccfg, out, resume=resume, force=force)
-    try:
-        report = prune_(loaded, pcfg, ccfg, checkpoint=checkpoint)
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; {checkpoint.done} finished groups are kept in {checkpoint.path}: run the "
-                          "same command with --resume to continue") from None
-    report.device, report.dtype = str(torch_device), dtype_name(loaded.denoiser.dtype)
-    measured = measured_peaks(torch_device)
-    save_run(loaded, report.to_dict() | {"memory_plan": plan.to_dict(), "memory_measured": measured}, out,
-             force=force, dtype=save_as)
-    checkpoint.remove()
-    draw_plots_best_effort(out)
+    # Under torchrun every rank runs this command; join the job first, so that every failure below (bad input
+    # included) is known to all ranks and reported once, by rank 0.
+    world, torch_device = init_from_env(resolve_device(device))
+    with world.session():
+        with world.failures():
+            # Validate everything before the (slow) model load, so bad input fails at once and writes nothing.
+            pcfg = PruneConfig(method=method, sparsity=sparsity, sparsity_type=sparsity_type, percdamp=percdamp,
+                               block_size=block_size, compensate=not no_compensate, blocks=parse_span(blocks),
+                               on_indivisible="skip" if skip_indivisible else "error",
+                               compute_dtype=solver_precision, head_ratio=head_ratio, ffn_ratio=ffn_ratio,
+                               structure_cost=structure_cost, joint_scoring=joint_scoring,
+                               ffn_per_round=ffn_per_round, allocation=allocation)
+            ccfg = CalibConfig(prompts=prompts, num_prompts=num_prompts, steps=steps, guidance=guidance,
+                               batch_size=batch_size, groups=groups, timestep_weighting=timestep_weighting,
+                               seed=seed, max_tokens=max_tokens, height=height, width=width, mode=calibration_mode,
+                               cache_device=cache_device, cache_spill=cache_spill, hessian_device=hessian_device)
+            if prompts != "builtin":
+                read_prompts(Path(prompts))
+            if not dry_run and world.is_main:  # rank 0 alone writes the run
+                check_writable(out, force)
+                Checkpoint.check_leftover(out, resume=resume, force=force)
+            # Plan from configs and safetensors headers: a prune that cannot fit is refused before any weight
+            # loads. Under torchrun the plan is one rank's.
+            dtype = dtype_name(parse_dtype(dtype, torch_device))  # --dtype auto follows the device
+            sketch, weights = skeleton(model, dtype)
+            if max_memory is not None:
+                ccfg, plan = choose_groups(sketch, pcfg, ccfg, max_memory, torch_device, hessian_device, weights,
+                                           world_size=world.size)
+            else:
+                plan = plan_memory(sketch, pcfg, ccfg, torch_device, hessian_device, weights,
+                                   world_size=world.size)
+            if not dry_run:
+                check_fits(plan, torch_device, plan.limit)
+                save_as = check_can_save(sketch, out, force, None if save_dtype == "base" else save_dtype)
+        if dry_run:
+            if world.is_main:
+                click.echo(describe(plan))
+            return
+        if world.is_main:
+            click.echo(f"plan: {len(plan.groups)} calibration groups, predicted peak "
+                       + ", ".join(f"{n / 2**30:.1f} GiB on {d}" for d, n in sorted(plan.peak.items()))
+                       + (f" per rank ({world.size} ranks)" if world.distributed else "")
+                       + " (--dry-run shows the groups)", err=True)
+        with world.failures():
+            loaded = load_pipeline(model, device=torch_device, dtype=dtype)
+            checkpoint = (open_checkpoint(loaded, pcfg, ccfg, out, resume=resume, force=force,
+                                          world_size=world.size) if world.is_main else None)
+        checkpoint = share_checkpoint(world, checkpoint)
+        try:
+            report = prune_(loaded, pcfg, ccfg, checkpoint=checkpoint, world=world, progress=world.is_main)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; {checkpoint.done} finished groups are kept in {checkpoint.path}: run "
+                              "the same command with --resume to continue") from None
+        report.device, report.dtype = str(torch_device), dtype_name(loaded.denoiser.dtype)
+        measured = measured_peaks(torch_device)
+        with world.failures():
+            if world.is_main:
+                save_run(loaded, report.to_dict() | {"memory_plan": plan.to_dict(), "memory_measured": measured},
+                         out, force=force, dtype=save_as)
+                checkpoint.remove()
+                draw_plots_best_effort(out)
+        if not world.is_main:
+            return
     if as_json:
         from obsdiff.io import read_run
 
@@ -317,6 +337,8 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
             ["mean rel. error, mask only", sum(errs0) / len(errs0) if errs0 else None],
             ["mean rel. error, after OBS", sum(errs) / len(errs) if errs else None],
             ["calibration groups", len(report.groups)],
+            *([["ranks, MiB communicated", f"{report.distributed['world_size']}, "
+                f"{report.distributed['bytes_communicated'] / 2**20:.1f}"]] if report.distributed else []),
             *([["cached block inputs (MiB)", report.calibration["cache_bytes"] / 2**20]]
               if report.calibration.get("mode") == "cached" else []),
             *([["parameters, pruned / dense", report.model_stats["parameter_ratio"]],
