@@ -463,7 +463,9 @@ class SpillCache:
     def _reserve(self, size: int) -> None:
         if size > self._capacity:
             self._capacity = max(size, 2 * self._capacity)
-            # mapping the file again with a larger size extends it; older views keep the old mapping alive
+            # Extend the file first: torch.from_file writes a zero to byte 0 when it has to grow the file itself.
+            # Older views keep the old mapping alive.
+            os.truncate(self.path, self._capacity)
             self._buf = torch.from_file(str(self.path), shared=True, size=self._capacity, dtype=torch.uint8)
 
     def _new_slot(self, t: torch.Tensor) -> _Slot:

@@ -188,8 +188,6 @@ def test_memory_and_spill_caches_round_trip_the_same_inputs(tmp_path):
     spill.close()
 
 
-@pytest.mark.xfail(strict=True, reason="torch.from_file zeroes byte 0 of the file when it extends it, so each "
-                   "growth of a SpillCache corrupts the first cached tensor's first byte")
 def test_spill_cache_keeps_its_data_when_the_file_grows(tmp_path):
     spill = SpillCache(tmp_path, capacity=64)  # far too small: every append grows the file
     for i in range(3):
