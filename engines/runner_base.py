@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from obsdiff.devices import synchronize as sync_device
 from obsdiff.errors import ConfigError, ObsdiffError, first_line  # noqa: F401 (first_line: re-exported)
 
 RUNNERS: dict[str, type[Runner]] = {}
@@ -76,8 +77,8 @@ class Runner(ABC):
         """One denoiser forward; returns its output tensor on the model's device and dtype."""
 
     def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.device.type != "cpu":
+            sync_device(self.device)
 
     def close(self) -> None:  # noqa: B027 (optional hook: most runners hold nothing to release)
         """Release what `prepare` made (temporary exports, engines)."""

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from obsdiff.devices import DTYPES as MODEL_DTYPES
 from obsdiff.errors import ConfigError
 
 COMPONENTS = ("transformer", "vae-decoder", "text-encoders")
 COMPONENT_CHOICES = (*COMPONENTS, "all")
 ALIASES = {"denoiser": "transformer", "unet": "transformer", "vae": "vae-decoder", "text-encoder": "text-encoders"}
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = tuple(MODEL_DTYPES)
 EXPORTERS = ("dynamo", "legacy")
 OPSETS = {"dynamo": (18, 23), "legacy": (14, 20)}  # dynamo at 17 writes an invalid Split
 BF16_MIN_OPSET = 22  # ONNX Conv, Sin and Cos take bfloat16 only from opset 22

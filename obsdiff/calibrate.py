@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from obsdiff.config import CalibConfig, PruneConfig
+from obsdiff.devices import synchronize
 from obsdiff.errors import ConfigError, UnsupportedModelError, first_line
 from obsdiff.hessian import HessianAccumulator, timestep_weights
 from obsdiff.hooks import CallCut, HessianHooks, InputCapture, LastStepCut, StepCounter, StopPass, tensors_to
@@ -378,7 +379,7 @@ class CachedCalibrator(Calibrator):
 
     def _sync(self) -> None:  # only when asked to measure: the advance's share of the time on an accelerator
         if self.sync_timing and self.device.type != "cpu":
-            torch.accelerator.synchronize(self.device)
+            synchronize(self.device)
 
 
 # ------------------------------------------------------------------------------------------ block-input caches

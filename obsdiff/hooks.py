@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from obsdiff.devices import synchronize
 from obsdiff.hessian import HessianAccumulator
 
 
@@ -133,7 +134,7 @@ class HessianHooks:
 
 def _synchronize(device: torch.device) -> None:
     if device.type != "cpu":
-        torch.accelerator.synchronize(device)
+        synchronize(device)
 
 
 def tensors_to(obj, device: torch.device):

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -17,7 +18,11 @@ def test_info_lists_versions_devices_and_sparse_support():
     for word in ("torch", "diffusers", "onnxruntime", "tensorrt", "cpu", "sparse tensor cores", "sd3"):
         assert word in r.output
     env = json.loads(run("info", "--json").output)
-    assert env["sparse_tensor_cores"]["usable"] in (True, False)
+    usable = env["sparse_tensor_cores"]["usable"]
+    if not torch.cuda.is_available():  # a CPU machine can never use them, and says why
+        assert usable is False and env["sparse_tensor_cores"]["reason"] == "no CUDA GPU visible to PyTorch"
+    else:
+        assert usable == (torch.cuda.get_device_capability(0) >= (8, 0))
     assert env["libraries"]["torch"]
 
 
