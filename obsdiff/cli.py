@@ -230,6 +230,8 @@ def read_prompts(path: Path) -> tuple[str, ...]:
               help="memory budget on the model's device: choose the calibration groups so every group fits, "
                    "or refuse before loading")
 @click.option("--dry-run", is_flag=True, help="print the memory plan (per group and device) and exit; loads no weights")
+@click.option("--world-size", type=click.IntRange(1), default=None,
+              help="with --dry-run: plan one rank of a torchrun job of this many processes [torchrun's, else 1]")
 @click.option("--resume", is_flag=True, help="continue an interrupted prune from its last finished group (OUT.partial)")
 @click.option("--save-dtype", type=click.Choice(["base", "fp32", "fp16", "bf16"]), default="base", show_default=True,
               help="dtype of the saved weights (base: the base model's own)")
@@ -242,7 +244,7 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
           ffn_per_round, allocation, prompts, num_prompts, steps, guidance, batch_size, groups,
           calibration_mode, cache_device, cache_spill, hessian_device, timestep_weighting, blocks, percdamp,
           block_size, no_compensate, skip_indivisible, max_tokens, height, width, solver_precision, seed, max_memory,
-          dry_run, resume, save_dtype, out, as_json, force, device, dtype) -> None:
+          dry_run, world_size, resume, save_dtype, out, as_json, force, device, dtype) -> None:
     """Prune a denoiser with OBS-Diff (or a baseline) and save a run directory.
 
     Finished calibration groups are kept in OUT.partial until the run is saved: after a crash, Ctrl-C or a
@@ -252,7 +254,7 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
     from obsdiff.config import CalibConfig, PruneConfig
     from obsdiff.devices import dtype_name
     from obsdiff.distributed import init_from_env, share_checkpoint
-    from obsdiff.errors import Interrupted
+    from obsdiff.errors import ConfigError, Interrupted
     from obsdiff.io import check_can_save, save_run
     from obsdiff.loading import load_pipeline, parse_dtype, resolve_device
     from obsdiff.memory import check_fits, measured_peaks
@@ -278,6 +280,10 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
                                cache_device=cache_device, cache_spill=cache_spill, hessian_device=hessian_device)
             if prompts != "builtin":
                 read_prompts(Path(prompts))
+            if world_size is not None and (not dry_run or world.distributed):
+                raise ConfigError("--world-size only plans a torchrun job with --dry-run; under torchrun the world "
+                                  "size is torchrun's")
+            ranks = world_size or world.size
             if not dry_run and world.is_main:  # rank 0 alone writes the run
                 check_writable(out, force)
                 Checkpoint.check_leftover(out, resume=resume, force=force)
@@ -287,10 +293,9 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
             sketch, weights = skeleton(model, dtype)
             if max_memory is not None:
                 ccfg, plan = choose_groups(sketch, pcfg, ccfg, max_memory, torch_device, hessian_device, weights,
-                                           world_size=world.size)
+                                           world_size=ranks)
             else:
-                plan = plan_memory(sketch, pcfg, ccfg, torch_device, hessian_device, weights,
-                                   world_size=world.size)
+                plan = plan_memory(sketch, pcfg, ccfg, torch_device, hessian_device, weights, world_size=ranks)
             if not dry_run:
                 check_fits(plan, torch_device, plan.limit)
                 save_as = check_can_save(sketch, out, force, None if save_dtype == "base" else save_dtype)

@@ -293,3 +293,27 @@ def test_torchrun_failing_rank_ends_the_job_with_one_line_and_no_run(tiny_sd3_di
     # torchrun adds its own summary of failed workers (its launcher's ChildFailedError); no obsdiff frame
     assert "/obsdiff/" not in "".join(re.findall(r'File "([^"]+)"', proc.stderr))
     assert not out.exists()
+
+
+def test_the_plan_is_one_ranks_share(tiny_sd3_dir):
+    from click.testing import CliRunner
+
+    from obsdiff.cli import cli
+    from obsdiff.planner import plan_memory, skeleton
+
+    sketch, weights = skeleton(str(tiny_sd3_dir), "fp32")
+    cached = CalibConfig(**{**CALIB.to_dict(), "mode": "cached", "groups": None})
+    plans = {w: plan_memory(sketch, PruneConfig(sparsity=0.5), cached, "cpu", None, weights, world_size=w)
+             for w in (1, 2, 3)}
+    # four one-prompt batches: 4, 2 and 2 of them on the busiest rank, so the cached block inputs and the
+    # denoiser calls per group shrink in proportion; Hessians do not (every rank holds the partial ones)
+    assert plans[2].cache_bytes * 2 == plans[1].cache_bytes == plans[3].cache_bytes * 2
+    assert [g.calls for g in plans[2].groups] == [g.calls // 2 for g in plans[1].groups]
+    assert [g.hessian_bytes for g in plans[2].groups] == [g.hessian_bytes for g in plans[1].groups]
+    assert plans[2].world_size == 2
+
+    args = ["prune", "--model", str(tiny_sd3_dir), "--sparsity", "0.5", "--device", "cpu", "--out", "unused"]
+    r = CliRunner().invoke(cli, [*args, "--dry-run", "--world-size", "2"])
+    assert r.exit_code == 0 and "per rank of 2" in r.output, r.output
+    r = CliRunner().invoke(cli, [*args, "--world-size", "2"])
+    assert r.exit_code == 2 and "--world-size only plans a torchrun job with --dry-run" in r.output
