@@ -88,3 +88,28 @@ def test_scale_bench(tmp_path):
     assert fits[("sd3-medium", 80)] == "defaults (4 groups)" and fits[("flux.1-dev", 24)] is None
     (case,) = data["measured"]
     assert abs(case["error"]) < 0.5  # the tiny digits prune: planned and measured peak RSS of the same order
+
+
+def test_distributed_bench(tmp_path):
+    """One and two processes (torchrun) give the same masks with fp64 Hessians; the 8-GPU model adds up."""
+    data = run_script("distributed.py", tmp_path / "distributed.json")
+    one, two = data["measured"]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert two["masks_identical"] and two["mask_differences"] == 0 and two["max_rel_weight_diff"] < 1e-4
+    assert [r["rank"] for r in two["ranks"]] == [0, 1]
+    assert all(r["calib_seconds"] > 0 and r["units_solved"] > 0 for r in two["ranks"])  # both calibrated and solved
+    assert sum(r["units_solved"] for r in two["ranks"]) == one["ranks"][0]["units_solved"]
+    assert two["bytes_communicated"] == sum(r["bytes_sent"] for r in two["ranks"]) > 0 == one["bytes_communicated"]
+    assert one["metrics"]["digit_accuracy"] > 0.8 and two["metrics"]["digit_accuracy"] > 0.8
+    model = {(r["model"], r["world_size"]): r for r in data["model"]}
+    sd3 = model[("sd3-medium", 8)]
+    assert (sd3["prompt_batches"], sd3["batches_per_rank_max"], sd3["calibration_speedup"]) == (25, 4, 6.25)
+    # every unit's fp32 Hessian leaves W - 1 ranks: SD3-Medium's 24 blocks hold 8046 MiB of them
+    assert model[("sd3-medium", 2)]["hessian_bytes"] == pytest.approx(8046 * 2**20, rel=1e-3)
+    for name in ("sd3-medium", "flux.1-dev"):
+        assert model[(name, 1)]["hessian_bytes"] == model[(name, 1)]["broadcast_bytes"] == 0
+        assert model[(name, 8)]["hessian_bytes"] == 7 * model[(name, 2)]["hessian_bytes"]
+        for w in (2, 4, 8):
+            r = model[(name, w)]
+            assert 1 <= r["solve_balance_mean"] <= r["solve_balance_worst"]
+            assert r["solve_speedup"] == pytest.approx(w, rel=0.25) and r["solve_speedup"] <= w
