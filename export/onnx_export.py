@@ -26,6 +26,7 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from obsdiff.artifacts import check_writable, machine, sha256_file, staged_dir, versions, write_json
 from obsdiff.errors import ObsdiffError
@@ -394,7 +395,8 @@ def _release(comp: Component, loaded) -> None:
         pass
 
 
-def export_onnx(model, out_dir: str | Path, config: ExportConfig | None = None, force: bool = False) -> dict:
+def export_onnx(model, out_dir: str | Path, config: ExportConfig | None = None, force: bool = False,
+                progress: bool = True) -> dict:
     """Export the configured components of `model` (a `--model` value, run directory, `LoadedModel` or
     diffusers pipeline) to `out_dir`, check each graph, and write sidecars.
 
@@ -412,9 +414,11 @@ def export_onnx(model, out_dir: str | Path, config: ExportConfig | None = None, 
     components = [c for kind in cfg.components() for c in BUILDERS[kind](loaded, cfg, ranges, owned)]
     report = {"format": FORMAT_VERSION, "artifact": "onnx-export", "source": loaded.ref, "config": cfg.to_dict(),
               "ranges": ranges, "components": {}}
-    with staged_dir(out_dir, force=force) as tmp:
+    bar = tqdm(total=len(components), desc="onnx export", unit="component", leave=False, disable=not progress)
+    with staged_dir(out_dir, force=force) as tmp, bar:
         for comp in components:
-            sidecar = _export_component(comp, loaded, cfg, tmp, owned)
+            sidecar = _export_component(comp, loaded, cfg, tmp, owned, bar)
+            bar.update()
             report["components"][comp.name] = {k: sidecar[k] for k in ("file", "bytes", "dtype", "export_seconds")} | {
                 "checks": {k: v["status"] for k, v in sidecar["checks"].items()}}
         report |= {"seconds": time.perf_counter() - t_start, "versions": versions(), "machine": machine(),
@@ -423,22 +427,31 @@ def export_onnx(model, out_dir: str | Path, config: ExportConfig | None = None, 
     return report
 
 
-def _export_component(comp: Component, loaded, cfg: ExportConfig, out: Path, owned: bool) -> dict:
+def _export_component(comp: Component, loaded, cfg: ExportConfig, out: Path, owned: bool, bar=None) -> dict:
+    """Export one component and run its checks; `bar` (a tqdm) shows which stage is running."""
+
+    def stage(text: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(f"{comp.name}: {text}")
+
     path = out / f"{comp.name}.onnx"
     log.info("exporting %s (%s, %s exporter)", comp.name, comp.dtype, cfg.exporter)
     t_ref = time.perf_counter()
     # torch outputs first: the module can then be freed before onnxruntime holds the graph's weights
     references = None
     if cfg.parity:
+        stage("torch reference outputs")
         cases = [(p, comp.inputs_at(p, cfg.seed + 1 + k)) for k, p in enumerate(parity_points(comp.io))]
         references = (cases, C.torch_references(_reference(comp), cases))
     ref_seconds = time.perf_counter() - t_ref
     t0 = time.perf_counter()
+    stage(f"{cfg.exporter} export")
     _run_exporter(comp, cfg, path)
     gc.collect()  # the exporter's program (and its tensors) is garbage now
     passes = _finalize(comp, cfg, path)
     export_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
+    stage("checks (onnx checker, pruned weights, parity)")
     checks = _run_checks(comp, loaded, cfg, path, references, owned)
     check_seconds = time.perf_counter() - t1 + ref_seconds
     model = G.load_graph(path)
