@@ -85,7 +85,7 @@ class Generated:
     settings: dict = field(default_factory=dict)
 
 
-def _load_all(models: list, device, dtype, progress: bool) -> list[LoadedModel | None]:
+def load_models(models: list, device, dtype, progress: bool) -> list[LoadedModel | None]:
     """Each of `models` (a reference to load, a pipeline, or None) as a `LoadedModel`, with a bar over the ones
     read from disk (the libraries' own loading bars are silenced while obsdiff loads)."""
     paths = [m for m in models if isinstance(m, str | Path)]
@@ -254,7 +254,7 @@ def evaluate(model: str | LoadedModel, reference: str | LoadedModel | None = Non
     if config.standard_metrics:
         standard = standard_metrics(clip or load_clip(DEFAULT_CLIP), reference is not None, config.inception_weights,
                                     fid_features)
-    m, ref = _load_all([model, reference], device, dtype, progress)
+    m, ref = load_models([model, reference], device, dtype, progress)
     prompts, labels = prompts_for(m, config)
     seeds = [config.seed + i for i in range(len(prompts))]
     size = {"height": config.height, "width": config.width}
