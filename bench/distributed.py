@@ -1,11 +1,12 @@
 """Pruning on several processes (torchrun): one vs two processes on this CPU, and the scaling model at 8 GPUs.
 
-    python bench/distributed.py            # everything (about 6 minutes on a 2-core CPU)
+    python bench/distributed.py            # everything (about 11 minutes on a 2-core CPU)
     python bench/distributed.py --quick    # tiny calibration, the fp64 case only, 20 images (the test suite)
 
 Measured: `obsdiff prune --model builtin:digits` as a child process, once plainly and once under
 `python -m torch.distributed.run --standalone --nproc-per-node 2`, one thread per process, then `obsdiff eval`
-of both runs against the dense model, and the two runs' weights compared tensor by tensor.
+of both runs against the dense model, and the two runs' weights compared tensor by tensor (and, as the yardstick,
+one process at another batch size, which changes only the order in which its Hessians are summed).
 
 Modelled: SD3-Medium and Flux.1-dev at their published sizes (meta-device denoisers from `obsdiff.testing`, as in
 bench/scale.py: no weights), the paper's calibration (100 prompts x 25 steps, batch 4, 1024 px, 4 groups), for
@@ -38,15 +39,16 @@ from obsdiff.memory import GiB  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed.json"
 # (setting, prune flags, process counts): each two-process run is compared with the setting's one-process run.
+# The `batch 8` cases are one process whose Hessians are only summed in another order (batches of 8, not 16),
+# compared with the same setting's one-process run: the yardstick for the two-process differences.
 CASES = [
     ("obs-diff 2:4", ["--sparsity-type", "2:4"], (1, 2)),
+    ("obs-diff 2:4, batch 8", ["--sparsity-type", "2:4", "--batch-size", "8"], (1,)),
     ("obs-diff 50 %", ["--sparsity", "0.5"], (1, 2)),
-    ("obs-diff 50 %, fp64 Hessians", ["--sparsity", "0.5", "--solver-precision", "fp64"], (1, 2)),
-    # one process whose Hessians are only summed in another order (batches of 8, not 16), compared with the
-    # one-process obs-diff 50 % run: the yardstick for the two-process differences
     ("obs-diff 50 %, batch 8", ["--sparsity", "0.5", "--batch-size", "8"], (1,)),
+    ("obs-diff 50 %, fp64 Hessians", ["--sparsity", "0.5", "--solver-precision", "fp64"], (1, 2)),
 ]
-CONTROL = {"obs-diff 50 %, batch 8": "obs-diff 50 %"}
+CONTROL = {"obs-diff 2:4, batch 8": "obs-diff 2:4", "obs-diff 50 %, batch 8": "obs-diff 50 %"}
 QUICK = "obs-diff 50 %, fp64 Hessians"  # the case whose masks must match exactly, even on a tiny calibration
 PRUNE_ARGS = ["--model", "builtin:digits", "--device", "cpu", "--dtype", "fp32"]
 # Two prompt batches, so each of the two ranks calibrates on one.
@@ -269,8 +271,8 @@ def main() -> None:
             f"{calib['steps']} steps, batch {calib['batch_size']}, {calib['groups']} groups; eval on {num_images} "
             f"images against the dense model (its digit accuracy: {dense:.3f}). `command s` is the whole command "
             "(with torchrun's start and the model load), `prune s` the report's total_seconds. The weight columns "
-            "compare the saved weights (fp32) with the same setting's one-process run (`batch 8`: with "
-            "`obs-diff 50 %` on one process): the largest relative difference of any tensor, and how many weights "
+            "compare the saved weights (fp32) with the same setting's one-process run (`batch 8` rows: with the "
+            "setting at batch 16 on one process): the largest relative difference of any tensor, and how many weights "
             f"are zero in one run only (of {weights} weights in the saved denoiser).\n\n" + measured_tables(measured)]
     model_rows = [row for name in MODELS for row in scaling_model(name)]
     c = model_rows[0]["calib"]
