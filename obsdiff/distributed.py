@@ -222,9 +222,12 @@ class World:
         a failure only this rank knows of is reported by it, naming the rank."""
         import click
 
+        failed = True
         try:
             yield
+            failed = False
         except click.exceptions.Exit:
+            failed = False
             raise
         except BaseException as exc:
             if not self.distributed or self.is_main:
@@ -235,12 +238,19 @@ class World:
                 raise click.exceptions.Exit(code) from None
             raise RankFailed(f"rank {self.rank} of {self.size}: {first_line(exc)}") from exc
         finally:
-            self.close()
+            self.close(together=not failed)
 
-    def close(self) -> None:
+    def close(self, together: bool = True) -> None:
+        """Leave the process group; `together`: first wait for every rank (not after a failure, where another
+        rank may never come)."""
         if self.distributed:
             import torch.distributed as dist
 
+            if not dist.is_initialized():
+                return
+            if together:  # a rank tearing its connections down while another still reads them can abort gloo
+                with contextlib.suppress(Exception):
+                    dist.barrier()
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
 
