@@ -320,10 +320,12 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
                               "the same command with --resume to continue") from None
         report.device, report.dtype = str(torch_device), dtype_name(loaded.denoiser.dtype)
         measured = measured_peaks(torch_device)
+        extra = {"memory_plan": plan.to_dict(), "memory_measured": measured}
+        if world.distributed:  # every rank's peaks: ranks differ in the solves they own
+            extra["memory_measured_ranks"] = world.all_gather(measured)
         with world.failures():
             if world.is_main:
-                save_run(loaded, report.to_dict() | {"memory_plan": plan.to_dict(), "memory_measured": measured},
-                         out, force=force, dtype=save_as)
+                save_run(loaded, report.to_dict() | extra, out, force=force, dtype=save_as)
                 checkpoint.remove()
                 draw_plots_best_effort(out)
         if not world.is_main:

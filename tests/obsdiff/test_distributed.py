@@ -265,7 +265,9 @@ def test_torchrun_prune_writes_one_run_like_a_single_process(tiny_sd3_dir, tmp_p
         proc_two_stdout = proc.stdout if name == "two" else proc_two_stdout
         runs[name] = json.loads((tmp_path / name / "obsdiff.json").read_text())
     assert runs["two"]["distributed"]["world_size"] == 2
-    assert runs["one"]["distributed"] is None
+    assert runs["one"]["distributed"] is None and "memory_measured_ranks" not in runs["one"]
+    ranks = runs["two"]["memory_measured_ranks"]
+    assert len(ranks) == 2 and all(r["cpu"] > 2**20 for r in ranks)  # each rank's own peak RSS
     row = next(line for line in proc_two_stdout.splitlines() if "ranks, MiB communicated" in line)
     assert row.split("|")[2].strip().startswith("2, ")
     assert [r["sparsity"] for r in runs["two"]["layers"]] == [r["sparsity"] for r in runs["one"]["layers"]]
