@@ -81,6 +81,12 @@ def solve_cost(d_in: int, d_out: int) -> float:
     return float(d_in) ** 2 * (d_in + d_out)
 
 
+def owners_by_cost(work: Sequence[Sequence[str]], modules: dict, world_size: int) -> list[int]:
+    """Owner rank of each work item, an item being the linears (dotted names in `modules`) solved together."""
+    return assign_owners([sum(solve_cost(modules[n].in_features, modules[n].out_features) for n in names)
+                          for names in work], world_size)
+
+
 def balance(costs: Sequence[float], owners: Sequence[int], world_size: int) -> float:
     """Busiest rank's solve cost over the mean (1.0: perfectly balanced)."""
     loads = [0.0] * world_size
@@ -98,6 +104,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    device: torch.device = torch.device("cpu")  # where collectives run: the rank's accelerator under nccl
     stats: RankStats = field(default_factory=lambda: RankStats(0))
 
     @property
@@ -197,15 +204,14 @@ class World:
             return
         names = list(accs)
         counts = torch.tensor([[accs[n].weight_sum, accs[n].calls, accs[n].tokens] for n in names],
-                              dtype=torch.float64)
+                              dtype=torch.float64, device=self.device)
         totals = self.all_reduce_(counts)
         for name, (weight_sum, calls, tokens) in zip(names, totals.tolist(), strict=True):
             acc, owner = accs[name], owners[name]
             H = acc.H  # symmetric (a wide input's upper triangle is filled first)
             H.mul_(acc.weight_sum)  # back to the weighted sum sum_c 2 alpha_c X_c^T X_c of this rank's calls
             device = H.device
-            if self.backend == "nccl" and device.type != "cuda":
-                H = H.to(torch.device("cuda", torch.cuda.current_device()))
+            H = H.to(self.device)  # Hessians kept on the host (--hessian-device cpu) travel through the accelerator
             self._collective("reduce", H, dst=owner)
             if self.rank != owner:
                 self.stats.bytes_sent += H.numel() * H.element_size()
@@ -295,7 +301,8 @@ def init_from_env(device: torch.device) -> tuple[World, torch.device]:
         raise LostRank(f"rank {rank} could not join the torchrun job at {os.environ['MASTER_ADDR']}:"
                        f"{os.environ['MASTER_PORT']} ({first_line(exc)}); check --rdzv-endpoint and that every "
                        "node runs the same command") from None
-    return World(rank, size, local_rank, backend, RankStats(rank)), device
+    comm_device = device if backend == "nccl" else torch.device("cpu")
+    return World(rank, size, local_rank, backend, comm_device, RankStats(rank)), device
 
 
 class CheckpointView:

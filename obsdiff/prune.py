@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from obsdiff import obs
 from obsdiff.calibrate import Calibrator, block_positions, make_calibrator  # noqa: F401 (Calibrator: API)
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
-from obsdiff.distributed import World, assign_owners, solve_cost
+from obsdiff.distributed import World, owners_by_cost
 from obsdiff.errors import ConfigError
 from obsdiff.hessian import HessianAccumulator
 from obsdiff.loading import LoadedModel, as_loaded
@@ -184,8 +184,7 @@ def solve_units_(units: list[Unit], accs: dict[str, HessianAccumulator] | None, 
     `accs` (None for methods without calibration) hold this rank's partial Hessians by first linear; they
     are reduced to the owners first. Returns the layer records of all units in their order.
     """
-    costs = [sum(solve_cost(modules[n].in_features, modules[n].out_features) for n in unit) for unit in units]
-    owners = assign_owners(costs, world.size)
+    owners = owners_by_cost(units, modules, world.size)
     if accs is not None:
         world.reduce_hessians_(accs, {unit[0]: owner for unit, owner in zip(units, owners, strict=True)})
     mine: dict[int, list[LayerRecord]] = {}

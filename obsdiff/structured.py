@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from obsdiff import obs
 from obsdiff.calibrate import block_positions, make_calibrator
 from obsdiff.config import CalibConfig, PruneConfig
-from obsdiff.distributed import World, assign_owners, solve_cost
+from obsdiff.distributed import World, owners_by_cost
 from obsdiff.errors import ConfigError
 from obsdiff.flops import count_flops, parameter_count
 from obsdiff.loading import LoadedModel
@@ -268,8 +268,7 @@ def reader_components(items: list[tuple[StructureGroup, int]]) -> list[tuple[lis
 
 
 def _owners(comps: list[tuple[list[int], list[str]]], modules: dict, world: World) -> tuple[list[int], dict[str, int]]:
-    costs = [sum(solve_cost(modules[r].in_features, modules[r].out_features) for r in readers) for _, readers in comps]
-    owners = assign_owners(costs, world.size)
+    owners = owners_by_cost([readers for _, readers in comps], modules, world.size)
     return owners, {r: owners[c] for c, (_, readers) in enumerate(comps) for r in readers}
 
 
