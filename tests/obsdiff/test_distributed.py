@@ -36,15 +36,17 @@ from tests.conftest import tiny_flux
 CALIB = CalibConfig(num_prompts=4, steps=3, guidance=2.0, batch_size=1, groups=2)
 CASES = {
     "unstructured": ("sd3", PruneConfig(sparsity=0.5), CALIB),
+    "unstructured-seed1": ("sd3", PruneConfig(sparsity=0.5), CalibConfig(**{**CALIB.to_dict(), "seed": 1})),
     "unstructured-fp64": ("sd3", PruneConfig(sparsity=0.5, compute_dtype="fp64"), CALIB),
     "2:4-cached": ("sd3", PruneConfig(sparsity_type="2:4"), CalibConfig(**{**CALIB.to_dict(), "mode": "cached",
                                                                           "groups": None})),
     "structured-sensitivity": ("sd3", PruneConfig(sparsity_type="structured", sparsity=0.3,
                                                   allocation="sensitivity"), CALIB),
+    "structured-sensitivity-fp64": ("sd3", PruneConfig(sparsity_type="structured", sparsity=0.3,
+                                                       allocation="sensitivity", compute_dtype="fp64"), CALIB),
     "flux-structured": ("flux", PruneConfig(sparsity_type="structured", sparsity=0.3), CALIB),
     "magnitude": ("sd3", PruneConfig(method="magnitude", sparsity=0.5), None),
 }
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -139,14 +141,50 @@ def two_ranks(tiny_sd3_dir, tmp_path_factory):
     return dirs, out
 
 
+def _layer_bounds(single: dict, pcfg: PruneConfig) -> dict[str, float]:
+    """Per pruned layer of the one-process report, its `weight_bound`."""
+    group_of = {layer: g["index"] for g in single["groups"] for unit in g["units"] for layer in unit}
+    calls = {g["index"]: g["calib_calls"] for g in single["groups"]}
+    bounds = {}
+    for r in single["layers"]:
+        if r["error"] is None or r["percdamp"] is None:
+            continue
+        g = group_of.get(r["name"], 0)
+        bounds[r["name"]] = weight_bound(r["shape"][1], r["percdamp"], calls.get(g, 1), pcfg.compute_dtype,
+                                         first_group=g == min(calls, default=0))
+    return bounds
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / max(float(b.double().norm()), 1e-30))
 
 
-# fp32 Hessians summed in another order move OBS-compensated weights by up to ~3e-5 relative on these tiny,
-# ill-conditioned layers: one process with --batch-size 2 instead of 1 differs from itself by 1.3e-5. With
-# fp64 Hessians (--solver-precision fp64) the two-rank result is within 1e-5 of one process's.
-TOLERANCE = {"fp32": 1e-4, "fp64": 1e-5}
+# How far two ranks may land from one process. They compute the same calls on the same weights; only the
+# order in which each Hessian's running mean is summed differs (rank r adds batches r, r + 2, ..., then the
+# two partial means are combined). The argument, per layer:
+# - `calls` running-mean updates in unit roundoff u round at most twice each, so two summation orders give
+#   Hessians within ~2 * calls * u of each other, relative.
+# - OBS solves with H + lambda I, lambda = percdamp * mean(diag H): its eigenvalues lie in
+#   [lambda, trace H + lambda], so its condition number is at most 1 + d_in / percdamp, and the solution (the
+#   compensated weights) moves by at most that times the Hessian's relative change.
+# - The reported error is ||E||^2 / ||Y||^2 with E the change of the layer's output; ||E|| moves by at most the
+#   output change of the weights, ||dW X|| / ||W X|| <= sqrt(kappa) * rel(dW) (X's conditioning is the square
+#   root of H's), so sqrt(error) moves by at most sqrt(kappa) times the weights' measured relative change.
+# Later groups are calibrated through earlier pruned groups, whose weights are stored in the model's float32:
+# that rounding (u = 2^-24) enters every later group's Hessian whatever the solver precision, so fp64 solves are
+# bounded like fp32 ones there and are in practice identical (the test records how far they are).
+UNIT_ROUNDOFF = {"fp32": 2.0**-24, "fp64": 2.0**-53}
+FP32 = UNIT_ROUNDOFF["fp32"]
+
+
+def condition_bound(d_in: int, percdamp: float) -> float:
+    return 1.0 + d_in / percdamp
+
+
+def weight_bound(d_in: int, percdamp: float, calls: int, precision: str, first_group: bool) -> float:
+    """Relative change of one layer's compensated weights allowed by summation order alone."""
+    u = UNIT_ROUNDOFF[precision] if first_group else max(UNIT_ROUNDOFF[precision], FP32)
+    return condition_bound(d_in, percdamp) * 2 * calls * u + FP32  # + the final rounding to float32
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -157,13 +195,15 @@ def test_two_ranks_match_one_process(two_ranks, name):
     single = prune_(model, pcfg, ccfg, progress=False).to_dict()
     expected = model.denoiser.state_dict()
     ranks = [torch.load(out / f"{name}-{r}.pt", weights_only=False) for r in (0, 1)]
+    bounds = _layer_bounds(single, pcfg)
     for got in ranks:  # both ranks end with the same model
         state = got["state"]
         assert state.keys() == expected.keys()
         for key, w in expected.items():
             assert state[key].shape == w.shape, key
             assert torch.equal(state[key] == 0, w == 0), f"{name}: mask of {key} differs"
-            assert _rel(state[key], w) < TOLERANCE[pcfg.compute_dtype], key
+            # a solved layer within its summation-order bound; everything else is never changed by a solve
+            assert _rel(state[key], w) <= bounds.get(key.removesuffix(".weight"), 0.0), key
         report = got["report"]
         assert bool(report["structures"]) == pcfg.structured
         assert [s["removed"] for s in report["structures"]] == [s["removed"] for s in single["structures"]]
@@ -175,7 +215,10 @@ def test_two_ranks_match_one_process(two_ranks, name):
         for a, b in zip(report["layers"], single["layers"], strict=True):
             assert a["sparsity"] == b["sparsity"]
             if b["error"] is not None:
-                assert a["error"] == pytest.approx(b["error"], rel=1e-4, abs=1e-7)
+                moved = _rel(state[b["name"] + ".weight"], expected[b["name"] + ".weight"])
+                kappa = condition_bound(b["shape"][1], b["percdamp"])
+                allowed = kappa**0.5 * max(moved, FP32) + FP32
+                assert abs(a["error"] ** 0.5 - b["error"] ** 0.5) <= allowed, (b["name"], a["error"], b["error"])
     dist = ranks[0]["report"]["distributed"]
     assert dist["world_size"] == 2 and dist["backend"] == "gloo"
     assert [r["rank"] for r in dist["ranks"]] == [0, 1]
@@ -278,9 +321,10 @@ def test_torchrun_prune_writes_one_run_like_a_single_process(tiny_sd3_dir, tmp_p
 
     two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
     assert two.keys() == one.keys()
+    bounds = _layer_bounds(runs["one"], PruneConfig(sparsity_type="2:4"))
     for key in one:
         assert torch.equal(two[key] == 0, one[key] == 0), key
-        assert _rel(two[key], one[key]) < TOLERANCE["fp32"], key
+        assert _rel(two[key], one[key]) <= bounds.get(key.removesuffix(".weight"), 0.0), key
 
 
 @pytest.mark.slow
