@@ -7,6 +7,14 @@ config describes them exactly. Structured runs are refused: their blocks have di
 neurons), which the one config of a stock diffusers class cannot express: their denoiser folder also holds
 `pruned_model.py`, a small subclass of the stock class (torch and diffusers only) that narrows those modules
 after the base model is built, loaded through diffusers' custom-component mechanism (`trust_remote_code=True`).
+
+Precision under the plain call (no dtype argument): diffusers builds its own models (denoiser, VAE) in torch's
+default dtype, float32, whatever they store, and nothing in a folder changes that; transformers 5 loads its models
+(the text encoders) in `dtype="auto"`: the config's `dtype` (legacy `torch_dtype`), else the weights' own dtype.
+Text encoders stored in fp16 would then meet an fp32 denoiser and VAE, and the pipeline, which makes latents in
+the prompt embeddings' dtype, stops in the VAE. So the folder's transformers configs say `"dtype": "float32"`:
+every component loads in float32 under the plain call, the stored weights keep their precision, and
+`torch_dtype=...` still loads everything in one other dtype.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from obsdiff.artifacts import check_writable, staged_dir
+from obsdiff.artifacts import check_writable, read_json, staged_dir
 from obsdiff.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -67,6 +75,48 @@ def _save_cast(entry: list, src: Path, dst: Path, dtype: torch.dtype) -> None:
                              "without --dtype") from None
     with quiet_libraries():
         cls.from_pretrained(str(src), dtype=dtype).save_pretrained(str(dst))
+
+
+PLAIN_DTYPE = "float32"  # torch's default dtype: what diffusers gives its models when no dtype is passed
+
+
+def _pins_plain_dtype(config: dict) -> bool:
+    """Whether a transformers config already makes `dtype="auto"` load in PLAIN_DTYPE (with neither `dtype` nor
+    `torch_dtype`, transformers falls back to the weights' dtype)."""
+    keys = [k for k in ("dtype", "torch_dtype") if k in config]
+    return bool(keys) and all(config[k] == PLAIN_DTYPE for k in keys)
+
+
+def _pin_plain_dtype(folder: Path, src: Path) -> bool:
+    """Set a transformers model folder's config to load in PLAIN_DTYPE under `dtype="auto"`; the weights are left
+    as stored. `src` is the component's folder in the base pipeline (named if the config is broken). Returns
+    whether the config changed."""
+    path = folder / "config.json"
+    config = read_json(path, f"the {folder.name} config", fix=f"repair {src / 'config.json'}", error=ModelLoadError)
+    if _pins_plain_dtype(config):
+        return False
+    config["dtype"] = PLAIN_DTYPE
+    if "torch_dtype" in config:  # read by transformers 4 when asked for "auto"
+        config["torch_dtype"] = PLAIN_DTYPE
+    path.unlink()  # with --link it is the base's own file: write a new one, never through the link
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return True
+
+
+def _is_transformers_model(entry: list, folder: Path) -> bool:
+    """Whether a component is a transformers model (tokenizers and processors have no dtype to pin)."""
+    library, name = entry
+    if library != "transformers" or not (folder / "config.json").is_file():
+        return False
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    return isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+
+
+def loading_line(out: str | Path, trust_remote_code: bool) -> str:
+    """The one call that loads an exported folder, as the user types it."""
+    return f"DiffusionPipeline.from_pretrained({str(out)!r}{', trust_remote_code=True' if trust_remote_code else ''})"
 
 
 CUSTOM_MODULE = "pruned_model"  # <denoiser folder>/pruned_model.py, model_index.json: [CUSTOM_MODULE, class]
@@ -143,8 +193,10 @@ def export_diffusers(run: str | Path, out: str | Path, dtype: str | None = None,
 
     `dtype` ("fp32", "fp16", "bf16") converts the denoiser and every component stored in another precision;
     None keeps what is stored (the denoiser in the run's `weights_dtype`). `link` hard-links (or symlinks)
-    the unchanged components' files instead of copying them. Returns {component: "pruned" | "copied" |
-    "linked" | "converted"}.
+    the unchanged components' files instead of copying them. Returns {"components": {component: "pruned" |
+    "copied" | "linked" | "converted", with what else changed}, "stored": {component: dtype its weights are
+    stored in}, "plain_dtype": the dtype every component loads in under the plain call, "trust_remote_code":
+    whether loading needs it, "load": the loading line}.
     """
     from obsdiff import io
     from obsdiff.devices import torch_dtype
@@ -159,11 +211,12 @@ def export_diffusers(run: str | Path, out: str | Path, dtype: str | None = None,
     base = resolve_run_base(run, record).path
     denoiser, family, _ = load_denoiser(str(run), target, "cpu")  # reads and checks the base's model_index.json
     index = json.loads((base / "model_index.json").read_text())
-    done = {}
+    structured = bool(record.get("shrink_plan"))
+    done, stored = {}, {}
     with staged_dir(out, force=force) as tmp:
         for name, entry in _components(index).items():
             src = base / name
-            if name == family.denoiser_attr and record.get("shrink_plan"):
+            if name == family.denoiser_attr and structured:
                 index[name] = [CUSTOM_MODULE, _save_narrowed(denoiser, tmp / name)]
                 done[name] = f"pruned (structured: {CUSTOM_MODULE}.py, load with trust_remote_code=True)"
             elif name == family.denoiser_attr:
@@ -175,6 +228,11 @@ def export_diffusers(run: str | Path, out: str | Path, dtype: str | None = None,
             else:
                 _place_tree(src, tmp / name, link)
                 done[name] = "linked" if link else "copied"
+            if _is_transformers_model(entry, tmp / name) and _pin_plain_dtype(tmp / name, src):
+                done[name] += f" (config dtype {PLAIN_DTYPE})"
+            if (precision := io.stored_dtype(tmp / name)) is not None:
+                stored[name] = precision
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     log.info("wrote %s: %s", out, ", ".join(f"{k} {v}" for k, v in done.items()))
-    return done
+    return {"components": done, "stored": stored, "plain_dtype": PLAIN_DTYPE, "trust_remote_code": structured,
+            "load": loading_line(out, structured)}

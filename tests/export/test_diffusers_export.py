@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +17,9 @@ from obsdiff.io import stored_dtype
 
 PROMPT, SEED, STEPS, GUIDANCE = "the digit seven", 3, 4, 3.0
 
-# Runs in a fresh interpreter where `import obsdiff` fails: only diffusers and its dependencies are usable.
-# Arguments: prompt seed steps guidance, then FOLDER OUT.npy pairs (one interpreter start for every folder).
-PLAIN_DIFFUSERS = """
+# The start of every script run in a fresh interpreter where `import obsdiff` fails: only diffusers and its
+# dependencies are usable.
+WITHOUT_OBSDIFF = """
 import sys
 sys.modules["obsdiff"] = None
 try:
@@ -26,6 +27,10 @@ try:
     raise SystemExit("obsdiff is importable")
 except ImportError:
     pass
+"""
+
+# Arguments: prompt seed steps guidance, then FOLDER OUT.npy pairs (one interpreter start for every folder).
+PLAIN_DIFFUSERS = WITHOUT_OBSDIFF + """
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
@@ -42,6 +47,36 @@ for folder, out in zip(pairs[::2], pairs[1::2]):
     print(folder, type(pipe).__name__, type(pipe.transformer).__module__, type(pipe.transformer).__name__,
           sum(p.numel() for p in pipe.transformer.parameters()))
 assert not any(name == "obsdiff" or name.startswith("obsdiff.") for name in sys.modules if sys.modules[name])
+"""
+
+
+# The plain call a user makes on a folder handed to them: no dtype, or one `torch_dtype` for everything. Argument:
+# a JSON list of {folder, torch_dtype (None or "float16"), trust (trust_remote_code), call (pipeline kwargs)}; prints
+# one JSON line per entry: the dtypes of the loaded modules, and the image's shape, finiteness and spread, or the
+# error (every entry is tried, so one failure does not hide the others).
+PLAIN_CALL = WITHOUT_OBSDIFF + """
+import json
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+
+torch.set_num_threads(1)
+for spec in json.loads(sys.argv[1]):
+    kwargs = {"trust_remote_code": True} if spec["trust"] else {}
+    if spec["torch_dtype"]:
+        kwargs["torch_dtype"] = getattr(torch, spec["torch_dtype"])
+    result = dict(spec)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(spec["folder"], **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        result["dtypes"] = sorted({str(m.dtype).removeprefix("torch.") for m in pipe.components.values()
+                                   if isinstance(m, torch.nn.Module)})
+        image = pipe("a handwritten digit seven", generator=torch.Generator().manual_seed(0), num_inference_steps=2,
+                     output_type="np", **spec["call"]).images
+        result.update(shape=list(image.shape), finite=bool(np.isfinite(image).all()), std=float(image.std()))
+    except Exception as e:
+        result["error"] = f"{type(e).__name__}: {e}"[:300]
+    print(json.dumps(result))
 """
 
 
@@ -196,3 +231,112 @@ def test_structured_flux_and_sdxl_load_through_the_narrowed_class(family, tmp_pa
         diff = (plain(**inputs, return_dict=False)[0] - ours(**inputs, return_dict=False)[0]).abs().max()
     assert float(diff) < 1e-6
     assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in ours.parameters())
+
+
+# Pipeline call settings the tiny pipelines generate a 16x16 image with (SDXL takes no max_sequence_length).
+CALLS = {"digits": {"height": 16, "width": 16, "max_sequence_length": 8},
+         "sd3": {"height": 16, "width": 16, "max_sequence_length": 8},
+         "flux": {"height": 16, "width": 16, "max_sequence_length": 16},
+         "sdxl": {"height": 16, "width": 16}}
+
+
+@pytest.fixture(scope="module")
+def exports_by_dtype(runs, tiny_sd3_dir, tmp_path_factory):
+    """{(family, dtype): (exported folder, printed output)}: the digits 2:4 run (stored fp16) and 2:4 runs of the
+    tiny SD3, Flux and SDXL pipelines (stored fp32), each exported as stored (dtype None), --dtype fp16 and bf16."""
+    from obsdiff.config import PruneConfig
+    from obsdiff.io import save_run
+    from obsdiff.loading import load_pipeline
+    from obsdiff.prune import prune_
+    from tests.conftest import tiny_flux, tiny_sdxl
+
+    tmp = tmp_path_factory.mktemp("by-dtype")
+    bases = {"sd3": tiny_sd3_dir}
+    for family, build in {"flux": tiny_flux, "sdxl": tiny_sdxl}.items():
+        build().save_pretrained(tmp / family, safe_serialization=True)
+        bases[family] = tmp / family
+    run_dirs = {"digits": runs["2:4"][0]}
+    for family, base in bases.items():
+        model = load_pipeline(str(base))
+        report = prune_(model, PruneConfig(method="magnitude", sparsity_type="2:4"), progress=False)
+        run_dirs[family] = save_run(model, report.to_dict(), tmp / f"{family}-run")
+    out = {}
+    for family, run in run_dirs.items():
+        for dtype in (None, "fp16", "bf16"):
+            folder = tmp / f"{family}-{dtype}"
+            out[family, dtype] = folder, export(run, folder, *(["--dtype", dtype] if dtype else []))
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_calls(exports_by_dtype, runs, tmp_path_factory):
+    """{(family, export dtype, torch_dtype): result of the plain call} for every export, with no dtype argument and
+    with torch_dtype=torch.float16 (CPUs run fp16 convolutions and matmuls), plus the structured digits folder
+    loaded with trust_remote_code=True."""
+    specs = [{"key": [family, dtype, torch_dtype], "folder": str(folder), "torch_dtype": torch_dtype,
+              "trust": False, "call": CALLS[family]}
+             for (family, dtype), (folder, _) in exports_by_dtype.items() for torch_dtype in (None, "float16")]
+    specs.append({"key": ["structured", None, None], "folder": str(runs["structured"][1]), "torch_dtype": None,
+                  "trust": True, "call": CALLS["digits"]})
+    env = dict(os.environ, HF_HOME=str(tmp_path_factory.mktemp("hf-home")))
+    proc = subprocess.run([sys.executable, "-c", PLAIN_CALL, json.dumps(specs)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(specs), proc.stdout[-3000:]
+    return {tuple(r["key"]): r for r in results}
+
+
+@pytest.mark.parametrize("family", ["digits", "sd3", "flux", "sdxl"])
+@pytest.mark.parametrize("dtype", [None, "fp16", "bf16"])
+def test_the_plain_call_generates_from_every_export_in_one_dtype(plain_calls, family, dtype):
+    """`DiffusionPipeline.from_pretrained(DIR)` and one pipeline call, in a process without obsdiff: every
+    component in float32 (what diffusers gives its own models), or all in fp16 with torch_dtype."""
+    for torch_dtype, expected in ((None, "float32"), ("float16", "float16")):
+        result = plain_calls[family, dtype, torch_dtype]
+        assert "error" not in result, result
+        assert result["dtypes"] == [expected], result
+        assert result["shape"][:3] == [1, 16, 16] and result["finite"] and result["std"] > 0.01, result
+
+
+def test_the_plain_call_runs_a_structured_folder_with_trust_remote_code(plain_calls):
+    result = plain_calls["structured", None, None]
+    assert "error" not in result and result["dtypes"] == ["float32"], result
+    assert result["finite"] and result["std"] > 0.01, result
+
+
+@pytest.mark.parametrize("dtype", [None, "fp16", "bf16"])
+def test_the_export_keeps_stored_precision_and_prints_the_plain_dtype_and_loading_line(exports_by_dtype, dtype):
+    folder, printed = exports_by_dtype["digits", dtype]
+    stored = dtype or "fp16"  # the digits pipeline stores fp16
+    parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+    assert {c: stored_dtype(folder / c) for c in parts} == dict.fromkeys(parts, stored)  # weights as asked, no more
+    base = builtin_pipeline_dir("digits")
+    for encoder in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        config = json.loads((folder / encoder / "config.json").read_text())
+        assert config["dtype"] == "float32"  # what transformers' dtype="auto" reads: load like diffusers' models
+        assert not any("obsdiff" in k for k in config)
+        if dtype is None:  # copied: the weights are the base's, byte for byte
+            weights = Path(encoder) / "model.safetensors"
+            assert (folder / weights).read_bytes() == (base / weights).read_bytes()
+    lines = printed.splitlines()
+    assert f"weights stored in {stored}; every component loads in float32 without a dtype argument" in lines[1]
+    assert lines[-1] == f"wrote {folder} (DiffusionPipeline.from_pretrained({str(folder)!r}))"
+
+
+def test_a_structured_export_prints_the_loading_line_with_trust_remote_code(runs, tmp_path):
+    run, _ = runs["structured"]
+    printed = export(run, tmp_path / "d")
+    assert printed.splitlines()[-1] == \
+        f"wrote {tmp_path / 'd'} (DiffusionPipeline.from_pretrained({str(tmp_path / 'd')!r}, trust_remote_code=True))"
+
+
+def test_a_linked_export_never_writes_through_to_the_base(runs, tmp_path):
+    """--link shares the base's files; the text encoders' rewritten configs must be new files, not the base's."""
+    base = builtin_pipeline_dir("digits")
+    before = (base / "text_encoder" / "config.json").read_bytes()
+    export(runs["2:4"][0], tmp_path / "d", "--link")
+    assert (base / "text_encoder" / "config.json").read_bytes() == before
+    assert json.loads((tmp_path / "d" / "text_encoder" / "config.json").read_text())["dtype"] == "float32"
+    weights = Path("text_encoder") / "model.safetensors"
+    assert (tmp_path / "d" / weights).stat().st_ino == (base / weights).stat().st_ino  # the weights stay linked
