@@ -15,6 +15,8 @@ DEVICE = click.option("--device", default="auto", show_default=True, callback=de
 DTYPE = click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
                      help="model dtype; auto: bf16 on CUDA, fp32 on the CPU (Hessians are fp32 either way)")
 FORCE = click.option("--force", is_flag=True, help="replace an existing output")
+MODEL_HELP = ("a diffusers pipeline folder, a hub id ORG/NAME[@REV], builtin:digits (the embedded model) or a run "
+              "written by obsdiff prune")
 
 
 class LazyChoice(click.Choice):
@@ -43,7 +45,8 @@ JSON = click.option("--json", "as_json", is_flag=True, help="print the result re
 def cli() -> None:
     """One-shot OBS-Diff pruning of text-to-image diffusion denoisers.
 
-    --model takes a local diffusers pipeline directory or builtin:digits (the embedded model).
+    --model takes a diffusers pipeline folder, a hub id ORG/NAME[@REV], builtin:digits (the embedded model) or a
+    run directory written by obsdiff prune.
     """
     # -v/-q (here or after the subcommand) set up logging in their callbacks (cli_utils.verbosity_params)
 
@@ -71,7 +74,7 @@ def info(as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--model", required=True, help="pipeline directory or builtin:digits")
+@click.option("--model", required=True, help=MODEL_HELP)
 @click.option("--prompt", required=True)
 @click.option("--steps", type=click.IntRange(1), default=None, help="denoising steps [model default]")
 @click.option("--guidance", type=float, default=None, help="classifier-free guidance scale [model default]")
@@ -91,6 +94,7 @@ def generate(model, prompt, steps, guidance, seed, height, width, out, force, de
     from obsdiff.loading import load_pipeline
 
     check_writable(out, force)
+    check_sizes([model], height, width)
     loaded = load_pipeline(model, device=device, dtype=dtype)
     result = run(loaded, [prompt], [seed], steps, guidance, batch_size=1, progress=False,
                  height=height, width=width)
@@ -102,7 +106,7 @@ def generate(model, prompt, steps, guidance, seed, height, width, out, force, de
 
 @cli.command(name="eval")
 @click.argument("target", required=False)
-@click.option("--model", help="pipeline directory or builtin:digits (instead of TARGET)")
+@click.option("--model", help=f"{MODEL_HELP} (instead of TARGET)")
 @click.option("--reference", help="the dense model to compare against (same seeds and prompts)")
 @click.option("--num-images", type=click.IntRange(2), default=200, show_default=True)
 @click.option("--steps", type=click.IntRange(1), default=None, help="denoising steps [model default]")
@@ -154,6 +158,7 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
             raise ConfigError("--out is required unless the model is a run directory (then RUN/eval)")
         out = Path(target) / "eval"
     check_writable(out, force)
+    check_sizes([target, reference], height, width)
     report = evaluate(target, reference, config, device=device, dtype=dtype)
     save_report(report, out, force=force, sheet_cells=sheet_prompts)
     if as_json:
@@ -165,6 +170,19 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
             "seconds_per_image"]
     click.echo(format_table(["metric", "value"], [[k, m[k]] for k in keys if k in m]))
     click.echo(f"wrote {out}/metrics.json, {out}/sheet.png and {out}/images/")
+
+
+def check_sizes(refs: list[str | None], height: int | None, width: int | None) -> None:
+    """Refuse --height/--width values a model cannot take, from its config files: before any weight loads or
+    output is staged (diffusers would refuse them only inside the first pipeline call)."""
+    if height is None and width is None:
+        return
+    from obsdiff.loading import image_size_rule
+    from obsdiff.models.registry import check_image_size
+
+    for ref in refs:
+        if ref is not None:
+            check_image_size(image_size_rule(ref), {"--height": height, "--width": width}, ref)
 
 
 def read_prompts(path: Path) -> tuple[str, ...]:
@@ -181,7 +199,7 @@ def read_prompts(path: Path) -> tuple[str, ...]:
 
 
 @cli.command()
-@click.option("--model", required=True, help="pipeline directory or builtin:digits")
+@click.option("--model", required=True, help=MODEL_HELP)
 @click.option("--method", type=LazyChoice("obsdiff.methods", "METHODS"), default="obs-diff", show_default=True,
               help="OBS-Diff or a baseline (obsdiff.methods)")
 @click.option("--sparsity", type=float, default=None, help="fraction of weights to remove, in (0, 1)")
@@ -280,6 +298,7 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
                                cache_device=cache_device, cache_spill=cache_spill, hessian_device=hessian_device)
             if prompts != "builtin":
                 read_prompts(Path(prompts))
+            check_sizes([model], height, width)
             if world_size is not None and (not dry_run or world.distributed):
                 raise ConfigError("--world-size only plans a torchrun job with --dry-run; under torchrun the world "
                                   "size is torchrun's")

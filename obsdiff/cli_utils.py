@@ -8,7 +8,14 @@ import logging
 import click
 
 from obsdiff.artifacts import unfinished_outputs
-from obsdiff.errors import Interrupted, ObsdiffError, first_line, os_error_message
+from obsdiff.errors import (
+    Interrupted,
+    ObsdiffError,
+    first_line,
+    is_out_of_memory,
+    os_error_message,
+    out_of_memory_detail,
+)
 
 log = logging.getLogger(__name__)
 
@@ -16,11 +23,23 @@ VERBOSE_KEY = "obsdiff.verbose"  # in click's context meta (shared by the group 
 INTERNAL_ERROR_EXIT = 1
 
 
-def failure(exc: BaseException) -> tuple[str, int] | None:
+# What to do when memory runs out, by command (the options each one has); others get the generic advice.
+_MEMORY_ADVICE = {
+    "prune": "lower --batch-size or --height/--width, give --max-memory GIB to plan calibration groups that fit, "
+             "keep Hessians on the CPU (--hessian-device cpu) or choose another --device",
+    "generate": "lower --height/--width or choose another --device",
+    "eval": "lower --batch-size or --height/--width, or choose another --device",
+    "bench": "lower --batch or --height/--width, or choose another --device",
+}
+_MEMORY_ADVICE_DEFAULT = "use a smaller image size or batch, or run on a device with more memory (--device)"
+
+
+def failure(exc: BaseException, command: str | None = None) -> tuple[str, int] | None:
     """The one-line message and exit code for an exception a user can act on; None for a bug in obsdiff.
 
     Readers that know the path raise `ObsdiffError`s naming it (`artifacts.read_json`, the staged writers);
     the rest of this table catches what they did not anticipate, naming the path where the exception has one.
+    `command` (the subcommand's name) picks the options that out-of-memory advice names.
     """
     if isinstance(exc, ObsdiffError):
         return str(exc), exc.exit_code
@@ -29,11 +48,11 @@ def failure(exc: BaseException) -> tuple[str, int] | None:
         kept = (f"the unfinished {', '.join(removed)} {'was' if len(removed) == 1 else 'were'} removed" if removed
                 else "no output was left half-written")
         return f"interrupted (Ctrl-C); {kept}; run the command again", Interrupted.exit_code
+    if is_out_of_memory(exc):  # before OSError: ENOMEM is memory, not a path
+        return (f"out of memory ({out_of_memory_detail(exc)}); "
+                f"{_MEMORY_ADVICE.get(command or '', _MEMORY_ADVICE_DEFAULT)}"), 2
     if isinstance(exc, OSError):
         return os_error_message(exc), 2
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # host RAM, or torch's for a GPU
-        return (f"out of memory ({first_line(exc)}); lower the batch size, give "
-                "prune a --max-memory, or run on a machine with more memory"), 2
     if isinstance(exc, UnicodeDecodeError):
         return f"an input file is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8", 2
     if isinstance(exc, json.JSONDecodeError):
@@ -72,7 +91,8 @@ class Group(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort, BrokenPipeError):
             raise  # click's own ends (and a closed pipe, which click's main quiets)
         except (Exception, KeyboardInterrupt) as exc:
-            known = failure(exc)
+            clear_progress_bars()
+            known = failure(exc, ctx.invoked_subcommand)
             if known is None and ctx.meta.get(VERBOSE_KEY, 0) > 0:
                 raise
             log.debug("the failure behind the error below", exc_info=exc)
@@ -80,6 +100,27 @@ class Group(click.Group):
                                       "the traceback; please report it)", INTERNAL_ERROR_EXIT)
             click.echo(f"error: {message}", err=True)
             ctx.exit(code)
+
+
+def clear_progress_bars() -> None:
+    """Close every open tqdm bar and wipe it from the terminal, innermost first.
+
+    A failure leaves the bars of the loops it broke out of open: their last frame would stay above the error
+    line, and tqdm redraws a bar that is garbage-collected later (at exit) below it. tqdm keeps its open bars
+    in `tqdm._instances` (disabled ones are not there); closed with leave=False a bar blanks its line.
+    """
+    import sys
+
+    std = sys.modules.get("tqdm.std")  # not imported: no bar was ever made
+    if std is None:
+        return
+    bars = sorted(list(getattr(std.tqdm, "_instances", ())), key=lambda bar: -abs(getattr(bar, "pos", 0)))
+    for bar in bars:
+        bar.leave = False
+        try:
+            bar.close()
+        except Exception:  # a closed or broken stream: the error line must still be printed
+            log.debug("could not clear a progress bar", exc_info=True)
 
 
 QUIET_KEY = "obsdiff.quiet"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 
 class ObsdiffError(Exception):
@@ -85,3 +86,41 @@ def os_error_message(exc: OSError, path: str | os.PathLike | None = None, action
     where = f"{action} {target}" if action and target is not None else (action or target)
     advice = _ADVICE.get(exc.errno, "check the path and run again" if target is not None else "run with -v for details")
     return f"{where}: {what}; {advice}" if where else f"{what}; {advice}"
+
+
+# What allocators say when memory runs out where they raise a plain RuntimeError: torch's CPU allocator (Linux
+# "can't allocate memory", Windows "not enough memory"), CUDA outside its OutOfMemoryError (context creation,
+# "CUDA error: out of memory"), cuBLAS workspaces, MPS ("MPS backend out of memory").
+_OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation failure: Python's MemoryError, torch's OutOfMemoryError (any device), an
+    allocator's RuntimeError, or an OS refusal (ENOMEM)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOMEM
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m.lower() in text for m in _OUT_OF_MEMORY)
+
+
+def out_of_memory_detail(exc: BaseException) -> str:
+    """A few words on an allocation failure: how much was asked for, where, and what was free when it says so.
+
+    torch's messages run to several sentences on one line (allocator statistics, tuning hints): only the facts
+    the user acts on are kept.
+    """
+    text = str(exc)
+    asked = re.search(r"tried to allocate (\d+) bytes", text, re.I)
+    size = f"{int(asked[1]) / 2**30:.2f} GiB" if asked else None
+    if size is None:
+        asked = re.search(r"(?:tried to|unable to) allocate ([\d.]+ ?[KMGT]i?B)", text, re.I)
+        size = asked[1] if asked else None
+    where = ("the CPU" if "CPUAllocator" in text else "the GPU" if "CUDA" in text or "GPU" in text
+             else "MPS" if "MPS" in text else "host memory" if isinstance(exc, MemoryError) else None)
+    free = re.search(r"total capacity of ([\d.]+ ?[KMGT]i?B) of which ([\d.]+ ?[KMGT]i?B) is free", text)
+    if size is None:
+        return where if where and not text.strip() else first_line(exc)
+    return (f"tried to allocate {size}" + (f" on {where}" if where and where != "host memory" else "")
+            + (f", {free[2]} free of {free[1]}" if free else ""))

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from obsdiff import metrics as M
 from obsdiff.errors import ConfigError, ModelLoadError, first_line
 from obsdiff.loading import LoadedModel, as_loaded, load_pipeline
+from obsdiff.progress import tqdm
 
 log = logging.getLogger(__name__)
 

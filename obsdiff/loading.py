@@ -23,6 +23,7 @@ from obsdiff.devices import DTYPES as _DTYPE_NAMES
 from obsdiff.devices import resolve_device, torch_dtype
 from obsdiff.errors import ModelLoadError, first_line
 from obsdiff.models import ModelFamily, family_for_pipeline
+from obsdiff.models.registry import ImageSizeRule
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +370,7 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
     import json
 
     from obsdiff.artifacts import sha256_file
-    from obsdiff.models import FAMILIES, get_family
+    from obsdiff.models import get_family
 
     device = resolve_device(device)
     torch_dtype = parse_dtype(dtype, device)  # "auto" follows the device
@@ -389,13 +390,7 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
             raise ModelLoadError(f"{files[0]} does not match the hash in {io.RUN_FILE}: the file is corrupt or was "
                                  "replaced; re-run obsdiff prune")
     else:
-        # the family is told by the denoiser class model_index.json names, as family_for_pipeline does
-        family = next((f for f in FAMILIES.values() if (index.get(f.denoiser_attr) or [None, None])[1]
-                       in f.denoiser_classes), None)
-        if family is None:
-            classes = [v[1] for v in index.values() if isinstance(v, list) and len(v) == 2 and v[1]]
-            raise ModelLoadError(f"{ref!r} has no denoiser of a supported family (components: "
-                                 f"{', '.join(classes)}); supported: {', '.join(FAMILIES)}")
+        family = _index_family(index, ref)
         folder = path / family.denoiser_attr
         files = _safetensors_files(folder) if weights else []
     config = _read_json(folder / "config.json")
@@ -444,6 +439,36 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
     info = {"ref": ref, "path": path, "builtin": builtin, "run": record, "source": src,
             "generation_defaults": _generation_defaults(builtin), "tokenizer_max_length": max_lengths}
     return denoiser, family, info
+
+
+def _index_family(index: dict, ref: str) -> ModelFamily:
+    """The family of the denoiser class that model_index.json names (as `family_for_pipeline` tells it)."""
+    from obsdiff.models import FAMILIES
+
+    family = next((f for f in FAMILIES.values() if (index.get(f.denoiser_attr) or [None, None])[1]
+                   in f.denoiser_classes), None)
+    if family is None:
+        classes = [v[1] for v in index.values() if isinstance(v, list) and len(v) == 2 and v[1]]
+        raise ModelLoadError(f"{ref!r} has no denoiser of a supported family (components: "
+                             f"{', '.join(classes)}); supported: {', '.join(FAMILIES)}")
+    return family
+
+
+def image_size_rule(ref: str) -> ImageSizeRule:
+    """The image heights and widths the pipeline behind `ref` accepts, from its config files alone.
+
+    `ref` is anything `load_pipeline` takes; a run is judged by its base pipeline's VAE and denoiser configs
+    (pruning, structured included, keeps the patch size and the position table).
+    """
+    from obsdiff.models import get_family
+
+    run_path = Path(ref).expanduser()
+    record = io.read_run(run_path) if run_path.is_dir() and io.is_run_dir(run_path) else None
+    path = (resolve_run_base(run_path, record) if record else resolve_model(ref)).path
+    index = _read_json(path / "model_index.json")
+    family = get_family(record.get("family", "sd3")) if record else _index_family(index, ref)
+    vae = _read_json(path / "vae" / "config.json") if (index.get("vae") or [None])[0] else None
+    return family.image_size_rule(vae, _read_json(path / family.denoiser_attr / "config.json"))
 
 
 def _read_json(file: Path) -> dict:

@@ -174,6 +174,34 @@ def raising(exc_type, target):
 
 
 CTRL_C_IN_FORWARD = raising(KeyboardInterrupt, lambda: (sd3_class(), "forward"))
+# What torch's CPU allocator raises for a tensor larger than the machine's memory (a plain RuntimeError)
+CPU_ALLOCATION_FAILED = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def allocation_fails_in(target):
+    """Patch `target` (a callable giving (object, attr)) to fail to allocate, as a too-large image or batch makes
+    it do: the pipeline call (inside the commands' loops and their progress bars) or the denoiser's forward."""
+
+    def patch(mp, p):
+        def boom(*args, **kwargs):
+            raise RuntimeError(CPU_ALLOCATION_FAILED)
+
+        mp.setattr(*target(), boom)
+
+    return patch
+
+
+def sd3_pipeline_class():
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline
+
+
+OUT_OF_MEMORY_IN_PIPELINE = allocation_fails_in(lambda: (sd3_pipeline_class(), "__call__"))
+
+
+OUT_OF_MEMORY = ("out of memory (tried to allocate 37.25 GiB on the CPU)",)
 
 
 @dataclass
@@ -218,6 +246,11 @@ FAULTS = [
           upfront=False),
     Fault("generate-ctrl-c", "obsdiff", lambda p: [*GEN, "--model", p.tiny, "--out", p.root / "x.png"],
           None, code=130, words=INTERRUPTED, patch=CTRL_C_IN_FORWARD, upfront=False),
+    Fault("generate-out-of-memory", "obsdiff", lambda p: [*GEN, "--model", p.tiny, "--out", p.root / "x.png"],
+          None, words=(*OUT_OF_MEMORY, "lower --height/--width"), patch=OUT_OF_MEMORY_IN_PIPELINE, upfront=False),
+    Fault("generate-size-not-a-multiple", "obsdiff", lambda p: [*GEN, "--model", p.tiny, "--height", "17",
+                                                                "--out", p.root / "x.png"],
+          None, words=("--height 17 is not a multiple of 4", "VAE factor 2 x patch size 2", "use 16 or 20")),
     # obsdiff eval
     Fault("eval-prompts-not-utf8", "obsdiff", lambda p: ["eval", p.tiny, *EVAL, "--prompts", p.bad,
                                                          "--out", p.root / "e"],
@@ -236,6 +269,11 @@ FAULTS = [
           upfront=False),
     Fault("eval-ctrl-c", "obsdiff", lambda p: ["eval", p.tiny, *EVAL, "--out", p.root / "e"],
           None, code=130, words=INTERRUPTED, patch=CTRL_C_IN_FORWARD, upfront=False),
+    Fault("eval-out-of-memory", "obsdiff", lambda p: ["eval", p.tiny, *EVAL, "--out", p.root / "e"],
+          None, words=(*OUT_OF_MEMORY, "--batch-size"), patch=OUT_OF_MEMORY_IN_PIPELINE, upfront=False),
+    Fault("eval-size-beyond-the-position-table", "obsdiff", lambda p: ["eval", p.tiny, *EVAL, "--width", "100000",
+                                                                       "--out", p.root / "e"],
+          None, words=("--width 100000 is larger than 64", "position table", "use 64 or less")),
     # obsdiff prune
     Fault("prune-out-under-file", "obsdiff", lambda p: [*PRUNE, "--model", p.tiny, "--out", p.afile / "r"],
           lambda p: p.afile / "r", words=("is a file",)),
@@ -266,6 +304,13 @@ FAULTS = [
     Fault("prune-ctrl-c", "obsdiff", lambda p: [*PRUNE, "--model", p.tiny, "--out", p.root / "r"],
           lambda p: p.root / "r.partial", code=130, words=("--resume",), upfront=False,
           patch=raising(KeyboardInterrupt, "obsdiff.prune:prune_"), may_leave=("r.partial",)),
+    Fault("prune-out-of-memory-while-calibrating", "obsdiff", lambda p: [*PRUNE, "--method", "sparsegpt", "--model",
+                                                                         p.tiny, "--out", p.root / "r"],
+          None, words=(*OUT_OF_MEMORY, "--max-memory"), patch=OUT_OF_MEMORY_IN_PIPELINE, upfront=False,
+          may_leave=("r.partial",)),
+    Fault("prune-size-not-a-multiple", "obsdiff", lambda p: [*PRUNE, "--model", p.tiny, "--height", "17",
+                                                             "--width", "17", "--out", p.root / "r"],
+          None, words=("--height 17 is not a multiple of 4", "use 16 or 20")),
     Fault("prune-ctrl-c-while-loading", "obsdiff", lambda p: [*PRUNE, "--model", p.tiny, "--out", p.root / "r"],
           None, code=130, words=INTERRUPTED, upfront=False,
           patch=raising(KeyboardInterrupt, "obsdiff.loading:load_pipeline")),
@@ -345,6 +390,9 @@ FAULTS = [
           upfront=False),
     Fault("bench-ctrl-c", "export", lambda p: [*BENCH, p.tiny, "--json", p.root / "b.json"],
           None, code=130, words=INTERRUPTED, patch=CTRL_C_IN_FORWARD, upfront=False),
+    Fault("bench-out-of-memory", "export", lambda p: [*BENCH, p.tiny, "--json", p.root / "b.json"],
+          None, words=(*OUT_OF_MEMORY, "lower --batch"),
+          patch=allocation_fails_in(lambda: (sd3_class(), "forward")), upfront=False),
     # obsdiff-export triton
     Fault("triton-sidecar-truncated", "export", lambda p: ["triton", p.root / "export-truncated",
                                                            "--out", p.root / "repo"],
@@ -418,18 +466,46 @@ def invoke(fault: Fault, args: list[str]) -> tuple[int, str, str]:
             module, func = export_entry_point()
             cmd = [sys.executable, "-c", f"import sys; from {module} import {func}; sys.argv[0] = 'obsdiff-export'; "
                                          f"{func}()", *args]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+        r = subprocess.run(cmd, capture_output=True, timeout=300, cwd=ROOT,  # bytes: text mode turns \r into \n
                            env=os.environ | {"OMP_NUM_THREADS": "1"})
-        return r.returncode, r.stdout, r.stderr
+        return r.returncode, r.stdout.decode(), r.stderr.decode()
     r = CliRunner().invoke(obsdiff_cli if fault.tool == "obsdiff" else export_cli(), args)
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
     return r.exit_code, r.stdout, r.stderr
 
 
+def screen(text: str) -> list[str]:
+    """The non-blank lines a terminal shows after printing `text`: \r returns to the start of the line, \n starts
+    the next one, ESC[A (tqdm's move to an outer bar) goes up a line; other text overwrites what is there."""
+    rows: list[list[str]] = [[]]
+    row = col = 0
+    for token in re.split(r"(\r|\n|\x1b\[A)", text):
+        if token == "\r":
+            col = 0
+        elif token == "\n":
+            row, col = row + 1, 0
+        elif token == "\x1b[A":
+            row = max(0, row - 1)
+        elif token:
+            rows.extend([] for _ in range(row + 1 - len(rows)))
+            line = rows[row]
+            line.extend(" " * (col - len(line)))
+            line[col:col + len(token)] = token
+            col += len(token)
+    return [text for text in ("".join(r).rstrip() for r in rows) if text.strip()]
+
+
+# an unfinished tqdm bar: "desc:  40%|####      | 2/5 [...]"
+UNFINISHED_BAR = re.compile(r"\b(\d|[1-9]\d)%\|")
+
+
 def error_line(stderr: str, upfront: bool) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]  # progress bars end lines with \r
+    """The one error line, last on the screen; no unfinished progress bar may be left there (finished ones record
+    work that was done)."""
+    lines = screen(stderr)
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1 and lines[-1] == errors[0], stderr
+    assert not any(UNFINISHED_BAR.search(line) for line in lines), stderr
     if upfront:
         assert lines == errors, stderr
     return errors[0]
@@ -507,12 +583,23 @@ def test_usage_errors_are_one_line(tool, args, words):
     (UnicodeDecodeError("utf-8", NOT_UTF8, 0, 1, "invalid start byte"), 2, ("not UTF-8 text (byte 0: invalid start",)),
     (json.JSONDecodeError("Expecting value", "[1, ", 4), 2, ("not valid JSON (line 1, column 5: Expecting value)",)),
     (KeyboardInterrupt(), 130, ("interrupted (Ctrl-C); no output was left half-written",)),
-    (MemoryError(), 2, ("out of memory (MemoryError)", "--max-memory")),
+    (MemoryError(), 2, ("out of memory (host memory)", "use a smaller image size or batch")),
     (type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"), 2,
-     ("out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)",)),
+     ("out of memory (tried to allocate 2.00 GiB on the GPU)",)),
+    (type("OutOfMemoryError", (RuntimeError,), {})(
+        "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 3.06 GiB "
+        "is free. Including non-PyTorch memory, this process has 76.12 GiB memory in use. If reserved but "
+        "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"), 2,
+     ("out of memory (tried to allocate 20.00 GiB on the GPU, 3.06 GiB free of 79.19 GiB); use a smaller",)),
+    (RuntimeError(CPU_ALLOCATION_FAILED), 2, ("out of memory (tried to allocate 37.25 GiB on the CPU); use a",)),
+    (RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1073741824 bytes."), 2,
+     ("out of memory (tried to allocate 1.00 GiB on the CPU)",)),
+    (RuntimeError("CUDA error: out of memory"), 2, ("out of memory (CUDA error: out of memory)",)),
+    (OSError(errno.ENOMEM, os.strerror(errno.ENOMEM)), 2, ("out of memory",)),
     (ValueError("a bug"), None, ()),
+    (RuntimeError("shapes cannot be multiplied"), None, ()),
 ], ids=["os-error-with-path", "os-error-without-path", "undecodable", "bad-json", "ctrl-c", "host-memory", "gpu-memory",
-        "bug"])
+        "gpu-memory-in-full", "cpu-allocator", "cpu-allocator-windows", "cuda-error", "enomem", "bug", "runtime-bug"])
 def test_failures_the_readers_did_not_anticipate(exc, code, words):
     from obsdiff.cli_utils import failure
 
@@ -520,6 +607,19 @@ def test_failures_the_readers_did_not_anticipate(exc, code, words):
     assert (found and found[1]) == code
     for word in words:
         assert word in found[0], found[0]
+
+
+@pytest.mark.parametrize("command, advice", [
+    ("prune", "lower --batch-size or --height/--width, give --max-memory GIB to plan calibration groups that fit"),
+    ("generate", "lower --height/--width or choose another --device"),
+    ("bench", "lower --batch or --height/--width"),
+    ("info", "use a smaller image size or batch, or run on a device with more memory (--device)"),
+])
+def test_out_of_memory_advice_names_the_commands_options(command, advice):
+    from obsdiff.cli_utils import failure
+
+    message, code = failure(MemoryError(), command)
+    assert code == 2 and message.startswith(f"out of memory (host memory); {advice}"), message
 
 
 @pytest.mark.parametrize("content, expect, require, message", [
@@ -613,6 +713,35 @@ def test_an_input_error_inside_a_staged_write_stays_what_it_is(tmp_path):
     with pytest.raises(FileNotFoundError), staged_file(tmp_path / "out.png"):
         (tmp_path / "missing.txt").read_text()  # names another file: not the output's fault
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failure_inside_the_group_loop_leaves_no_progress_bar(tiny_sd3_dir, tmp_path):
+    """The real entry point in a fresh interpreter, where a bar still open at exit redraws itself: a prune whose
+    calibration fails inside the group loop (a bug in the pipeline call) shows its plan line and the error
+    line, and no bar above, below or around them."""
+    script = "\n".join([
+        "import sys",
+        "from diffusers import StableDiffusion3Pipeline",
+        "def call(*args, **kwargs):",
+        "    raise ZeroDivisionError('a bug')",
+        "StableDiffusion3Pipeline.__call__ = call",
+        "from obsdiff.cli import main",
+        "sys.argv[0] = 'obsdiff'",
+        "main()",
+    ])
+    cmd = [sys.executable, "-c", script, "prune", "--model", str(tiny_sd3_dir), "--method", "sparsegpt",
+           "--sparsity", "0.5", "--num-prompts", "2", "--steps", "2", "--batch-size", "1", "--device", "cpu",
+           "--dtype", "fp32", "--out", str(tmp_path / "r")]
+    quiet = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}  # the tiny tokenizers' warnings
+    r = subprocess.run(cmd, capture_output=True, timeout=300, cwd=ROOT,  # bytes: text mode turns \r into \n
+                       env=os.environ | quiet | {"OMP_NUM_THREADS": "1"})
+    stderr = r.stderr.decode()
+    assert r.returncode == 1, stderr
+    assert "groups:" in stderr and "calibrate group 1/" in stderr  # the bars were drawn
+    plan, *rest = screen(stderr)
+    assert plan.startswith("plan: "), stderr
+    assert rest == ["error: internal error: ZeroDivisionError: a bug (run with -v for the traceback; please report "
+                    "it)"], stderr
 
 
 def test_a_real_ctrl_c_during_calibration_exits_130_and_keeps_only_the_checkpoint(tiny_sd3_dir, tmp_path):

@@ -184,3 +184,59 @@ def test_prune_records_and_prints_the_device_and_dtype_used(tiny_sd3_dir, tmp_pa
             "--device", "cpu", "--out", str(tmp_path / "fp16"))
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "fp16" / "obsdiff.json").read_text())["dtype"] == "fp16"
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "prune"])
+def test_model_help_names_every_accepted_form(command):
+    text = " ".join(run(command, "--help").output.split())
+    forms = ("diffusers pipeline folder", "hub id ORG/NAME[@REV]", "builtin:digits", "run written by obsdiff prune")
+    for form in forms:
+        assert form in text, text
+
+
+@pytest.mark.parametrize("builder, multiple, limit", [("tiny_sd3", 4, 64), ("tiny_flux", 4, None),
+                                                      ("tiny_sdxl", 8, None)])
+def test_image_size_rule_is_what_the_pipeline_does(builder, multiple, limit, tmp_path):
+    """The rule read from config files matches the pipeline: a valid size comes back as asked; one off the
+    multiple is refused by diffusers or comes back another size; one past SD3's position table is refused."""
+    import tests.conftest as c
+    from obsdiff.loading import image_size_rule
+
+    pipe = getattr(c, builder)()
+    pipe.save_pretrained(tmp_path / "model")
+    rule = image_size_rule(str(tmp_path / "model"))
+    assert (rule.multiple, rule.limit) == (multiple, limit)
+
+    def size(height: int, width: int) -> tuple[int, int] | None:
+        try:
+            out = pipe("a cat", height=height, width=width, num_inference_steps=1, output_type="np")
+        except ValueError:
+            return None
+        return out.images.shape[1:3]
+
+    assert size(2 * multiple, 3 * multiple) == (2 * multiple, 3 * multiple)
+    assert size(2 * multiple + multiple // 2, 2 * multiple) in (None, (2 * multiple, 2 * multiple))
+    if limit is not None:
+        assert size(limit, multiple) == (limit, multiple)
+        assert size(limit + multiple, multiple) is None
+
+
+def test_a_bad_size_is_refused_from_the_configs_before_loading(tiny_sd3_dir, tmp_path):
+    """No weights are read (the model here has none) and nothing is written: one line with the nearest sizes."""
+    import shutil
+
+    model = tmp_path / "no-weights"
+    shutil.copytree(tiny_sd3_dir, model)
+    for weights in model.rglob("*.safetensors"):
+        weights.unlink()
+    for args, message in [(["--height", "18"], "--height 18 is not a multiple of 4, which"),
+                          (["--width", "3"], "--width 3 is not a multiple of 4, which"),
+                          (["--height", "65"], "--height 65 is larger than 64, the largest size")]:
+        r = run("generate", "--model", str(model), "--prompt", "x", *args, "--out", str(tmp_path / "x.png"))
+        assert r.exit_code == 2, r.output
+        assert r.output.count("\n") == 1 and r.output.startswith(f"error: {message}"), r.output
+    r = run("generate", "--model", str(model), "--prompt", "x", "--height", "18", "--out", str(tmp_path / "x.png"))
+    assert r.output.rstrip().endswith("use 16 or 20")
+    r = run("eval", str(model), "--reference", str(tiny_sd3_dir), "--width", "70", "--out", str(tmp_path / "e"))
+    assert r.exit_code == 2 and "use 64 or less, a multiple of 4" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-weights"]

@@ -137,3 +137,16 @@ def test_skip_indivisible_records_skipped_layers(tiny_sd3_dir, tmp_path):
             "--skip-indivisible", *FAST, "--out", out)
     # every tiny layer has width 16 or 64: nothing divisible by 7, so nothing is left to prune
     assert r.exit_code == 2 and "no prunable layers" in r.output
+
+
+def test_a_bad_calibration_size_is_refused_before_anything_is_staged(tiny_sd3_dir, pruned_run, tmp_path):
+    """For a pipeline folder and for a run (judged by its base's configs), with and without --dry-run."""
+    for model, extra in [(tiny_sd3_dir, []), (pruned_run, []), (tiny_sd3_dir, ["--dry-run"])]:
+        r = run("prune", "--model", model, "--sparsity", "0.5", "--height", "17", "--width", "16", *extra,
+                "--out", tmp_path / "r")
+        assert r.exit_code == 2, r.output
+        assert r.output == ("error: --height 17 is not a multiple of 4, which "
+                            f"{model} needs (VAE factor 2 x patch size 2); use 16 or 20\n")
+        assert list(tmp_path.iterdir()) == []
+    r = run("generate", "--model", pruned_run, "--prompt", "x", "--width", "68", "--out", tmp_path / "x.png")
+    assert r.exit_code == 2 and "--width 68 is larger than 64" in r.output, r.output
