@@ -216,7 +216,7 @@ def _describe(loaded: dict, reference: str, inputs: dict) -> dict:
 
 
 def _time_denoiser(loaded: dict, variants: list[Variant], inputs: dict, cfg: BenchConfig, progress: bool) -> None:
-    from tqdm.auto import tqdm
+    from obsdiff.progress import tqdm
 
     reference_out = {}
     live = [v for v in variants if v.status == "ok"]

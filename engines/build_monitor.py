@@ -77,7 +77,7 @@ def build_progress(label: str, enabled: bool = True, interval: float = 1.0, file
     TensorRT gives no fraction done for the whole build, so the line shows the elapsed time: a build that
     takes twenty minutes visibly runs. Yields {"ticks": n}, the number of refreshes so far.
     """
-    from tqdm.auto import tqdm
+    from obsdiff.progress import tqdm
 
     state = {"ticks": 0}
     stop = threading.Event()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from obsdiff.cli_utils import check_sizes
 from obsdiff.export.cli import FORCE
 from obsdiff.export.cli import cli as export_cli
 
@@ -57,6 +58,7 @@ def build_engine(onnx_path: Path, out: Path, force: bool, as_json: bool, **kwarg
                   if sp["requested"] else "sparse weights off")
         click.echo(f"{rec['file']}: TensorRT {rec['tensorrt']}, {rec['gpu']['name']}, {rec['typing']}ly typed, "
                    f"flags {', '.join(rec['builder_flags']) or 'none'}, {rec['build_seconds']:.1f} s; {sparse}")
+    click.echo(f"profile from {record['profile_source']}")
     click.echo(f"the same build with trtexec: {record['trtexec']}")
     click.echo(f"wrote {out} (sidecar {out.name}.json, build log {out.name}.log)")
 
@@ -92,6 +94,7 @@ def bench(model_or_run: str, json_out: Path | None, plot: Path | None, force: bo
     from .report import check_outputs, format_bench, save_bench
 
     check_outputs([json_out, plot], force)
+    check_sizes([model_or_run, kwargs["reference"]], kwargs["height"], kwargs["width"])
     config = BenchConfig(backends=kwargs["backend"], scope=kwargs["scope"], steps=kwargs["steps"],
                          batch=kwargs["batch"], height=kwargs["height"], width=kwargs["width"],
                          warmup=kwargs["warmup"], iters=kwargs["iters"], device=kwargs["device"],

@@ -78,7 +78,7 @@ def time_pipeline(loaded: dict, variants: list[Variant], shapes: dict, cfg: Benc
 
 def _time_pipeline_quiet(loaded: dict, variants: list[Variant], shapes: dict, cfg: BenchConfig,
                          progress: bool) -> None:
-    from tqdm.auto import tqdm
+    from obsdiff.progress import tqdm
 
     calls = {label: pipeline_call(m, shapes, cfg) for label, m in loaded.items()}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from obsdiff.cli_utils import Group, format_table, verbosity_params
+from obsdiff.cli_utils import Group, check_sizes, format_table, verbosity_params
 from obsdiff.devices import DTYPE_CHOICES, device_option
 
 DEVICE = click.option("--device", default="auto", show_default=True, callback=device_option,
@@ -170,19 +170,6 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
             "seconds_per_image"]
     click.echo(format_table(["metric", "value"], [[k, m[k]] for k in keys if k in m]))
     click.echo(f"wrote {out}/metrics.json, {out}/sheet.png and {out}/images/")
-
-
-def check_sizes(refs: list[str | None], height: int | None, width: int | None) -> None:
-    """Refuse --height/--width values a model cannot take, from its config files: before any weight loads or
-    output is staged (diffusers would refuse them only inside the first pipeline call)."""
-    if height is None and width is None:
-        return
-    from obsdiff.loading import image_size_rule
-    from obsdiff.models.registry import check_image_size
-
-    for ref in refs:
-        if ref is not None:
-            check_image_size(image_size_rule(ref), {"--height": height, "--width": width}, ref)
 
 
 def read_prompts(path: Path) -> tuple[str, ...]:

@@ -379,6 +379,9 @@ FAULTS = [
                                                               "--out", p.root / "e.plan"],
           lambda p: p.root / "list.json", words=("holds an array",)),
     # obsdiff-export bench
+    Fault("bench-size-not-a-multiple", "export", lambda p: [*BENCH, p.tiny, "--width", "18",
+                                                           "--json", p.root / "b.json"],
+          None, words=("--width 18 is not a multiple of 4", "use 16 or 20")),
     Fault("bench-json-under-file", "export", lambda p: [*BENCH, p.tiny, "--json", p.afile / "b.json"],
           lambda p: p.afile / "b.json", words=("is a file",)),
     Fault("bench-plot-in-proc", "export", lambda p: [*BENCH, p.tiny, "--plot", "/proc/obsdiff-b.png"],
