@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import weakref
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,11 +34,20 @@ from obsdiff.errors import ConfigError
 log = logging.getLogger(__name__)
 
 GiB = 2**30
-# Solver workspace per layer, in multiples of d_in^2 and d_out * d_in float32 values: H's damped copy, its
-# Cholesky factor, the inverse and U (blocked OBS) or the running inverse (structured); W in the compute dtype,
-# the updated copy and the error terms. Fitted against peak RSS on SD3-Medium-width layers (bench/scale.py).
-SOLVE_H_COPIES = 4
-SOLVE_W_COPIES = 4
+# Solver workspace per layer, as (copies of d_in^2, copies of d_out * d_in) values in the solver dtype, by what the
+# method reads from calibration (`methods.Method.hessian`):
+# - "full" (OBS): H's damped copy, its Cholesky factor, the inverse and U (blocked OBS) or the running inverse
+#   (structured); W in the compute dtype, the updated copy and the error terms. Fitted against peak RSS on
+#   SD3-Medium-width layers (bench/scale.py).
+# - "diag" (Wanda): H moved to the weights' device and the Cholesky factor of the error records
+#   (`obs.layer_errors`); W in the compute dtype, its score, top-k values and int64 indices, the mask, the pruned
+#   copy and the three stacked error terms. The live bytes of `prune._solve_unit`, counted op by op like a
+#   forward below (`_LiveBytes`) on 256 to 1024 wide layers, bf16 and fp32 weights, fp32 and fp64 solves,
+#   sparsity 0.5, 0.9 and 2:4, peaked at 7 d_out d_in + 0.55 d_in^2.
+# - None (magnitude): W in the compute dtype, |W|, the top-k values and int64 indices of up to every entry and
+#   the bool mask: 1 + 1 + 3 + 0.25 at most (the pruned copy is made once the scores are freed). Counted the same
+#   way: 2.75 at sparsity 0.5 on fp32 weights, 4.95 at 0.9 on bf16 ones.
+SOLVE_COPIES: dict[str | None, tuple[float, float]] = {"full": (4, 4), "diag": (2, 7), None: (0, 5.25)}
 
 
 # ---------------------------------------------------------------------------------------- measuring on meta
@@ -267,6 +278,7 @@ class GroupPlan:
     solve_bytes: int  # the largest layer's solver workspace
     calls: int  # denoiser calls that feed this group's Hessians
     peak: dict[str, int] = field(default_factory=dict)  # device -> predicted bytes
+    held_bytes: int = 0  # what the group's solves hold besides (structured: its readers' dense weights)
 
 
 @dataclass
@@ -283,6 +295,7 @@ class MemoryPlan:
     limit: int | None = None  # bytes allowed on the model's device
     chosen_groups: int | None = None
     world_size: int = 1  # torchrun: the plan is per rank (each one's share of the calibration calls)
+    hessian: str | None = "full"  # what the method reads from calibration (`methods.Method.hessian`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -291,7 +304,8 @@ class MemoryPlan:
         from obsdiff.cli_utils import format_table
 
         devices = sorted(self.peak)
-        rows = [[g.index, _span(g.layers), len(g.layers), g.hessian_bytes / 2**20, g.solve_bytes / 2**20, g.calls,
+        rows = [[g.index, _span(g.layers), len(g.layers), g.hessian_bytes / 2**20,
+                 (g.solve_bytes + g.held_bytes) / 2**20, g.calls,
                  *[g.peak.get(d, 0) / GiB for d in devices]] for g in self.groups]
         return format_table(["group", "layers", "inputs", "Hessians MiB", "solve MiB", "denoiser calls",
                              *[f"peak {d} GiB" for d in devices]], rows)
@@ -306,48 +320,63 @@ def _span(names: list[str]) -> str:
     return f"{names[0]} .. {names[-1]}"
 
 
-def plan_groups(units_by_group: list[list[str]], profile: ForwardProfile, linear_shapes: dict[str, tuple[int, int]],
+def plan_groups(groups: list[list[Sequence[str]]], profile: ForwardProfile, linear_shapes: dict[str, tuple[int, int]],
                 calls_per_pass: int, weights: dict[str, int], denoiser_name: str, device: str, hessian_device: str,
                 cache_device: str | None = None, solver_bytes: int = 4, max_tokens: int | None = None,
-                baseline_bytes: int = 0, save_shard_bytes: int = 0, load_extra_bytes: int = 0) -> MemoryPlan:
-    """Predicted peak bytes per device for a prune whose groups hook `units_by_group` (linear names).
+                baseline_bytes: int = 0, save_shard_bytes: int = 0, load_extra_bytes: int = 0,
+                hessian: str | None = "full", held_bytes: list[int] | None = None) -> MemoryPlan:
+    """Predicted peak bytes per device for a prune that runs `groups`: per group its units, the linears that read
+    one input, whose first is hooked (one Hessian per unit) and all of which are solved with that Hessian.
 
     `profile` is one forward at one batch of calibration rows; `calls_per_pass` the denoiser calls of one
-    calibration pass; `linear_shapes` the (d_out, d_in) of every hooked linear; `weights` the bytes of the loaded
+    calibration pass; `linear_shapes` the (d_out, d_in) of every linear; `weights` the bytes of the loaded
     components; `solver_bytes` 4 (fp32 Hessians and solves) or 8 (fp64); `save_shard_bytes` the largest weight
     file the run will write (each is converted on the host before it is written); `load_extra_bytes` what loading
     holds beyond the loaded weights (the memory-mapped file of the largest component while it is converted).
+    `hessian` is what the method reads from calibration (`methods.Method.hessian`): None plans no calibration
+    at all (no Hessians, no forward, and the text encoders stay where they were loaded: nothing parks them);
+    "diag" plans the full matrices, which the calibrator accumulates for every method, and a lighter solve
+    (`SOLVE_COPIES`). `held_bytes`: per group, what its solves hold besides (structured: its readers' dense
+    weights, kept for the error records).
     """
     denoiser_bytes = weights.get(denoiser_name, 0)
     others = sum(v for k, v in weights.items() if k != denoiser_name)
+    calibrates = hessian is not None
+    cache_device = cache_device if calibrates else None  # nothing is cached without a calibration pass
     cache_bytes = profile.block_input_bytes * calls_per_pass if cache_device else 0
+    h_copies, w_copies = SOLVE_COPIES[hessian]
     host = "cpu"
 
     def add(peaks: dict, where: str, n: int) -> None:
         peaks[where] = peaks.get(where, 0) + n
 
-    groups = []
-    for i, names in enumerate(units_by_group):
-        hess = sum(linear_shapes[n][1] ** 2 for n in names) * solver_bytes
+    plans = []
+    for i, units in enumerate(groups):
+        hooked = [u[0] for u in units]
+        hess = sum(linear_shapes[n][1] ** 2 for n in hooked) * solver_bytes if calibrates else 0
         hook = 0
-        for n in names:
+        for n in hooked if calibrates else ():
             shape = profile.linear_inputs.get(n)
             if shape is not None:
                 tokens = max(1, _prod(shape[:-1]))
                 hook = max(hook, min(tokens, max_tokens or tokens) * shape[-1] * solver_bytes)
-        solve = max((SOLVE_H_COPIES * d_in**2 + SOLVE_W_COPIES * d_out * d_in) * solver_bytes
-                    for d_out, d_in in (linear_shapes[n] for n in names)) if names else 0
+        solve = max((math.ceil((h_copies * d_in**2 + w_copies * d_out * d_in) * solver_bytes)
+                     for d_out, d_in in (linear_shapes[n] for u in units for n in u)), default=0)
+        held = held_bytes[i] if held_bytes else 0
         phases = []
-        for transient in (profile.activation_peak + hook, solve):  # calibration, then the solves
+        # calibration (methods that calibrate), then the solves
+        for transient in ([profile.activation_peak + hook] if calibrates else []) + [solve + held]:
             peaks: dict[str, int] = {}
             add(peaks, device, denoiser_bytes + transient)
-            add(peaks, hessian_device, hess)
-            add(peaks, host, baseline_bytes + others)  # parked components (all of it on a CPU)
+            if calibrates:
+                add(peaks, hessian_device, hess)
+            add(peaks, host if calibrates else device, others)  # parked on the host while a method calibrates
+            add(peaks, host, baseline_bytes)
             if cache_device:
                 add(peaks, cache_device, cache_bytes)
             phases.append(peaks)
         peak = {d: max(p.get(d, 0) for p in phases) for p in phases for d in p}
-        groups.append(GroupPlan(i, list(names), hess, hook, solve, calls_per_pass, peak))
+        plans.append(GroupPlan(i, hooked, hess, hook, solve, calls_per_pass if calibrates else 0, peak, held))
 
     encode: dict[str, int] = {}
     add(encode, device, denoiser_bytes + others)  # the text encoders run where the denoiser does
@@ -358,11 +387,12 @@ def plan_groups(units_by_group: list[list[str]], profile: ForwardProfile, linear
     add(save, device, denoiser_bytes)
     add(save, host, baseline_bytes + others + save_shard_bytes)
     peak = {d: max(p.get(d, 0) for p in (load, encode, save)) for d in load.keys() | encode.keys() | save.keys()}
-    for g in groups:
+    for g in plans:
         for d, n in g.peak.items():
             peak[d] = max(peak.get(d, 0), n)
-    return MemoryPlan(device, hessian_device, cache_device, weights, profile.activation_peak, cache_bytes,
-                      baseline_bytes, groups, peak)
+    return MemoryPlan(device, hessian_device if calibrates else device, cache_device, weights,
+                      profile.activation_peak if calibrates else 0, cache_bytes, baseline_bytes, plans, peak,
+                      hessian=hessian)
 
 
 def _prod(dims) -> int:

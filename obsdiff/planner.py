@@ -30,7 +30,7 @@ from obsdiff.memory import (
     plan_groups,
     profile_forward,
 )
-from obsdiff.prune import block_positions, calibration_chunks, plan_units, select_blocks
+from obsdiff.prune import block_positions, plan_units, select_blocks, unit_groups
 
 log = logging.getLogger(__name__)
 
@@ -76,27 +76,28 @@ def calibration_latent_size(model: LoadedModel, calib: CalibConfig) -> tuple[int
     return max(1, h // scale), max(1, w // scale)
 
 
-def hooked_groups(model: LoadedModel, prune: PruneConfig, calib: CalibConfig) -> list[list[str]]:
-    """The linears whose Hessians each calibration group accumulates, as the prune will chunk them."""
+def group_units(model: LoadedModel, prune: PruneConfig, calib: CalibConfig) -> list[list[tuple[str, ...]]]:
+    """The groups the prune will run, each as its units: the linears that read one input, whose first is hooked
+    for their Hessian. The prune loops' own grouping (`prune.unit_groups`, `structured.structure_chunks`: one
+    group for a method that calibrates nothing); a structured group's units are its reader linears."""
     denoiser = model.denoiser
     blocks = select_blocks(model.family.blocks(denoiser), prune.blocks)
-    names = [n for n, _ in denoiser.named_modules()]
-    positions = block_positions(blocks, names)
+    positions = block_positions(blocks, [n for n, _ in denoiser.named_modules()])
     if prune.structured:
-        from obsdiff.structured import plan_structures
+        from obsdiff.structured import plan_structures, readers_of, structure_chunks
 
         planned, _ = plan_structures(model, prune)
         active = [(g, n) for g, n in planned if n > 0]
-        chunks = calibration_chunks(active, calib.groups, lambda item: positions[item[0].readers[0].linear])
-        return [list(dict.fromkeys(s.linear for g, _ in chunk for s in g.readers)) for chunk in chunks]
+        return [[(r,) for r in readers_of(chunk)] for chunk in structure_chunks(active, prune, calib, positions)]
     units, _ = plan_units(model, prune)
-    if not prune.needs_calibration:
-        return [[u[0] for u in units]]
-    return [[u[0] for u in chunk] for chunk in calibration_chunks(units, calib.groups, lambda u: positions[u[0]])]
+    return [list(chunk) for chunk in unit_groups(units, prune, calib, positions)]
 
 
 def forward_profile(model: LoadedModel, prune: PruneConfig, calib: CalibConfig) -> ForwardProfile:
-    """One calibration call of `model`'s denoiser, measured on its meta twin (`memory.profile_forward`)."""
+    """One calibration call of `model`'s denoiser, measured on its meta twin (`memory.profile_forward`); nothing
+    for a method that calibrates nothing (it never runs the denoiser)."""
+    if not prune.needs_calibration:
+        return ForwardProfile({}, 0, 0)
     calib = resolve_calib(calib, model.builtin, prune.method)
     twin = meta_twin(model.denoiser, (model.run or {}).get("shrink_plan"), model.family)
     rows = calib.batch_size * model.family.guidance_rows(calib.guidance)
@@ -119,7 +120,8 @@ def plan_memory(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | Non
     `profile` (from `forward_profile`) can be passed when planning the same calibration shape repeatedly.
     With `world_size` ranks (torchrun), the plan is one rank's, the busiest: it runs ceil(batches / W)
     prompt batches and caches only their block inputs; every rank holds the group's partial Hessians and
-    any rank may own the largest solve, so those terms do not shrink.
+    any rank may own the largest solve, so those terms do not shrink. What each method builds follows its
+    `methods.Method.hessian`: magnitude plans no Hessians, no forward and one group.
     """
     calib = resolve_calib(calib or CalibConfig(), model.builtin, prune.method)
     denoiser = model.denoiser
@@ -136,14 +138,17 @@ def plan_memory(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | Non
     if calib.mode == "cached":
         cache_device = dev if calib.cache_device is None else _device_name(calib.cache_device)
     h_dev = dev if hessian_device in (None, "auto") else _device_name(hessian_device)
-    groups = hooked_groups(_with_denoiser(model, twin), prune, calib)
+    groups = group_units(_with_denoiser(model, twin), prune, calib)
     calls = batches * calib.steps if prune.needs_calibration else 0
+    held = None
+    if prune.structured:  # the loop keeps a dense copy of each reader of the group for its error records
+        held = [sum(shapes[u[0]][0] * shapes[u[0]][1] for u in g) * denoiser.dtype.itemsize for g in groups]
     loaded = not all(p.is_meta for p in denoiser.parameters())
     if baseline_bytes is None:  # the process without the model: a loaded one is already in its RSS
         baseline_bytes = max(current_rss() - (sum(weights.values()) if loaded else 0), 0)
     plan = plan_groups(groups, profile, shapes, calls, weights, model.family.denoiser_attr, dev, h_dev, cache_device,
                        8 if prune.compute_dtype == "fp64" else 4, calib.max_tokens, baseline_bytes,
-                       save_shard_bytes(model), load_extra_bytes(model, dev, loaded))
+                       save_shard_bytes(model), load_extra_bytes(model, dev, loaded), prune.method_spec.hessian, held)
     plan.world_size = world_size
     return plan
 
@@ -186,13 +191,17 @@ def choose_groups(model: LoadedModel, prune: PruneConfig, calib: CalibConfig, ma
                   baseline_bytes: int | None = None, world_size: int = 1) -> tuple[CalibConfig, MemoryPlan]:
     """The calibration config with the fewest groups (at least the requested number) whose predicted peak on
     the model's device stays within `max_memory` GiB, and its plan; a one-line refusal if even one group
-    per block does not fit."""
+    per block does not fit. A method whose groups are fixed (magnitude calibrates nothing; Wanda, and SparseGPT
+    in rerun mode, calibrate in one group) has its one plan checked instead."""
     calib = resolve_calib(calib, model.builtin, prune.method)
     limit = int(max_memory * GiB)
+    profile = forward_profile(model, prune, calib)
+    if not prune.needs_calibration or calib.mode in prune.method_spec.one_group_modes:
+        return calib, _fixed_groups(model, prune, calib, max_memory, device, hessian_device, weights, baseline_bytes,
+                                    profile, world_size)
     blocks = select_blocks(model.family.blocks(model.denoiser), prune.blocks)
     start = calib.groups or len(blocks)
     plan = None
-    profile = forward_profile(model, prune, calib)
     for groups in range(start, len(blocks) + 1) if start <= len(blocks) else [start]:
         trial = replace(calib, groups=groups)
         plan = plan_memory(model, prune, trial, device, hessian_device, weights, baseline_bytes, profile, world_size)
@@ -204,6 +213,32 @@ def choose_groups(model: LoadedModel, prune: PruneConfig, calib: CalibConfig, ma
         f"--max-memory {max_memory:g} GiB is too small: with one group per block the largest group still needs "
         f"{worst.peak[plan.device] / GiB:.1f} GiB on {plan.device} (Hessians {worst.hessian_bytes / GiB:.1f} GiB); "
         "use --hessian-device cpu, --dtype bf16, a smaller --batch-size, or more memory")
+
+
+def _fixed_groups(model: LoadedModel, prune: PruneConfig, calib: CalibConfig, max_memory: float, device,
+                  hessian_device: str | None, weights: dict[str, int] | None, baseline_bytes: int | None,
+                  profile: ForwardProfile, world_size: int) -> MemoryPlan:
+    """`choose_groups` for a method whose group count cannot change (it calibrates nothing, or in one group in
+    this mode): its plan if it fits, else a refusal that names what the method holds."""
+    plan = plan_memory(model, prune, calib, device, hessian_device, weights, baseline_bytes, profile, world_size)
+    limit = int(max_memory * GiB)
+    need = plan.peak[plan.device]
+    if need <= limit:
+        plan.limit, plan.chosen_groups = limit, len(plan.groups)
+        return plan
+    if prune.needs_calibration:
+        hess = max(g.hessian_bytes for g in plan.groups)
+        what = (f"calibrates in one group in {calib.mode} mode and needs {need / GiB:.1f} GiB on {plan.device} "
+                f"(Hessians {hess / GiB:.1f} GiB)")
+        other = [m for m in ("rerun", "cached") if m not in prune.method_spec.one_group_modes]
+        hints = "--hessian-device cpu, --dtype bf16, a smaller --batch-size" + (
+            f", --calibration-mode {other[0]} with more --groups" if other else "")
+    else:
+        what = (f"calibrates nothing and still needs {need / GiB:.1f} GiB on {plan.device} "
+                f"(weights {sum(plan.weights.values()) / GiB:.1f} GiB)")
+        hints = "--dtype bf16"
+    raise ConfigError(f"--max-memory {max_memory:g} GiB is too small: {prune.method} {what}; use {hints}, "
+                      "or more memory")
 
 
 def _device_name(name: str) -> str:
@@ -230,9 +265,12 @@ def describe(plan: MemoryPlan) -> str:
     lines = [plan.table(), ""]
     weights = ", ".join(f"{k} {v / GiB:.2f}" for k, v in plan.weights.items())
     lines.append(f"weights (GiB): {weights}")
-    lines.append(f"activations of one forward: {plan.activation_bytes / GiB:.2f} GiB"
-                 + (f"; cached block inputs: {plan.cache_bytes / GiB:.2f} GiB on {plan.cache_device}"
-                    if plan.cache_device else ""))
+    if plan.hessian is None:
+        lines.append("no calibration: the method reads the weights alone (no Hessians, no denoiser forward)")
+    else:
+        lines.append(f"activations of one forward: {plan.activation_bytes / GiB:.2f} GiB"
+                     + (f"; cached block inputs: {plan.cache_bytes / GiB:.2f} GiB on {plan.cache_device}"
+                        if plan.cache_device else ""))
     peaks = ", ".join(f"{d} {n / GiB:.2f} GiB" for d, n in sorted(plan.peak.items()))
     lines.append(f"predicted peak: {peaks}" + (f" (limit {plan.limit / GiB:.2f} GiB)" if plan.limit else "")
                  + (f", per rank of {plan.world_size}" if plan.world_size > 1 else ""))

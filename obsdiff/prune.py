@@ -1,4 +1,4 @@
-"""The orchestrator: group-wise sequential calibration and layer-wise OBS (METHOD.md sections 1-3, 6).
+"""The orchestrator: group-wise calibration and layer-wise OBS (docs/method.md#group-wise-sequential-calibration).
 
 The prunable linears of the selected blocks are grouped into *units* (linears that read one input
 tensor and so share one Hessian), listed in forward order and split into G contiguous groups. For each
@@ -60,6 +60,16 @@ def plan_units(model: LoadedModel, cfg: PruneConfig) -> tuple[list[Unit], dict[s
         why = f" ({len(skipped)} skipped: {next(iter(skipped.values()))})" if skipped else ""
         raise ConfigError(f"no prunable layers selected{why}; check --blocks and --sparsity-type")
     return units, skipped
+
+
+def unit_groups(units: list[Unit], prune: PruneConfig, calib: CalibConfig, positions: dict[str, int]
+                ) -> list[list[Unit]]:
+    """The groups the prune solves `units` in (the planner plans these): contiguous calibration groups (one per
+    block with `calib.groups` None), or all at once for a method that calibrates nothing. `positions`: block
+    position of every linear (`calibrate.block_positions`)."""
+    if not prune.needs_calibration:
+        return [units]
+    return calibration_chunks(units, calib.groups, lambda unit: positions[unit[0]])
 
 
 def prune_layer(W: torch.Tensor, H: torch.Tensor | None, cfg: PruneConfig) -> tuple[torch.Tensor, float | None]:
@@ -134,21 +144,21 @@ def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = N
                                          0.0, skipped=reason))
         log.warning("skipping %s: %s", name, reason)
 
-    if not prune.needs_calibration:
-        report.layers.extend(solve_units_(units, None, modules, prune, world, "prune layers", progress))
+    blocks = select_blocks(model.family.blocks(denoiser), prune.blocks)
+    positions = block_positions(blocks, modules)
+    chunks = unit_groups(units, prune, calib, positions)
+    if not prune.needs_calibration:  # a single group, solved without a calibrator
+        report.layers.extend(solve_units_(chunks[0], None, modules, prune, world, "prune layers", progress))
         report.distributed = world.record() if world.distributed else None
         report.total_seconds = time.perf_counter() - t_start
         return report
 
-    blocks = select_blocks(model.family.blocks(denoiser), prune.blocks)
     with world.failures():
         calibrator = make_calibrator(model, prune, calib, blocks, progress,
                                      workdir=checkpoint.path if checkpoint else None, rank=world.rank,
                                      world_size=world.size)
     with calibrator, text_encoders_parked(model):
         report.encode_seconds = calibrator.encode_seconds
-        positions = block_positions(blocks, modules)
-        chunks = calibration_chunks(units, calib.groups, lambda unit: positions[unit[0]])
         report.calib["groups"] = len(chunks)
         start = 0
         if checkpoint is not None and checkpoint.done:

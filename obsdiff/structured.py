@@ -1,4 +1,4 @@
-"""Structured OBS-Diff: remove attention heads and FFN neurons, then shrink the model (METHOD.md 4-6).
+"""Structured OBS-Diff: remove heads and FFN neurons, then shrink the model (docs/method.md#structured-selection).
 
 The family's structure groups of the selected blocks are split into G contiguous calibration groups.
 For each: calibrate the current model (earlier groups already pruned) with Hessians for this group's
@@ -207,6 +207,21 @@ def prune_structured_(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, 
     report.distributed = world.record() if world.distributed else None
     report.total_seconds = time.perf_counter() - t_start
     return report
+
+
+def structure_chunks(active: list[tuple[StructureGroup, int]], cfg: PruneConfig, calib: CalibConfig,
+                     positions: dict[str, int]) -> list[list[tuple[StructureGroup, int]]]:
+    """The groups the loop removes the `active` (group, count) items in (the planner plans these): contiguous
+    calibration groups (one per block with `calib.groups` None), or all at once for a method that calibrates
+    nothing. `positions`: block position of every reader linear (`calibrate.block_positions`)."""
+    if not cfg.needs_calibration:
+        return [active]
+    return calibration_chunks(active, calib.groups, lambda item: positions[item[0].readers[0].linear])
+
+
+def readers_of(chunk: list[tuple[StructureGroup, int]]) -> list[str]:
+    """The reader linears of one group's items, each once, in order: the Hessians that group accumulates."""
+    return list(dict.fromkeys(s.linear for g, _ in chunk for s in g.readers))
 
 
 def report_active(report: PruneReport, planned: list[tuple[StructureGroup, int]]) -> list[tuple[StructureGroup, int]]:
@@ -426,9 +441,9 @@ def _prune_groups(model: LoadedModel, cfg: PruneConfig, calib: CalibConfig, cali
         planned = sensitivity_allocation(planned, cfg, calibrator, modules, chunk, progress, world)
         report.allocation = {"seconds": time.perf_counter() - t0, "removed": {g.name: n for g, n in planned}}
     active = [(g, n) for g, n in planned if n > 0]
-    chunks = chunk(active) if calibrator else [active]
+    chunks = structure_chunks(active, cfg, calib, positions)  # one, uncalibrated, without a calibrator
     report.calib["groups"] = len(chunks)
-    chunk_readers = [list(dict.fromkeys(s.linear for g, _ in chunk for s in g.readers)) for chunk in chunks]
+    chunk_readers = [readers_of(chunk) for chunk in chunks]
     state = _LoopState()
     start = 0
     if resuming:

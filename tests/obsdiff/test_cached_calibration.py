@@ -134,8 +134,13 @@ def test_structured_cached_with_sensitivity_allocation_shrinks(monkeypatch):
 
 
 def test_rerun_mode_stays_the_default_calibrator():
+    """Neither the library nor the command line asks for a mode: both calibrate by re-running the pipeline."""
     model = as_loaded(tiny_sd3())
-    assert type(calibrators(model, "rerun")) is Calibrator
+    cfg = resolve_calib(CalibConfig(**CALIB), None, "obs-diff")
+    cal = make_calibrator(model, PruneConfig(sparsity=0.5), cfg, model.family.blocks(model.denoiser), progress=False)
+    assert cfg.mode == "rerun" and type(cal) is Calibrator
+    option = next(p for p in cli.commands["prune"].params if p.name == "calibration_mode")
+    assert option.default == "rerun"
 
 
 def test_sdxl_refuses_cached_mode_before_encoding():

@@ -1,8 +1,11 @@
 """Calibrators: where Hessians accumulate (`hessian_device`), the recorded time split, rerun passes."""
 
+import time
+
 import pytest
 import torch
 
+import obsdiff.calibrate as C
 from obsdiff.calibrate import (
     MemoryCache,
     SpillCache,
@@ -13,6 +16,7 @@ from obsdiff.calibrate import (
 )
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
 from obsdiff.errors import ConfigError
+from obsdiff.hessian import HessianAccumulator
 from obsdiff.loading import as_loaded
 from tests.conftest import tiny_sd3
 
@@ -31,15 +35,34 @@ def calibrator(model, **calib):
                            progress=False)
 
 
+@pytest.fixture
+def asked_devices(monkeypatch):
+    """The device every accumulator the calibrators create is asked to allocate its Hessian on."""
+    asked = []
+
+    class Recording(HessianAccumulator):
+        def __init__(self, d_in, device="cpu", *args, **kwargs):
+            asked.append(torch.device(device))
+            super().__init__(d_in, device, *args, **kwargs)
+
+    monkeypatch.setattr(C, "HessianAccumulator", Recording)
+    return asked
+
+
 @pytest.mark.parametrize("mode", ["rerun", "cached"])
-def test_hessians_on_the_cpu_are_the_model_device_ones(model, mode):
+def test_hessians_go_to_the_hessian_device_and_equal_the_model_device_ones(model, mode, asked_devices):
+    """`cpu:0` is a CPU device that differs from the model's `cpu`, so it shows --hessian-device is honoured
+    even on a machine without accelerators."""
     default, _ = calibrator(model, mode=mode).hessians(LINEARS, "a")
-    cal = calibrator(model, mode=mode, hessian_device="cpu")
+    assert asked_devices == [torch.device("cpu")] * len(LINEARS)  # unset: the model's device
+    asked_devices.clear()
+    cal = calibrator(model, mode=mode, hessian_device="cpu:0")
     on_cpu, _ = cal.hessians(LINEARS, "b")
+    assert asked_devices == [torch.device("cpu", 0)] * len(LINEARS)
     for name in LINEARS:
-        assert on_cpu[name].H.device == torch.device("cpu")
+        assert on_cpu[name].H.device.type == "cpu"
         assert torch.equal(on_cpu[name].H, default[name].H), name
-    assert cal.stats()["hessian_device"] == "cpu"
+    assert cal.stats()["hessian_device"] == "cpu:0"
 
 
 @pytest.mark.parametrize("name,match", [("meta", "holds no data"), ("gpu0", "not a device name"),
@@ -57,14 +80,50 @@ def test_a_device_this_machine_lacks_is_refused_before_encoding(model):
     assert "\n" not in str(info.value)
 
 
-def test_stats_split_the_calibration_time(model):
+@pytest.fixture
+def spent(monkeypatch):
+    """Seconds spent inside Hessian accumulation (`add`) and block-input cache I/O (`io`), timed around those
+    methods themselves, and their calls; each call also sleeps 2 ms so that the timed work is well above the
+    calibrators' own bookkeeping."""
+    spent = {"add": 0.0, "io": 0.0, "add_calls": 0, "io_calls": 0}
+
+    def timed(cls, name, key):
+        real = getattr(cls, name)
+
+        def method(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                time.sleep(0.002)
+                return real(self, *args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - t0
+                spent[f"{key}_calls"] += 1
+
+        monkeypatch.setattr(cls, name, method)
+
+    timed(HessianAccumulator, "add", "add")
+    for name in ("append", "read", "write"):
+        timed(MemoryCache, name, "io")
+    return spent
+
+
+# What a calibrator's clock may add to each timed call: two clock reads and a Python call (about 10 us measured
+# on a 2-core CPU); 1 ms a call leaves room for a busy machine's scheduling (tests run two at a time) and stays
+# below one block's forward (the cached sweep's advance: 2.5 to 5 ms a call there), so time counted in the wrong
+# term is caught.
+SLACK_PER_CALL = 1e-3
+
+
+def test_stats_split_the_calibration_time(model, spent):
     cal = calibrator(model)
-    _, seconds = cal.hessians(LINEARS, "a")
-    _, seconds2 = cal.hessians(LINEARS[:1], "b")
+    accs, seconds = cal.hessians(LINEARS, "a")
+    accs2, seconds2 = cal.hessians(LINEARS[:1], "b")
     stats = cal.stats()
     assert stats["mode"] == "rerun" and stats["pipeline_runs"] == 2
-    assert stats["hessian_seconds"] > 0 and stats["forward_seconds"] > 0
-    assert stats["forward_seconds"] + stats["hessian_seconds"] == pytest.approx(seconds + seconds2)
+    assert spent["add_calls"] == sum(a.calls for a in [*accs.values(), *accs2.values()])
+    slack = SLACK_PER_CALL * spent["add_calls"]
+    assert spent["add"] <= stats["hessian_seconds"] <= spent["add"] + slack
+    assert stats["forward_seconds"] == pytest.approx(seconds + seconds2 - spent["add"], abs=slack)
 
 
 def test_rerun_hessians_follow_the_pruned_model(model):
@@ -85,15 +144,19 @@ def test_rerun_hessians_follow_the_pruned_model(model):
     assert after[name].calls == before[name].calls == 2 * 3  # 2 batches x 3 steps, the last step cut short
 
 
-def test_cached_stats_split_capture_and_sweeps(model):
+def test_cached_stats_split_capture_and_sweeps(model, spent):
     cal = calibrator(model, mode="cached")
     _, s0 = cal.hessians(LINEARS[:2], "block 0")  # the capture run fills these
     _, s1 = cal.hessians(LINEARS[2:], "block 1")  # a sweep: advance block 0, hooks in block 1
     stats = cal.stats()
     assert stats["pipeline_runs"] == stats["captures"] == 1 and stats["advance_seconds"] > 0
-    assert stats["hessian_seconds"] > 0 and stats["io_seconds"] > 0 and stats["cache_location"] == "memory"
-    total = stats["forward_seconds"] + stats["hessian_seconds"] + stats["io_seconds"]
-    assert total == pytest.approx(s0 + s1, rel=0.05)
+    assert stats["cache_location"] == "memory"
+    # 6 calls (2 batches x 3 steps) appended by the capture, then read and written back by the advancing sweep
+    assert spent["io_calls"] == 3 * stats["cache_calls"] == 3 * 6
+    for key, stat in (("add", "hessian_seconds"), ("io", "io_seconds")):
+        assert spent[key] <= stats[stat] <= spent[key] + SLACK_PER_CALL * spent[f"{key}_calls"], stat
+    slack = SLACK_PER_CALL * (spent["add_calls"] + spent["io_calls"])
+    assert stats["forward_seconds"] == pytest.approx(s0 + s1 - spent["add"] - spent["io"], abs=slack)
     assert stats["capture_seconds"] <= s0
 
 

@@ -53,15 +53,54 @@ def test_nm_pattern_on_every_pruned_weight(model, pattern):
         assert bool((groups <= n).all()), name
 
 
+def _input_square_sums(model, name, calib, method):
+    """Per input column of linear `name`, the sum of squares of its inputs over one calibration pass of the dense
+    model with equal step weights (Wanda's), from a plain hook."""
+    calib = resolve_calib(calib, None, method)
+    batches = encode_batches(model, calibration_prompts(calib, None), calib)
+    mod = dict(model.denoiser.named_modules())[name]
+    sums = torch.zeros(mod.in_features, dtype=torch.float64)
+
+    def hook(module, args):
+        sums.add_(args[0].detach().double().pow(2).reshape(-1, module.in_features).sum(0))
+
+    handle = mod.register_forward_pre_hook(hook)
+    try:
+        run_pass(model, batches, calib, StepCounter(), progress=False)
+    finally:
+        handle.remove()
+    return sums
+
+
+def _smallest(score, count):
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask[score.flatten().argsort()[:count]] = True
+    return mask.view_as(score)
+
+
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
 def test_baselines(model, method):
+    name = "transformer_blocks.0.attn.to_q"  # block 0: Wanda's one calibration group sees the dense model's inputs
+    W = dict(model.denoiser.named_modules())[name].weight.detach().clone()
+    # the masks each baseline must choose, computed here: the smallest |W| of the whole layer (magnitude), or
+    # the smallest |W_ij| * ||X_j|| of each row (Wanda); the input norms make them differ on this layer
+    by_magnitude = _smallest(W.abs(), round(0.5 * W.numel()))
+    score = W.abs().double() * _input_square_sums(model, name, CALIB, "wanda").sqrt()
+    by_wanda = torch.stack([_smallest(row, round(0.5 * W.shape[1])) for row in score])
+    assert not torch.equal(by_magnitude, by_wanda)
     report = P.prune_(model, PruneConfig(method=method, sparsity=0.5), CALIB, progress=False)
     sparsity = [r.sparsity for r in report.pruned_layers]
     assert min(sparsity) >= 0.5 - 1e-9 and max(sparsity) <= 0.5 + 1e-9
+    pruned = dict(model.denoiser.named_modules())[name].weight == 0
     if method == "sparsegpt":
         assert report.calib["groups"] == 1 and report.calib["timestep_weighting"] == "uniform"
+    if method == "wanda":
+        assert torch.equal(pruned, by_wanda)
+        kept = ~pruned
+        assert torch.equal(model.denoiser.get_submodule(name).weight[kept], W[kept])  # no weight update
     if method == "magnitude":
         assert report.groups == [] and all(r.error is None for r in report.layers)
+        assert torch.equal(pruned, by_magnitude)
 
 
 def test_blocks_range_leaves_other_blocks_dense(model):
