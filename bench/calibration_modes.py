@@ -1,5 +1,5 @@
 """Calibration modes on builtin:digits: re-running the pipeline per group (the paper's method) vs cached
-block inputs propagated block by block (METHOD.md 6, the SparseGPT-style variant), for quality and time.
+block inputs propagated block by block (docs/method.md#cached-mode, the SparseGPT-style variant), for quality and time.
 
     python bench/calibration_modes.py [--num-images 200] [--out bench/results/calibration_modes.json] [--quick]
 

@@ -7,6 +7,7 @@ here with a message that names the missing key instead of deep inside an engine 
     outputs[i].name / .dtype                                              graph outputs
     sha256, dtype, component                                             the graph file and its precision
     source.run.prune.sparsity_type                                        "2:4" for N:M-pruned runs
+    choices.profile.source                                                why the profile has its ranges (optional)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class OnnxSpec:
     dtype: str | None = None  # the exported precision: fp32, fp16 or bf16
     component: str | None = None
     sparsity_type: str | None = None  # the pruned run's sparsity type (None: not a pruned run)
+    profile_source: str | None = None  # why the export chose the profile, e.g. the TensorRT demo's defaults
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -107,8 +109,11 @@ def parse_sidecar(data: dict, path: str | Path = "sidecar") -> OnnxSpec:
         raise SidecarError(f"{path} lists no inputs; re-export the model")
     run = (data.get("source") or {}).get("run") or {}
     sparsity_type = (run.get("prune") or {}).get("sparsity_type") if run else None
+    profile = (data.get("choices") or {}).get("profile") if isinstance(data.get("choices"), dict) else None
+    why = profile.get("source") if isinstance(profile, dict) else None
     return OnnxSpec(path=path, inputs=tuple(inputs), outputs=tuple(outputs), sha256=data.get("sha256"),
-                    dtype=data.get("dtype"), component=data.get("component"), sparsity_type=sparsity_type, raw=data)
+                    dtype=data.get("dtype"), component=data.get("component"), sparsity_type=sparsity_type,
+                    profile_source=why if isinstance(why, str) else None, raw=data)
 
 
 def read_onnx_sidecar(onnx_path: str | Path) -> OnnxSpec:

@@ -161,6 +161,17 @@ def resolve_profiles(spec: OnnxSpec | None, cfg: EngineConfig) -> dict[str, tupl
     return profiles
 
 
+def profile_source(spec: OnnxSpec | None, cfg: EngineConfig) -> str:
+    """Where the engine's optimization profile comes from, for its sidecar: the explicit shapes, or the export
+    sidecar with the reason the export recorded for its ranges (e.g. the TensorRT diffusion demo's defaults)."""
+    if cfg.explicit_shapes:
+        return "explicit shapes (--min-shapes/--opt-shapes/--max-shapes)"
+    if spec is None or not cfg.profile_from_sidecar:
+        return "none: static shapes"
+    why = spec.profile_source
+    return f"export sidecar {sidecar_path(spec.path).name}" + (f" ({why})" if why else "")
+
+
 # ---------------------------------------------------------------------------------------------- build
 
 
@@ -366,6 +377,7 @@ def engine_record(trt, gpu: dict, onnx_path: Path, out: Path, spec: OnnxSpec | N
         "network_flags": list(plan.network_flags),
         "notes": list(plan.notes),
         "profiles": used,
+        "profile_source": profile_source(spec, cfg),
         **io,
         "workspace_gib": cfg.workspace_gib,
         "opt_level": cfg.opt_level,

@@ -16,6 +16,20 @@ from obsdiff.devices import device_option
 FORCE = click.option("--force", is_flag=True, help="replace an existing output")
 
 
+class OpsetType(click.ParamType):
+    """An ONNX opset number or `auto` (the lowest the precision needs)."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number or auto", param, ctx)
+
+
 @click.group(cls=Group, params=verbosity_params(),
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(package_name="obsdiff")
@@ -29,15 +43,20 @@ def cli() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--component", default="transformer", show_default=True,
               help="transformer (the denoiser, also for UNets), vae-decoder, text-encoders or all")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="exported precision (bf16 needs --opset 22); timesteps and position ids stay fp32")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
+              help="exported precision; auto: the one TensorRT's diffusion demo builds the model in (fp16 for "
+                   "SD3-Medium and SDXL, bf16 for SD3.5 and Flux). Timesteps and position ids stay fp32")
 @click.option("--component-dtype", multiple=True, metavar="COMPONENT=DTYPE",
               help="force one component's precision, e.g. vae-decoder=fp16 (kept fp32 by default when fp16 is asked)")
-@click.option("--opset", type=int, default=18, show_default=True)
-@click.option("--batch", default="1:2:8", show_default=True, help="dynamic batch MIN:OPT:MAX")
-@click.option("--height", default=None, help="latent-pixel height MIN:OPT:MAX [model default]")
-@click.option("--width", default=None, help="latent-pixel width MIN:OPT:MAX [model default]")
-@click.option("--text-len", default=None, help="text tokens MIN:OPT:MAX [model default]")
+@click.option("--opset", type=OpsetType(), default="auto", show_default=True,
+              help="ONNX opset; auto: the lowest the precision needs (18, 22 for bf16)")
+@click.option("--batch", default=None,
+              help="denoiser batch rows MIN:OPT:MAX (VAE and text encoders: images) [TensorRT demo: 1:1:4 images, "
+                   "x2 rows with classifier-free guidance]")
+@click.option("--height", default=None,
+              help="latent-pixel height MIN:OPT:MAX [TensorRT demo: 32:128:170, within what the model takes]")
+@click.option("--width", default=None, help="latent-pixel width MIN:OPT:MAX [as --height]")
+@click.option("--text-len", default=None, help="text tokens MIN:OPT:MAX [the pipeline's length, fixed]")
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True)
 @click.option("--linear-as-gemm", is_flag=True, help="export transformer linears as Gemm with named weights")
 @click.option("--external-data", is_flag=True, help="weights in <component>.onnx.data [only above 2 GB]")
@@ -68,7 +87,25 @@ def onnx(model_or_run: str, out: Path, force: bool, as_json: bool, **kwargs) -> 
         rows.append([name, c["file"], c["bytes"] / 2**20, c["dtype"], c["export_seconds"],
                      ", ".join(f"{k} {v}" for k, v in failed_or_run.items())])
     click.echo(format_table(["component", "file", "MiB", "dtype", "export s", "checks"], rows))
+    for line in choice_lines(report["choices"]):
+        click.echo(line)
     click.echo(f"wrote {out} (sidecars: <component>.json; serve with obsdiff-export triton {out} --out REPO)")
+
+
+def choice_lines(choices: dict) -> list[str]:
+    """What the export chose for precision, opset and profile, and why (`auto` and default values only)."""
+    lines = []
+    for key in ("dtype", "opset"):
+        c = choices[key]
+        if c["requested"] == "auto":
+            lines.append(f"{key} {c['value']}: {c['why']}")
+    prof = choices["profile"]
+    defaulted = [k for k in prof["ranges"] if k not in prof["given"]]
+    if defaulted:
+        ranges = ", ".join(f"{k} {':'.join(map(str, prof['ranges'][k]))}" for k in defaulted)
+        lines.append(f"profile {ranges}: {prof['source']}")
+    lines += [f"  {k}: {note}" for k, note in prof["notes"].items()]
+    return lines
 
 
 @cli.command()
@@ -101,9 +138,12 @@ def diffusers(run: Path, out: Path, dtype: str | None, link: bool, force: bool) 
     """Write a run as a diffusers pipeline folder that loads without obsdiff (structured: trust_remote_code=True)."""
     from .diffusers_export import export_diffusers
 
-    done = export_diffusers(run, out, dtype=dtype, link=link, force=force)
-    click.echo(", ".join(f"{name} {how}" for name, how in done.items()))
-    click.echo(f"wrote {out} (DiffusionPipeline.from_pretrained({str(out)!r}))")
+    record = export_diffusers(run, out, dtype=dtype, link=link, force=force)
+    click.echo(", ".join(f"{name} {how}" for name, how in record["components"].items()))
+    stored = ", ".join(sorted(set(record["stored"].values())))
+    click.echo(f"weights stored in {stored}; every component loads in {record['plain_dtype']} without a dtype "
+               "argument (torch_dtype=torch.float16 or bfloat16 loads all in that one)")
+    click.echo(f"wrote {out} ({record['load']})")
 
 
 def main() -> None:

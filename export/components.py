@@ -130,11 +130,33 @@ def _cast(module: nn.Module, dtype: torch.dtype, owned: bool) -> tuple[nn.Module
     return module.eval(), kept
 
 
-def resolve_ranges(loaded, cfg) -> dict[str, tuple[int, int, int]]:
-    defaults = loaded.family.onnx_default_ranges(loaded.pipeline,
-                                                 loaded.generation_defaults.get("max_sequence_length"))
-    return {"batch": cfg.batch, "height": cfg.height or defaults["height"], "width": cfg.width or defaults["width"],
-            "text": cfg.text_len or defaults["text"]}
+def resolve_ranges(loaded, cfg) -> tuple[dict[str, tuple[int, int, int]], dict]:
+    """The export's ranges {batch (denoiser rows), images (VAE and text encoder batch), height, width, text}:
+    the config's, else the model's defaults (`ModelFamily.onnx_profile`: TensorRT's diffusion demo), and the
+    record of where they come from: {"ranges", "given" (the ones the config set), "source", "notes"}."""
+    gen = loaded.generation_defaults
+    profile = loaded.family.onnx_profile(loaded.pipeline, gen.get("max_sequence_length"), gen.get("guidance_scale"))
+    given = {"batch": cfg.batch, "images": cfg.batch, "height": cfg.height, "width": cfg.width, "text": cfg.text_len}
+    ranges = {k: given[k] or v for k, v in profile.ranges().items()}
+    defaulted = [k for k in ranges if given[k] is None]
+    record = {"ranges": {k: list(v) for k, v in ranges.items()}, "given": [k for k in ranges if given[k]],
+              "source": profile.source if defaulted else "given", "notes": {k: profile.notes[k] for k in defaulted
+                                                                           if k in profile.notes}}
+    return ranges, record
+
+
+def range_keys(comp: Component) -> dict[str, str]:
+    """{range name in `comp`'s graph: key in `resolve_ranges`' ranges}: a graph's batch is `images` unless it is
+    the denoiser's."""
+    return {d.name: "images" if d.name == "batch" and comp.kind != "transformer" else d.name for d in comp.io.ranges}
+
+
+def select_profile(record: dict, keys: dict[str, str]) -> dict:
+    """The part of `resolve_ranges`' record for `keys` ({name: key}, see `range_keys`), keyed by name."""
+    given = [name for name, key in keys.items() if key in record["given"]]
+    return {"ranges": {name: record["ranges"][key] for name, key in keys.items()}, "given": given,
+            "source": record["source"] if len(given) < len(keys) else "given",
+            "notes": {name: record["notes"][key] for name, key in keys.items() if key in record["notes"]}}
 
 
 def _denoiser_component(loaded, cfg, ranges: dict, owned: bool) -> Component:
@@ -168,7 +190,7 @@ def _vae_component(loaded, cfg, ranges: dict, owned: bool) -> Component:
         notes.append("kept in fp32 although fp16 was requested: the VAE config sets force_upcast (it overflows "
                      "in fp16, as diffusers pipelines know); force it with --component-dtype vae-decoder=fp16")
     module, _ = _cast(vae, DTYPES[dtype], owned)
-    b = range_dim("batch", ranges["batch"])
+    b = range_dim("batch", ranges["images"], what="--batch")
     h = range_dim("height", ranges["height"])
     w = range_dim("width", ranges["width"])
     channels = vae.config.latent_channels
@@ -203,7 +225,7 @@ def _text_components(loaded, cfg, ranges: dict, owned: bool) -> list[Component]:
         limit = getattr(encoder.config, "max_position_embeddings", None) or MAX_TEXT_TOKENS
         seq = min(getattr(tokenizer, "model_max_length", None) or limit, limit, MAX_TEXT_TOKENS)
         module, kept = _cast(encoder, DTYPES[dtype], owned)
-        b = range_dim("batch", ranges["batch"])
+        b = range_dim("batch", ranges["images"], what="--batch")
         io_spec = OnnxIO((OnnxInput("input_ids", "input_ids", (b, seq), "int64"),), outputs=outputs, ranges=(b,))
         vocab = encoder.config.vocab_size
 

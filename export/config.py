@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from obsdiff.devices import DTYPES as MODEL_DTYPES
 from obsdiff.errors import ConfigError
@@ -11,9 +11,28 @@ COMPONENTS = ("transformer", "vae-decoder", "text-encoders")
 COMPONENT_CHOICES = (*COMPONENTS, "all")
 ALIASES = {"denoiser": "transformer", "unet": "transformer", "vae": "vae-decoder", "text-encoder": "text-encoders"}
 DTYPES = tuple(MODEL_DTYPES)
+AUTO = "auto"  # dtype: the model's deployment precision; opset: the lowest the precision needs
 EXPORTERS = ("dynamo", "legacy")
 OPSETS = {"dynamo": (18, 23), "legacy": (14, 20)}  # dynamo at 17 writes an invalid Split
+DEFAULT_OPSET = 18  # the lowest opset the dynamo exporter writes correctly; fp32 and fp16 need no newer one
 BF16_MIN_OPSET = 22  # ONNX Conv, Sin and Cos take bfloat16 only from opset 22
+
+
+def needed_opset(dtypes) -> int:
+    """The lowest opset that writes every precision in `dtypes` correctly."""
+    return BF16_MIN_OPSET if "bf16" in dtypes else DEFAULT_OPSET
+
+
+def parse_opset(value: int | str) -> int | str:
+    """An opset number, or "auto"."""
+    if value == AUTO:
+        return AUTO
+    if isinstance(value, bool):
+        value = str(value)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--opset {value!r} is not a number or auto") from None
 
 
 def parse_range(value: str | int | tuple | None, flag: str) -> tuple[int, int, int] | None:
@@ -38,8 +57,11 @@ def parse_range(value: str | int | tuple | None, flag: str) -> tuple[int, int, i
 class ExportConfig:
     """What to export and how. Ranges are (min, opt, max): the TensorRT optimization profile.
 
-    `height`/`width` are in latent pixels (unpacked for Flux), `text_len` in denoiser text tokens; None
-    takes the model's defaults. `component_dtypes` forces a precision per component, e.g.
+    `dtype` "auto" is the model's deployment precision (`ModelFamily.onnx_dtype`: what TensorRT's diffusion
+    demo builds it in) and `opset` "auto" the lowest opset that precision needs; `resolve` turns them into
+    values once the model is known (`export_onnx` does). `batch` counts denoiser rows, `height`/`width` are
+    latent pixels (unpacked for Flux), `text_len` denoiser text tokens; None takes the model's defaults
+    (`ModelFamily.onnx_profile`: the demo's ranges). `component_dtypes` forces a precision per component, e.g.
     (("vae-decoder", "fp16"),) to override the VAE's fp32 policy. `external_data`: always write weights
     to a `.data` file (otherwise only above 2 GB). `polygraphy_max_weights`: the N:M cross-check runs
     polygraphy's own pure-Python per-tensor check up to this many candidate weights, a streamed numpy scan
@@ -47,9 +69,9 @@ class ExportConfig:
     """
 
     component: str = "transformer"
-    dtype: str = "fp32"
-    opset: int = 18
-    batch: tuple[int, int, int] = (1, 2, 8)
+    dtype: str = AUTO
+    opset: int | str = AUTO
+    batch: tuple[int, int, int] | None = None
     height: tuple[int, int, int] | None = None
     width: tuple[int, int, int] | None = None
     text_len: tuple[int, int, int] | None = None
@@ -72,7 +94,9 @@ class ExportConfig:
             object.__setattr__(self, name, parse_range(getattr(self, name), flag))
         if self.exporter not in EXPORTERS:
             raise ConfigError(f"unknown exporter {self.exporter!r}; use dynamo or legacy")
-        self._check_dtype(self.dtype, "--dtype")
+        object.__setattr__(self, "opset", parse_opset(self.opset))
+        if self.dtype != AUTO:
+            self._check_dtype(self.dtype, "--dtype")
         forced = []
         for item in self.component_dtypes:
             comp_name, dtype = item if isinstance(item, tuple | list) else str(item).split("=", 1)
@@ -84,18 +108,62 @@ class ExportConfig:
             forced.append((comp_name, dtype))
         object.__setattr__(self, "component_dtypes", tuple(forced))
         lo, hi = OPSETS[self.exporter]
-        if not lo <= self.opset <= hi:
+        if self.opset != AUTO and not lo <= self.opset <= hi:
             raise ConfigError(f"--opset {self.opset} is outside what the {self.exporter} exporter writes correctly "
-                              f"({lo}..{hi}); use --opset 18 or 20")
+                              f"({lo}..{hi}); use --opset 18 or 20, or leave it auto")
 
     def _check_dtype(self, dtype: str, flag: str) -> None:
         if dtype not in DTYPES:
             raise ConfigError(f"{flag}: unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-        if dtype == "bf16" and self.opset < BF16_MIN_OPSET:
-            hint = ("the legacy exporter stops at opset 20: use --exporter dynamo --opset 22"
-                    if self.exporter == "legacy" else "use --opset 22")
+        if dtype != "bf16":
+            return
+        legacy_max = OPSETS["legacy"][1]
+        if self.exporter == "legacy" and (self.opset == AUTO or self.opset < BF16_MIN_OPSET):
+            raise ConfigError(f"{flag} bf16 needs opset {BF16_MIN_OPSET} and the legacy exporter stops at opset "
+                              f"{legacy_max}: use --exporter dynamo")
+        if self.opset != AUTO and self.opset < BF16_MIN_OPSET:
             raise ConfigError(f"{flag} bf16 cannot be exported at opset {self.opset}: ONNX Conv, Sin and Cos take "
-                              f"bfloat16 only from opset {BF16_MIN_OPSET}; {hint}")
+                              f"bfloat16 only from opset {BF16_MIN_OPSET}; use --opset {BF16_MIN_OPSET} or leave "
+                              "--opset out (auto)")
+
+    @property
+    def resolved(self) -> bool:
+        """Whether dtype and opset are values (no `auto` left)."""
+        return AUTO not in (self.dtype, self.opset)
+
+    def resolve(self, model_dtype: tuple[str, str] | None = None) -> tuple[ExportConfig, dict]:
+        """This config with `auto` dtype and opset replaced, and why each has its value:
+        {"dtype": {"value", "requested", "why"}, "opset": {...}}.
+
+        `model_dtype`: (dtype, why) of the model (`ModelFamily.onnx_dtype`), used when dtype is auto. An
+        explicit opset too low for the precision the model picked is refused in one line.
+        """
+        if self.dtype == AUTO:
+            if model_dtype is None:
+                raise ValueError("resolve() needs the model's precision for dtype auto")
+            dtype, dtype_why = model_dtype
+        else:
+            dtype, dtype_why = self.dtype, "given (--dtype)"
+        need = needed_opset({dtype, *(d for _, d in self.component_dtypes)})
+        lo, hi = OPSETS[self.exporter]
+        if self.opset == AUTO:
+            if need > hi:
+                raise ConfigError(f"this model exports in {dtype} by default ({dtype_why}), which needs opset {need}; "
+                                  f"the {self.exporter} exporter stops at opset {hi}: use --exporter dynamo or "
+                                  "--dtype fp16")
+            opset = max(need, lo)
+            opset_why = (f"the lowest opset that writes bf16 (ONNX Conv, Sin and Cos take bfloat16 from "
+                         f"{BF16_MIN_OPSET})" if need == BF16_MIN_OPSET else
+                         f"the lowest opset the dynamo exporter writes correctly; {dtype} needs no newer one")
+        else:
+            opset, opset_why = self.opset, "given (--opset)"
+            if opset < need:  # an explicit dtype was checked on construction: the model picked bf16
+                raise ConfigError(f"--opset {opset} cannot write bf16, the precision this model exports in by "
+                                  f"default ({dtype_why}); leave --opset out (auto picks {need}), pass "
+                                  f"--opset {need} or --dtype fp16")
+        choices = {"dtype": {"value": dtype, "requested": self.dtype, "why": dtype_why},
+                   "opset": {"value": opset, "requested": self.opset, "why": opset_why}}
+        return replace(self, dtype=dtype, opset=opset), choices
 
     def components(self) -> list[str]:
         return list(COMPONENTS) if self.component == "all" else [self.component]

@@ -34,8 +34,17 @@ from obsdiff.models.registry import OnnxDim, OnnxIO
 
 from . import checks as C
 from . import graph as G
-from .components import BUILDERS, Component, example_point, parity_points, resolve_ranges
-from .config import COMPONENTS, ExportConfig, parse_range  # noqa: F401 (part of this module's API)
+from .components import (
+    BUILDERS,
+    Component,
+    example_point,
+    parity_points,
+    range_keys,
+    resolve_ranges,
+    select_profile,
+)
+from .config import AUTO, COMPONENTS, ExportConfig, parse_range  # noqa: F401 (part of this module's API)
+from .lowering import custom_translations
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +173,7 @@ def _run_exporter(comp: Component, cfg: ExportConfig, path: Path) -> None:
                 G.require("onnxscript", "the dynamo ONNX exporter")
                 program = torch.onnx.export(wrapper, args, dynamic_shapes=(_torch_dims(comp.io),), input_names=names,
                                             output_names=outputs, opset_version=cfg.opset, dynamo=True, optimize=True,
-                                            verbose=False)
+                                            verbose=False, custom_translation_table=custom_translations(cfg.opset))
                 program.save(str(path), external_data=True if cfg.external_data else None)
                 _drop_weights(program, comp.module)
             else:
@@ -339,11 +348,28 @@ def _source(loaded, comp: Component) -> dict:
     return src
 
 
+def _resolve(model, cfg: ExportConfig) -> tuple[ExportConfig, dict]:
+    """`cfg.resolve` for `model`: `auto` dtype is the family's precision for the denoiser (`onnx_dtype`), read
+    off its config before any weight loads (they load in the resolved precision)."""
+    if cfg.dtype != AUTO:
+        return cfg.resolve()
+    from obsdiff.loading import LoadedModel, as_loaded, load_denoiser
+
+    if isinstance(model, str | Path):
+        denoiser, family, _ = load_denoiser(str(model), "fp32", "cpu", weights=False)  # meta device: config only
+    else:
+        loaded = model if isinstance(model, LoadedModel) else as_loaded(model)
+        denoiser, family = loaded.denoiser, loaded.family
+    return cfg.resolve(family.onnx_dtype(denoiser))
+
+
 def _load(model, cfg: ExportConfig):
     """The model to export and whether this export owns it (and may cast and free its components)."""
     from obsdiff.loading import LoadedModel, as_loaded
 
     if isinstance(model, str | Path):
+        if not cfg.resolved:
+            cfg, _ = _resolve(model, cfg)
         return _load_components(str(model), cfg), True
     return (model if isinstance(model, LoadedModel) else as_loaded(model)), False
 
@@ -409,15 +435,18 @@ def export_onnx(model, out_dir: str | Path, config: ExportConfig | None = None, 
     for dep in ("onnx", "onnxruntime"):
         G.require(dep)
     t_start = time.perf_counter()
+    cfg, choices = _resolve(model, cfg)
     loaded, owned = _load(model, cfg)
-    ranges = resolve_ranges(loaded, cfg)
+    ranges, profile = resolve_ranges(loaded, cfg)
     components = [c for kind in cfg.components() for c in BUILDERS[kind](loaded, cfg, ranges, owned)]
+    used = {key for c in components for key in range_keys(c).values()}
+    choices["profile"] = select_profile(profile, {k: k for k in ranges if k in used})
     report = {"format": FORMAT_VERSION, "artifact": "onnx-export", "source": loaded.ref, "config": cfg.to_dict(),
-              "ranges": ranges, "components": {}}
+              "ranges": ranges, "choices": choices, "components": {}}
     bar = tqdm(total=len(components), desc="onnx export", unit="component", leave=False, disable=not progress)
     with staged_dir(out_dir, force=force) as tmp, bar:
         for comp in components:
-            sidecar = _export_component(comp, loaded, cfg, tmp, owned, bar)
+            sidecar = _export_component(comp, loaded, cfg, tmp, owned, bar, choices)
             bar.update()
             report["components"][comp.name] = {k: sidecar[k] for k in ("file", "bytes", "dtype", "export_seconds")} | {
                 "checks": {k: v["status"] for k, v in sidecar["checks"].items()}}
@@ -427,8 +456,24 @@ def export_onnx(model, out_dir: str | Path, config: ExportConfig | None = None, 
     return report
 
 
-def _export_component(comp: Component, loaded, cfg: ExportConfig, out: Path, owned: bool, bar=None) -> dict:
-    """Export one component and run its checks; `bar` (a tqdm) shows which stage is running."""
+def _component_choices(comp: Component, cfg: ExportConfig, choices: dict) -> dict:
+    """Why `comp` has its precision, opset and optimization profile: the export's choices, narrowed to it.
+
+    Its precision can differ from the export's: forced per component, or changed by the component's policy
+    (a VAE kept in fp32), which its notes explain."""
+    requested, forced = cfg.dtype_for(comp.kind)
+    dtype = choices["dtype"]
+    if forced:
+        dtype = {"value": comp.dtype, "requested": requested, "why": "given (--component-dtype)"}
+    elif comp.dtype != requested:
+        dtype = {"value": comp.dtype, "requested": requested, "why": "; ".join(comp.notes)}
+    return {"dtype": dtype, "opset": choices["opset"], "profile": select_profile(choices["profile"], range_keys(comp))}
+
+
+def _export_component(comp: Component, loaded, cfg: ExportConfig, out: Path, owned: bool, bar=None,
+                      choices: dict | None = None) -> dict:
+    """Export one component and run its checks; `bar` (a tqdm) shows which stage is running. `choices`: why
+    the export has its precision, opset and profile (`export_onnx`), recorded in the sidecar."""
 
     def stage(text: str) -> None:
         if bar is not None:
@@ -479,6 +524,7 @@ def _export_component(comp: Component, loaded, cfg: ExportConfig, out: Path, own
         "dims": {d.name: {"min": d.min, "opt": d.opt, "max": d.max, "multiple": d.multiple}
                  for d in (*comp.io.ranges, *comp.io.dims().values())},
         "module": comp.info,
+        "choices": _component_choices(comp, cfg, choices) if choices else None,
         "source": _source(loaded, comp),
         "graph": {"nodes": len(model.graph.node), "initializers": len(model.graph.initializer)} | passes,
         "checks": checks,

@@ -4,7 +4,7 @@ Prompts are encoded once (`encode_batches`) and every pass reuses the embeddings
 and never run the VAE decoder. Image i of a pass starts from the noise of seed `seed + i`, so every
 group-wise pass sees the same initial latents.
 
-Two calibrators fill Hessians for a group of linears (METHOD.md 6):
+Two calibrators fill Hessians for a group of linears (docs/method.md#group-wise-sequential-calibration):
 - `Calibrator` ("rerun", the paper's method): each group re-runs the whole pipeline on the current model,
   so later denoising steps follow the trajectory of the partly pruned model.
 - `CachedCalibrator` ("cached", SparseGPT-style): one pipeline run caches the inputs of the first selected

@@ -230,7 +230,7 @@ class CalibConfig:
     height: int | None = None  # calibration image pixels; None: the model's generation default
     width: int | None = None
     # "rerun": every group re-runs the whole pipeline (the paper's method); "cached": one pipeline run caches
-    # the first block's inputs, then groups propagate them block by block (METHOD.md 6, the faster variant)
+    # the first block's inputs, then groups propagate them block by block (docs/method.md#cached-mode, faster)
     mode: str = "rerun"
     cache_device: str | None = None  # where cached block inputs live (None: the model's device; "cpu" offloads)
     # cached mode, a cache too big for cache_device's free memory: "auto" spills it to a file in the prune's
@@ -293,7 +293,8 @@ def check_counts(calib: CalibConfig) -> None:
 CALIB_CHECKS = (check_mode, check_cached_only_options, check_devices, check_weighting, check_counts)
 
 
-# METHOD.md's reference settings, and the scaled-down ones for the embedded model (a prune in ~1 min on CPU).
+# The paper's reference settings, and scaled-down ones for the embedded model (a prune in ~1 min on CPU);
+# docs/method.md#default-settings.
 DEFAULT_CALIB = {"num_prompts": 100, "steps": 25, "guidance": 7.0, "batch_size": 4, "groups": 4}
 DIGITS_CALIB = {"num_prompts": 64, "steps": 20, "guidance": 3.0, "batch_size": 16, "groups": 4}
 

@@ -42,7 +42,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA, fp32 elsewhere: CPU bf16 matmuls are several times slower than fp32 (PLATFORM.md)."""
+    """bf16 on CUDA, fp32 elsewhere: CPU bf16 matmuls are several times slower than fp32
+    (docs/architecture.md#platform-notes)."""
     import torch
 
     return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -1,4 +1,4 @@
-"""Pruning on several processes with torch.distributed, launched by `torchrun` (METHOD.md 6, unchanged).
+"""Pruning on several processes with torch.distributed, launched by `torchrun` (docs/method.md#distributed-protocol).
 
 Calibration is data-parallel: rank r runs the prompt batches r, r + W, r + 2W, ... (W the world size), so
 its accumulator of a linear holds the weighted running mean `H_r` over its own calls with weight sum `S_r`.

@@ -1,4 +1,4 @@
-"""Timestep-aware Hessians (METHOD.md section 2).
+"""Timestep-aware Hessians (docs/method.md#hessian-accumulation).
 
 `H = (2 / S) * sum_c alpha_{k(c)} X_c^T X_c`, `S = sum_c alpha_{k(c)} B_c`, accumulated per distinct input
 tensor as a running weighted mean in float32, so it never overflows however many calls it sees.

@@ -1,6 +1,6 @@
 """Optimal Brain Surgeon for one linear layer, and the baselines. Pure math: tensors in, tensors out.
 
-Notation follows METHOD.md and the SparseGPT paper: `W` is (d_out, d_in), `H = 2 X^T X` (d_in, d_in),
+Notation follows docs/method.md#notation and SparseGPT: `W` is (d_out, d_in), `H = 2 X^T X` (d_in, d_in),
 `U` the upper Cholesky factor of `H^-1` (`H^-1 = U^T U`), so `U[j, j]^2` is the inverse-Hessian
 diagonal of column j once columns < j are fixed, and `U[j, j:] / U[j, j]` is its OBS update direction.
 Masks are boolean with True = pruned (set to zero).
@@ -55,7 +55,7 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, dead: torch
     """`U` with `(H + lambda I)^-1 = U^T U`, `lambda = percdamp * mean(diag H)`; H is (d, d).
 
     Escalates the damping 10x, 100x, 1000x when a factorisation fails; returns U and the percdamp used.
-    `dead` (bool, (d,)): inputs whose diagonal counts as 1 (METHOD.md 3.1; their rows and columns are zero).
+    `dead` (bool, (d,)): inputs whose diagonal counts as 1 (docs/method.md#dead-inputs; their rows and columns are 0).
     Dead inputs and damping only touch the diagonal, so H's diagonal is changed in place and restored
     before returning: no d x d copy of H is made (H must not be read concurrently).
     """
@@ -120,7 +120,7 @@ def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, n
     the per-column rank-1 updates only span a sub-block of <= 32 columns; the rest of the block gets one
     product per sub-block (the same lazy-update identity one level down), so the Python loop does one
     product and one rank-1 update per column (and an N:M group's mask at its first column). Results are
-    deterministic; they differ from the unblocked loop of METHOD.md by float rounding (masks agree except
+    deterministic; they differ from docs/method.md#the-plain-column-loop by float rounding (masks agree except
     at near-ties).
     """
     if (sparsity is None) == (nm is None):
@@ -130,7 +130,7 @@ def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, n
         n, m = nm
         if d_in % m or block_size % m:
             raise ValueError(f"N:M with M={m} needs d_in ({d_in}) and block size ({block_size}) divisible by M")
-    dead = torch.diagonal(H) == 0  # inputs that are always zero (METHOD.md 3.1)
+    dead = torch.diagonal(H) == 0  # inputs that are always zero (docs/method.md#dead-inputs)
     W = W.to(H.dtype, copy=True)
     W[:, dead] = 0.0
     U, damp = damped_inverse_cholesky(H, percdamp, dead)
@@ -247,7 +247,7 @@ def layer_errors(W: torch.Tensor, W_new: torch.Tensor, H: torch.Tensor, col_bloc
     return num0 / den, num / den
 
 
-# --- structured OBS (METHOD.md section 4) ------------------------------------------------------------------
+# --- structured OBS (docs/method.md#structured-selection) ---------------------------------------------------
 
 
 @dataclass

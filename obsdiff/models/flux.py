@@ -24,16 +24,19 @@ from torch import nn
 from obsdiff.models import mmdit
 from obsdiff.models.registry import (
     Block,
+    ImageSizeRule,
     ModelFamily,
     OnnxDim,
     OnnxInput,
     OnnxIO,
+    OnnxProfile,
     Slice,
     StructureGroup,
-    default_range,
+    demo_profile,
     present_groups,
     range_dim,
     register_family,
+    vae_scale_factor,
 )
 
 # FluxSingleTransformerBlock: q/k/v and the MLP up projection all read norm(hidden_states).
@@ -45,8 +48,15 @@ _SINGLE_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
 # What `FluxPipeline` uses when the caller gives no size: 128 latent pixels (1024 px images), 512 T5 tokens.
 _DEFAULT_LATENT_SIZE = 128
 _DEFAULT_TEXT_LEN = 512
+# The T5 tokens TensorRT's diffusion demo gives each release (demo_txt2img_flux.py, max_seq_supported_by_model).
+_DEMO_TEXT_LEN = {"Flux.1-dev": 512, "Flux.1-schnell": 256}
 
 
+
+
+def _release(cfg) -> str:
+    """Flux.1-dev embeds the guidance scale (guidance-distilled); Flux.1-schnell does not take one."""
+    return "Flux.1-dev" if getattr(cfg, "guidance_embeds", False) else "Flux.1-schnell"
 
 
 def _is_single(block: Block) -> bool:
@@ -137,13 +147,25 @@ class FluxFamily(ModelFamily):
                            (Slice(p + "proj_out", attn.heads * attn.head_dim),), (Slice(p + "proj_mlp", 0),)),
         ]
 
-    def onnx_default_ranges(self, pipeline, max_sequence_length: int | None = None) -> dict[str, tuple[int, int, int]]:
-        """Around the pipeline's default latent size and its T5 length (capped by the tokenizer's maximum)."""
-        size = getattr(pipeline, "default_sample_size", None) or _DEFAULT_LATENT_SIZE
-        tokenizer = getattr(pipeline, "tokenizer_2", None)
-        n_text = max_sequence_length or min(_DEFAULT_TEXT_LEN,
-                                            getattr(tokenizer, "model_max_length", None) or _DEFAULT_TEXT_LEN)
-        return {"height": default_range(size, 2), "width": default_range(size, 2), "text": default_range(n_text)}
+    def onnx_dtype(self, denoiser: nn.Module) -> tuple[str, str]:
+        """bf16: the TensorRT diffusion demo's published Flux ONNX files are bf16 (or fp8/fp4); its native fp16
+        export, what it builds without --bf16, is documented as needing more than 48 GB."""
+        return "bf16", (f"TensorRT diffusion demo precision for {_release(denoiser.config)}: its published Flux "
+                        "ONNX files are bf16 (it exports fp16 natively only without --bf16)")
+
+    def onnx_profile(self, pipeline, max_sequence_length: int | None = None,
+                     guidance_scale: float | None = None) -> OnnxProfile:
+        """The demo's batch and image ranges (one row per image: guidance is an input, not a second row); text
+        fixed at the demo's T5 length for the release, within the tokenizer's maximum, or at the pipeline's."""
+        release = _release(self.denoiser(pipeline).config)
+        tokenizer_max = getattr(getattr(pipeline, "tokenizer_2", None), "model_max_length", None)
+        demo = _DEMO_TEXT_LEN[release]
+        n = max_sequence_length or min(demo, tokenizer_max or demo)
+        note = None if n == demo else (
+            f"fixed at {n} tokens, the pipeline's max_sequence_length" if max_sequence_length
+            else f"fixed at {n} tokens, the T5 tokenizer's maximum (the demo's {demo} is more)")
+        native = getattr(pipeline, "default_sample_size", None) or _DEFAULT_LATENT_SIZE
+        return demo_profile(release, 1, (n, n, n), native, 2, text_note=note)
 
     def onnx_io(self, denoiser: nn.Module, ranges: dict[str, tuple[int, int, int]]) -> OnnxIO:
         """TensorRT demo names: hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
@@ -199,6 +221,12 @@ class FluxFamily(ModelFamily):
 
     def guidance_rows(self, guidance_scale: float) -> int:
         return 1  # guidance is an input of the transformer (dev) or ignored (schnell): no negative rows
+
+    def image_size_rule(self, vae_config: dict | None, denoiser_config: dict) -> ImageSizeRule:
+        """Multiples of twice the VAE factor: FluxPipeline packs 2x2 latent patches, and rounds other sizes down
+        with only a warning (the image would not have the size asked for). Rotary positions have no limit."""
+        vae = vae_scale_factor(vae_config)
+        return ImageSizeRule(vae * 2, f"VAE factor {vae} x 2 for the packed 2x2 latent patches")
 
     def encode_prompts(self, pipeline, prompts: list[str], guidance_scale: float,
                        max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:

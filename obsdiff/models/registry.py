@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -128,11 +128,130 @@ def range_dim(name: str, values: tuple[int, int, int], multiple: int = 1, limit:
     return OnnxDim(name, lo, opt, hi, multiple)
 
 
-def default_range(opt: int, multiple: int = 1, limit: int | None = None) -> tuple[int, int, int]:
-    """Half to twice `opt`, on multiples of `multiple`, capped by `limit`: the default export profile."""
-    lo = max(multiple, (opt // 2) // multiple * multiple)
-    hi = 2 * opt if limit is None else max(opt, min(2 * opt, limit // multiple * multiple))
-    return lo, opt, hi
+# The engines of TensorRT's diffusion demo (github.com/NVIDIA/TensorRT, demo/Diffusion): 1 to 4 images per
+# prompt tuned for 1 (its pipelines' MAX_BATCH_SIZE and --batch-size default), images of 256 to 1360 pixels a
+# side with --build-dynamic-shape (BaseModel.min_image_shape / max_image_shape) tuned for the 1024 of its
+# txt2img demos, latents of image / 8 (BaseModel.compression_factor). Its guidance scales are all above 1
+# (SD3 5, SD3.5 7, SDXL 5), so families with classifier-free guidance get two denoiser rows per image.
+DEMO_IMAGES = (1, 1, 4)
+DEMO_IMAGE_PIXELS = (256, 1024, 1360)
+DEMO_LATENT_FACTOR = 8
+DEMO_GUIDANCE = 5.0
+
+
+def format_range(values: tuple[int, int, int]) -> str:
+    return ":".join(map(str, values))
+
+
+@dataclass(frozen=True)
+class OnnxProfile:
+    """A default TensorRT optimization profile for export: (min, opt, max) per range, and why.
+
+    `batch` counts denoiser rows (classifier-free guidance doubles the images), `images` what the VAE decoder
+    and the text encoders see; `height`/`width` are latent pixels, `text` denoiser text tokens. `source` says
+    where the numbers come from; `notes` ({range: text}) where this model narrowed them.
+    """
+
+    batch: tuple[int, int, int]
+    images: tuple[int, int, int]
+    height: tuple[int, int, int]
+    width: tuple[int, int, int]
+    text: tuple[int, int, int]
+    source: str
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def ranges(self) -> dict[str, tuple[int, int, int]]:
+        return {"batch": self.batch, "images": self.images, "height": self.height, "width": self.width,
+                "text": self.text}
+
+
+def fit_range(values: tuple[int, int, int], multiple: int = 1, limit: int | None = None,
+              limit_why: str = "") -> tuple[tuple[int, int, int], str | None]:
+    """`values` narrowed to multiples of `multiple` no larger than `limit`, and a note when that changed them."""
+    lo, opt, hi = values
+    top = max(multiple, (hi if limit is None else min(hi, limit)) // multiple * multiple)
+    low = min(-(-lo // multiple) * multiple, top)
+    fitted = (low, min(max(low, opt // multiple * multiple), top), top)
+    if fitted == tuple(values):
+        return fitted, None
+    why = [f"multiples of {multiple}"] if any(v % multiple for v in values) else []
+    if limit is not None and hi > limit:
+        why.append(f"at most {limit}" + (f", {limit_why}" if limit_why else ""))
+    return fitted, f"{format_range(values)} narrowed to {format_range(fitted)} ({'; '.join(why)})"
+
+
+def demo_profile(model: str, rows: int, text: tuple[int, int, int], native: int | None = None, multiple: int = 1,
+                 limit: int | None = None, limit_why: str = "", text_note: str | None = None) -> OnnxProfile:
+    """The TensorRT diffusion demo's profile for `model`: `rows` denoiser rows per image (2 with classifier-free
+    guidance), `text` tokens as the family sets them, latent sizes tuned for `native` (the model's default size;
+    the demo's 1024 px images are every demo model's default) and widened to include it, then narrowed to
+    multiples of `multiple` up to `limit`."""
+    lo, opt, hi = (p // DEMO_LATENT_FACTOR for p in DEMO_IMAGE_PIXELS)
+    changes = []
+    if native and native != opt:
+        changes.append(f"tuned for the model's default {native} (the demo's is {opt})")
+        lo, opt, hi = min(lo, native), native, max(hi, native)
+    latent, note = fit_range((lo, opt, hi), multiple, limit, limit_why)
+    changes += [note] if note else []
+    notes = dict.fromkeys(("height", "width"), "latent " + "; ".join(changes)) if changes else {}
+    if text_note:
+        notes["text"] = text_note
+    px_lo, px_opt, px_hi = DEMO_IMAGE_PIXELS
+    guidance = f", x{rows} denoiser rows for classifier-free guidance" if rows > 1 else ""
+    source = (f"TensorRT diffusion demo default for {model}: {DEMO_IMAGES[0]} to {DEMO_IMAGES[2]} images tuned for "
+              f"{DEMO_IMAGES[1]}{guidance}; images {px_lo} to {px_hi} px a side tuned for {px_opt} (its "
+              f"--build-dynamic-shape range), latent = image / {DEMO_LATENT_FACTOR}")
+    return OnnxProfile(tuple(rows * b for b in DEMO_IMAGES), DEMO_IMAGES, latent, latent, text, source, notes)
+
+
+def vae_scale_factor(vae_config: dict | None) -> int:
+    """Image pixels per latent pixel, as diffusers' pipelines compute it: 2 ** (VAE levels - 1); 8 without a VAE.
+
+    A missing `block_out_channels` is AutoencoderKL's default, one level.
+    """
+    if vae_config is None:
+        return 8
+    return 2 ** (len(vae_config.get("block_out_channels") or (64,)) - 1)
+
+
+@dataclass(frozen=True)
+class ImageSizeRule:
+    """The image heights and widths (pixels) a pipeline accepts: multiples of `multiple`, at most `limit`.
+
+    `why` and `limit_why` say where the numbers come from, for the error message.
+    """
+
+    multiple: int
+    why: str
+    limit: int | None = None
+    limit_why: str = ""
+
+    @property
+    def largest(self) -> int | None:
+        """The largest valid size (None: no limit)."""
+        return None if self.limit is None else max(self.multiple, self.limit // self.multiple * self.multiple)
+
+    def nearest(self, value: int) -> list[int]:
+        """The valid sizes closest to `value`: the multiples just below and above it, within the limit."""
+        if self.largest is not None and value > self.largest:
+            return [self.largest]
+        below = value // self.multiple * self.multiple
+        return [v for v in (below, below + self.multiple)
+                if v >= self.multiple and (self.largest is None or v <= self.largest)]
+
+
+def check_image_size(rule: ImageSizeRule, sizes: dict[str, int | None], model: str) -> None:
+    """Refuse a size (`{flag: pixels or None}`) that `rule` does not allow, in one line naming the nearest valid
+    ones; None is the model's default and always valid."""
+    for flag, value in sizes.items():
+        if value is None:
+            continue
+        if rule.largest is not None and value > rule.largest:
+            raise ConfigError(f"{flag} {value} is larger than {rule.largest}, the largest size {model} takes "
+                              f"({rule.limit_why}); use {rule.largest} or less, a multiple of {rule.multiple}")
+        if value % rule.multiple:
+            raise ConfigError(f"{flag} {value} is not a multiple of {rule.multiple}, which {model} needs ({rule.why}); "
+                              f"use {' or '.join(map(str, rule.nearest(value)))}")
 
 
 class ModelFamily(ABC):
@@ -204,6 +323,15 @@ class ModelFamily(ABC):
         """Denoiser batch rows per prompt at this guidance: 2 with classifier-free guidance, else 1."""
         return 2 if guidance_scale > 1.0 else 1
 
+    def image_size_rule(self, vae_config: dict | None, denoiser_config: dict) -> ImageSizeRule:
+        """The image sizes the family's pipeline accepts, from the VAE's and the denoiser's config files.
+
+        By default multiples of the VAE factor: the latent is the image divided by it, so any other size would
+        come back from the decoder as a different one. Families add what their pipeline and denoiser need.
+        """
+        vae = vae_scale_factor(vae_config)
+        return ImageSizeRule(vae, f"the VAE's factor {vae}")
+
     def next_block_inputs(self, output, inputs: dict) -> dict:
         """The keyword inputs of the next block, from one block's `output` and its keyword `inputs`.
 
@@ -224,12 +352,24 @@ class ModelFamily(ABC):
         """
         return []
 
-    def onnx_default_ranges(self, pipeline, max_sequence_length: int | None = None) -> dict[str, tuple[int, int, int]]:
-        """Default (min, opt, max) of `height`, `width` (latent pixels) and `text` (tokens) for export.
+    def onnx_dtype(self, denoiser: nn.Module) -> tuple[str, str]:
+        """The precision the denoiser is exported in by default, and why: the one TensorRT's diffusion demo builds
+        this model in. fp32 (exact) for a family without a known deployment precision."""
+        return "fp32", f"no deployment precision known for the {self.name} family, so exact fp32"
 
-        `max_sequence_length`: the T5 length the pipeline is used with (None: the family's default).
+    def onnx_profile(self, pipeline, max_sequence_length: int | None = None,
+                     guidance_scale: float | None = None) -> OnnxProfile:
+        """The default TensorRT optimization profile of an export (`OnnxProfile`): the TensorRT diffusion demo's
+        ranges for this model, narrowed to what it supports.
+
+        `max_sequence_length`: the T5 length the pipeline is used with (None: the family's default);
+        `guidance_scale`: the one it generates with (None: the demo's, with classifier-free guidance).
         """
         raise UnsupportedModelError(f"the {self.name} family has no ONNX export description")
+
+    def onnx_default_ranges(self, pipeline, max_sequence_length: int | None = None) -> dict[str, tuple[int, int, int]]:
+        """Default (min, opt, max) of `batch`, `images`, `height`, `width` (latent pixels) and `text` (tokens)."""
+        return self.onnx_profile(pipeline, max_sequence_length).ranges()
 
     def onnx_io(self, denoiser: nn.Module, ranges: dict[str, tuple[int, int, int]]) -> OnnxIO:
         """The denoiser's ONNX inputs/outputs (TensorRT demo names) for `ranges` of batch, height, width, text.

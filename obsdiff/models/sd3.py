@@ -14,22 +14,34 @@ from torch import nn
 
 from obsdiff.models import mmdit
 from obsdiff.models.registry import (
+    DEMO_GUIDANCE,
     Block,
+    ImageSizeRule,
     ModelFamily,
     OnnxInput,
     OnnxIO,
+    OnnxProfile,
     StructureGroup,
-    default_range,
+    demo_profile,
     embedding_kwargs,
     present_groups,
     range_dim,
     register_family,
+    vae_scale_factor,
 )
 
 
 def _position_limit(cfg) -> int | None:
     """The largest latent height/width the cropped sin-cos position table covers (None: computed on the fly)."""
     return cfg.pos_embed_max_size * cfg.patch_size if cfg.pos_embed_max_size else None
+
+
+def _release(cfg) -> str:
+    """The released model a denoiser config is: SD3.5 added qk_norm (RMSNorm on q and k), SD3.5-Medium also
+    the dual-attention blocks (MMDiT-X)."""
+    if not getattr(cfg, "qk_norm", None):
+        return "SD3-Medium"
+    return "SD3.5-Medium" if getattr(cfg, "dual_attention_layers", None) else "SD3.5-Large"
 
 
 @register_family
@@ -80,14 +92,40 @@ class SD3Family(ModelFamily):
         clip = pipeline.tokenizer.model_max_length if getattr(pipeline, "tokenizer", None) is not None else 77
         return clip + (max_sequence_length or 256)  # CLIP tokens, then T5 tokens
 
+    def image_size_rule(self, vae_config: dict | None, denoiser_config: dict) -> ImageSizeRule:
+        """Multiples of VAE factor x patch size (StableDiffusion3Pipeline.check_inputs), at most as many patches
+        as the cropped position table holds (PatchEmbed.cropped_pos_embed); defaults are the model class's."""
+        vae = vae_scale_factor(vae_config)
+        patch = denoiser_config.get("patch_size", 2)
+        table = denoiser_config.get("pos_embed_max_size", 96)
+        return ImageSizeRule(vae * patch, f"VAE factor {vae} x patch size {patch}",
+                             limit=table * patch * vae if table else None,
+                             limit_why=f"its position table covers {table} patches a side")
+
     def structure_groups(self, block: Block) -> list[StructureGroup]:
         return mmdit.structure_groups(block)
 
-    def onnx_default_ranges(self, pipeline, max_sequence_length: int | None = None) -> dict[str, tuple[int, int, int]]:
-        """Half to twice the config's sample size (within the position table) and the pipeline's text length."""
+    def onnx_dtype(self, denoiser: nn.Module) -> tuple[str, str]:
+        """fp16 for SD3-Medium, which the TensorRT diffusion demo always builds in fp16; bf16 for SD3.5, which the
+        demo's documented commands build with --bf16 (its published SD3.5 ONNX files are bf16 or fp8)."""
+        release = _release(denoiser.config)
+        if release == "SD3-Medium":
+            return "fp16", "TensorRT diffusion demo default for SD3-Medium (it builds the MMDiT in fp16)"
+        return "bf16", (f"TensorRT diffusion demo precision for {release}: its commands pass --bf16 and its "
+                        "published SD3.5 ONNX files are bf16 (it builds fp16 only without that flag)")
+
+    def onnx_profile(self, pipeline, max_sequence_length: int | None = None,
+                     guidance_scale: float | None = None) -> OnnxProfile:
+        """The demo's batch and image ranges within the position table; text fixed at the pipeline's CLIP + T5
+        tokens (77 + 256 by default, the demo's SD3.5 text length)."""
         cfg = self.denoiser(pipeline).config
-        size = default_range(cfg.sample_size, cfg.patch_size, _position_limit(cfg))
-        return {"height": size, "width": size, "text": default_range(self.text_len(pipeline, max_sequence_length))}
+        release = _release(cfg)
+        n = self.text_len(pipeline, max_sequence_length)
+        note = (f"fixed at the pipeline's {n} tokens (CLIP, then T5); the demo's own SD3-Medium MMDiT takes 154 "
+                "(T5 padded to 77)") if release == "SD3-Medium" else None
+        rows = self.guidance_rows(DEMO_GUIDANCE if guidance_scale is None else guidance_scale)
+        return demo_profile(release, rows, (n, n, n), cfg.sample_size, cfg.patch_size, _position_limit(cfg),
+                            f"the position table covers {cfg.pos_embed_max_size} patches of {cfg.patch_size}", note)
 
     def onnx_io(self, denoiser: nn.Module, ranges: dict[str, tuple[int, int, int]]) -> OnnxIO:
         """TensorRT demo names: hidden_states, encoder_hidden_states, pooled_projections, timestep -> latent.

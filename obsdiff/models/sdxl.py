@@ -14,21 +14,27 @@ pipeline encodes prompts differently.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from obsdiff.models.registry import (
+    DEMO_GUIDANCE,
     Block,
+    ImageSizeRule,
     ModelFamily,
     OnnxInput,
     OnnxIO,
+    OnnxProfile,
     Slice,
     StructureGroup,
-    default_range,
+    demo_profile,
     embedding_kwargs,
     present_groups,
     range_dim,
     register_family,
+    vae_scale_factor,
 )
 
 # SDXL's micro-conditioning: original size, crop top-left, target size (2 numbers each).
@@ -61,6 +67,12 @@ class SDXLFamily(ModelFamily):
         if not super().matches(pipeline):
             return False
         return getattr(self.denoiser(pipeline).config, "addition_embed_type", None) == "text_time"
+
+    def image_size_rule(self, vae_config: dict | None, denoiser_config: dict) -> ImageSizeRule:
+        """Multiples of 8 (StableDiffusionXLPipeline.check_inputs, whatever the VAE) and of the VAE factor. The
+        UNet takes any latent size: off its down-sampling multiples it passes the sizes to its up-samplers."""
+        vae = vae_scale_factor(vae_config)
+        return ImageSizeRule(math.lcm(8, vae), f"the pipeline's 8 and the VAE's factor {vae}")
 
     def blocks(self, denoiser: nn.Module) -> list[Block]:
         """Every BasicTransformerBlock in forward order: down blocks, the mid block, up blocks.
@@ -149,14 +161,19 @@ class SDXLFamily(ModelFamily):
             groups.append(StructureGroup("ffn", p + "ff", inner, 1, (Slice(p + "ff.net.2"),), writers))
         return groups
 
-    def onnx_default_ranges(self, pipeline, max_sequence_length: int | None = None) -> dict[str, tuple[int, int, int]]:
-        """Around the UNet's sample size (multiples of its down-sampling factor); CLIP's fixed text length."""
+    def onnx_dtype(self, denoiser: nn.Module) -> tuple[str, str]:
+        """fp16: the TensorRT diffusion demo always builds the SDXL UNet in fp16 (and keeps its VAE in fp32)."""
+        return "fp16", "TensorRT diffusion demo default for SDXL (it builds the UNet in fp16)"
+
+    def onnx_profile(self, pipeline, max_sequence_length: int | None = None,
+                     guidance_scale: float | None = None) -> OnnxProfile:
+        """The demo's batch and image ranges on multiples of the UNet's down-sampling factor; CLIP's fixed text
+        length (the demo's 77)."""
         unet = self.denoiser(pipeline)
+        n = getattr(getattr(pipeline, "tokenizer", None), "model_max_length", 77)
+        rows = self.guidance_rows(DEMO_GUIDANCE if guidance_scale is None else guidance_scale)
         size = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
-        tokenizer = getattr(pipeline, "tokenizer", None)
-        n_text = getattr(tokenizer, "model_max_length", 77)
-        return {"height": default_range(size, _downsampling(unet)), "width": default_range(size, _downsampling(unet)),
-                "text": (n_text, n_text, n_text)}
+        return demo_profile("SDXL", rows, (n, n, n), size, _downsampling(unet))
 
     def onnx_io(self, denoiser: nn.Module, ranges: dict[str, tuple[int, int, int]]) -> OnnxIO:
         """TensorRT demo names: sample, timestep, encoder_hidden_states, text_embeds, time_ids -> latent.

@@ -160,3 +160,19 @@ def test_build_engine_command_prints_the_trtexec_line_or_the_sidecar_as_json(fak
     assert r.exit_code == 0, r.output
     record = json.loads(r.stdout)
     assert record == json.loads((tmp_path / "b.plan.json").read_text()) and record["file"] == "b.plan"
+
+
+def test_build_takes_the_profile_and_its_reason_from_a_real_export_sidecar(fake_tensorrt, tiny_onnx_dir, tmp_path):
+    """The export's default ranges (TensorRT diffusion demo's, narrowed to the tiny model) reach the build."""
+    onnx = tiny_onnx_dir / "transformer.onnx"
+    exported = json.loads(onnx.with_suffix(".json").read_text())
+    record = T.build_engine(onnx, tmp_path / "t.plan")
+    (profile,) = fake_tensorrt.calls["create_config"]["profiles"]
+    hidden = next(i["profile"] for i in exported["inputs"] if i["name"] == "hidden_states")
+    assert hidden == {"min": [1, 4, 8, 8], "opt": [2, 4, 8, 8], "max": [4, 4, 32, 32]}  # latent 8:8:32, given batch
+    assert [list(getattr(profile["hidden_states"], k)) for k in ("min", "opt", "max")] == list(hidden.values())
+    assert record["profiles"]["hidden_states"] == hidden
+    assert record["profile_source"].startswith("export sidecar transformer.json (TensorRT diffusion demo default "
+                                               "for SD3-Medium")
+    explicit = T.EngineConfig(opt_shapes={"hidden_states": (1, 4, 8, 8), "timestep": (1,)})
+    assert T.profile_source(None, explicit).startswith("explicit shapes")

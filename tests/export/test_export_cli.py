@@ -35,7 +35,9 @@ def test_export_commands_are_listed_with_options(command, option):
 
 @pytest.mark.parametrize("args, fragments", [
     (["--component", "unet-encoder"], ["unknown component 'unet-encoder'", "transformer, vae-decoder"]),
-    (["--dtype", "bf16"], ["bf16 cannot be exported at opset 18", "--opset 22"]),
+    (["--dtype", "bf16", "--opset", "18"], ["bf16 cannot be exported at opset 18", "--opset 22"]),
+    (["--dtype", "bf16", "--exporter", "legacy"], ["legacy exporter stops at opset 20", "--exporter dynamo"]),
+    (["--opset", "x"], ["Invalid value for '--opset'", "'x' is not a number or auto"]),
     (["--dtype", "bf16", "--opset", "20", "--exporter", "legacy"], ["legacy exporter stops at opset 20"]),
     (["--component-dtype", "vae-decoder=int8"], ["unknown dtype 'int8'"]),
     (["--component-dtype", "decoder=fp16"], ["unknown component"]),

@@ -40,7 +40,7 @@ def nm_holds(w: np.ndarray, n: int, m: int) -> bool:
 
 @pytest.fixture(scope="module")
 def sd3_runs(tiny_sd3_dir, tmp_path_factory):
-    """2:4 and structured runs of the tiny SD3 pipeline, exported with the default dynamo exporter."""
+    """2:4 and structured runs of the tiny SD3 pipeline, exported in fp32 with the default dynamo exporter."""
     root = tmp_path_factory.mktemp("sd3_runs")
     runs = {}
     for name, cfg in [("24", PruneConfig(sparsity_type="2:4")),
@@ -49,7 +49,7 @@ def sd3_runs(tiny_sd3_dir, tmp_path_factory):
         report = prune_(model, cfg, CALIB, progress=False)
         run = save_run(model, report.to_dict(), root / name)
         out = root / f"{name}_onnx"
-        export_onnx(str(run), out, ExportConfig(text_len=SMALL_TEXT))
+        export_onnx(str(run), out, ExportConfig(dtype="fp32", text_len=SMALL_TEXT))
         runs[name] = (run, out)
     return runs
 
@@ -93,7 +93,8 @@ def test_structured_run_has_shrunk_shapes(sd3_runs):
 @pytest.fixture(scope="module")
 def digits_fp32(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits") / "onnx"
-    r = CliRunner().invoke(cli, ["onnx", "builtin:digits", "--out", str(out)])
+    r = CliRunner().invoke(cli, ["onnx", "builtin:digits", "--out", str(out), "--dtype", "fp32", "--batch", "1:2:8",
+                                 "--height", "4:8:16", "--width", "4:8:16", "--text-len", "8:16:32"])
     assert r.exit_code == 0, r.output
     return out, r.output
 
@@ -108,7 +109,7 @@ def test_digits_transformer_sidecar(digits_fp32):
                                                                                              "width"]
     hidden = s["inputs"][0]
     assert hidden["shape"] == ["batch", 4, "height", "width"] and hidden["dtype"] == "float32"
-    # defaults from the model: 8x8 latents (4..16, patch multiples), text 16 = 8 CLIP + 8 T5 (8..32)
+    # the given ranges: 8x8 latents (4..16, patch multiples), text 16 = 8 CLIP + 8 T5 (8..32)
     assert hidden["profile"] == {"min": [1, 4, 4, 4], "opt": [2, 4, 8, 8], "max": [8, 4, 16, 16]}
     assert s["inputs"][1]["profile"]["opt"] == [2, 16, 64] and s["dims"]["text"] == {"min": 8, "opt": 16, "max": 32,
                                                                                       "multiple": 1}
@@ -132,7 +133,8 @@ def test_digits_transformer_sidecar(digits_fp32):
 
 def test_digits_all_components_fp16(tmp_path):
     out = tmp_path / "onnx"
-    report = export_onnx("builtin:digits", out, ExportConfig(component="all", dtype="fp16", batch=(1, 2, 4)))
+    report = export_onnx("builtin:digits", out, ExportConfig(component="all", dtype="fp16", batch=(1, 2, 4),
+                                                             height=(4, 8, 16), width=(4, 8, 16)))
     assert set(report["components"]) == {"transformer", "vae_decoder", "text_encoder", "text_encoder_2",
                                          "text_encoder_3"}
     t = sidecar(out)
@@ -142,6 +144,9 @@ def test_digits_all_components_fp16(tmp_path):
     assert t["checks"]["no_float64"]["status"] == "passed"
     vae = sidecar(out, "vae_decoder")
     assert vae["dtype"] == "fp32" and vae["requested_dtype"] == "fp16" and "force_upcast" in vae["notes"][0]
+    assert vae["choices"]["dtype"] == {"value": "fp32", "requested": "fp16", "why": vae["notes"][0]}
+    assert vae["choices"]["profile"]["ranges"]["batch"] == [1, 2, 4] and vae["choices"]["profile"]["given"] == [
+        "batch", "height", "width"]
     assert [i["name"] for i in vae["inputs"]] == ["latent"] and vae["outputs"][0]["name"] == "images"
     assert vae["inputs"][0]["profile"]["max"] == [4, 4, 16, 16] and vae["checks"]["parity"]["max_rel"] < 1e-4
     assert vae["module"]["scaling_factor"] == pytest.approx(0.8561, abs=1e-4)
@@ -163,8 +168,8 @@ def test_in_memory_pipeline_is_not_cast_in_place(tiny_sd3_dir, tmp_path):
 
 def test_sd3_legacy_linear_as_gemm_and_external_data(tiny_sd3_dir, tmp_path):
     out = tmp_path / "onnx"
-    export_onnx(str(tiny_sd3_dir), out, ExportConfig(exporter="legacy", linear_as_gemm=True, external_data=True,
-                                                     text_len=SMALL_TEXT))
+    export_onnx(str(tiny_sd3_dir), out, ExportConfig(dtype="fp32", exporter="legacy", linear_as_gemm=True,
+                                                     external_data=True, text_len=SMALL_TEXT))
     s = sidecar(out)
     assert s["external_data"] == ["transformer.onnx.data"] and (out / "transformer.onnx.data").stat().st_size > 1e5
     assert s["external_data_sha256"] == {"transformer.onnx.data": sha256_file(out / "transformer.onnx.data")}
@@ -203,14 +208,14 @@ def test_flux_float64_left_fails_and_leaves_nothing(tmp_path, monkeypatch):
 
 def test_flux_legacy_exporter_fails_cleanly(tmp_path):
     with pytest.raises(Exception, match="legacy exporter cannot export transformer .*rms_norm.*--exporter dynamo"):
-        export_onnx(tiny_flux(), tmp_path / "x", ExportConfig(exporter="legacy", height=(4, 8, 8), width=(4, 8, 8),
-                                                              text_len=(8, 16, 16)))
+        export_onnx(tiny_flux(), tmp_path / "x", ExportConfig(dtype="fp32", exporter="legacy", height=(4, 8, 8),
+                                                              width=(4, 8, 8), text_len=(8, 16, 16)))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_sdxl_legacy_dense_and_two_four(tmp_path):
     pipe = tiny_sdxl()
-    cfg = ExportConfig(exporter="legacy", height=(4, 8, 16), width=(4, 8, 16))
+    cfg = ExportConfig(dtype="fp32", exporter="legacy", height=(4, 8, 16), width=(4, 8, 16))
     export_onnx(pipe, tmp_path / "dense", cfg)
     s = sidecar(tmp_path / "dense", "unet")
     assert [i["name"] for i in s["inputs"]] == ["sample", "timestep", "encoder_hidden_states", "text_embeds",
@@ -230,7 +235,7 @@ def test_sdxl_legacy_dense_and_two_four(tmp_path):
 
 @pytest.mark.slow
 def test_sdxl_dynamo_dense(tmp_path):
-    export_onnx(tiny_sdxl(), tmp_path / "onnx", ExportConfig(height=(4, 8, 16), width=(4, 8, 16)))
+    export_onnx(tiny_sdxl(), tmp_path / "onnx", ExportConfig(dtype="fp32", height=(4, 8, 16), width=(4, 8, 16)))
     s = sidecar(tmp_path / "onnx", "unet")
     assert s["checks"]["parity"]["max_rel"] < 1e-4 and s["outputs"][0]["shape"] == ["batch", 4, "height", "width"]
 
@@ -260,7 +265,7 @@ def test_sd3_two_four_bf16_opset22(sd3_runs, tmp_path):
 def test_failed_check_is_a_one_line_error_and_leaves_nothing(tiny_sd3_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(C.TOLERANCES, "fp32", 1e-12)
     r = CliRunner().invoke(cli, ["onnx", str(tiny_sd3_dir), "--out", str(tmp_path / "x"), "--exporter", "legacy",
-                                 "--text-len", "8:16:32"])
+                                 "--dtype", "fp32", "--text-len", "8:16:32"])
     seen = r.output.rsplit("\r", 1)[-1]  # what a terminal shows: the progress bar clears its line on the way out
     assert r.exit_code == 2 and seen.count("\n") == 1 and r.output.count("\n") == 1, r.output
     assert seen.startswith("error: transformer.onnx failed the parity check: latent max relative error")

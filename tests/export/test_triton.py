@@ -30,7 +30,8 @@ NO_TRITONCLIENT = {"tritonclient.grpc.model_config_pb2": None}  # sys.modules en
 def sd3_export(tiny_sd3_dir, tmp_path_factory):
     """All components of the tiny SD3 pipeline (transformer in fp16), legacy exporter (fast), weights external."""
     out = tmp_path_factory.mktemp("triton") / "onnx"
-    export_onnx(str(tiny_sd3_dir), out, ExportConfig(component="all", component_dtypes=(("transformer", "fp16"),),
+    export_onnx(str(tiny_sd3_dir), out, ExportConfig(component="all", dtype="fp32",
+                                                     component_dtypes=(("transformer", "fp16"),),
                                                      exporter="legacy", external_data=True, text_len=(8, 16, 32),
                                                      batch=(1, 2, 4)))
     return out

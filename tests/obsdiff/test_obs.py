@@ -141,7 +141,7 @@ def test_parse_nm_rejects_bad_patterns(bad):
 
 
 def reference_obs_prune(W, H, sparsity=None, nm=None, block_size=128, percdamp=0.01):
-    """The blocked solver written plainly (METHOD.md section 3): one rank-1 update of the whole rest of the
+    """The blocked solver, plainly (docs/method.md#the-plain-column-loop): one rank-1 update of the whole rest of the
     block per column, explicit damping with an identity matrix, per-block clones."""
     H = H.clone()
     W = W.clone().to(H.dtype)
