@@ -113,7 +113,10 @@ def test_parse_range_and_points():
     b, h = OnnxDim("batch", 1, 1, 4), OnnxDim("height", 2, 4, 16, multiple=2)
     io = OnnxIO((OnnxInput("x", "x", (b, 3, h)),), ranges=(b, h))
     assert example_point(io) == {"batch": 2, "height": 4}  # never trace at 1 (torch.export specializes it)
-    assert parity_points(io) == [{"batch": 1, "height": 2}, {"batch": 2, "height": 6}]
+    # minima, the next valid value above each optimum, and the optima (the engine's tuned shape)
+    assert parity_points(io) == [{"batch": 1, "height": 2}, {"batch": 2, "height": 6}, {"batch": 1, "height": 4}]
+    at_min = OnnxIO((), ranges=(OnnxDim("batch", 1, 1, 4),))
+    assert parity_points(at_min) == [{"batch": 1}, {"batch": 2}]  # the optima are the minima: checked once
     with pytest.raises(ConfigError, match="too small to stay dynamic"):
         example_point(OnnxIO((), ranges=(OnnxDim("height", 2, 2, 3, multiple=2),)))
 
