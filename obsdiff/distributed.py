@@ -7,7 +7,8 @@ The single-process Hessian is `H = sum_r S_r H_r / sum_r S_r`, which `reduce_hes
 
 Solves are layer-parallel: units are given to owners by a greedy bin-packing of their solve cost, each owner
 solves its units, and the new weights are broadcast before the next group calibrates, so every group still
-sees every earlier group pruned (the group-wise sequential semantics are kept exactly).
+sees every earlier group pruned (the group-wise sequential semantics are kept exactly). `share_work` is that
+step, for every kind of work item (units, reader components, sensitivity cost curves).
 
 Failures: a rank that raises while computing alone must not leave the others waiting in a collective. Every
 such phase runs under `World.failures()`, which ends in an all-gather of each rank's outcome; if any rank
@@ -22,14 +23,17 @@ import heapq
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import torch
+from tqdm.auto import tqdm
 
 from obsdiff.errors import ConfigError, ObsdiffError, first_line
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Collectives wait this long for a rank still computing (one group's calibration on a big model can take
 # many minutes on one device) before they give up.
@@ -265,6 +269,35 @@ class World:
         ranks = self.all_gather(asdict(self.stats))
         return {"world_size": self.size, "backend": self.backend, "ranks": ranks,
                 "bytes_communicated": sum(r["bytes_sent"] for r in ranks)}
+
+
+def share_work(world: World, work: Sequence[Sequence[str]], modules: dict, solve: Callable[[int], T],
+               tensors_of: Callable[[int], Sequence[torch.Tensor]] | None = None, accs: dict | None = None,
+               desc: str = "solve", progress: bool = False) -> list[T]:
+    """Run `solve(i)` for every work item on its owner rank and give every rank every result, in item order.
+
+    Item i is the linears `work[i]` solved together: their cost picks the owner (`owners_by_cost`), and
+    their partial Hessians in `accs` (by linear name) are reduced to that owner first. Solves run under
+    `failures()`; afterwards each owner broadcasts what its items changed in place (`tensors_of(i)`) and the
+    results (small, pickled) are all-gathered. The one place where prune work is shared between ranks.
+    """
+    owners = owners_by_cost(work, modules, world.size)
+    if accs:
+        world.reduce_hessians_(accs, {name: owner for names, owner in zip(work, owners, strict=True)
+                                      for name in names})
+    mine: dict[int, T] = {}
+    t0 = time.perf_counter()
+    with world.failures():
+        for i in tqdm([i for i, o in enumerate(owners) if o == world.rank], desc=desc, unit="unit", leave=False,
+                      disable=not progress):
+            mine[i] = solve(i)
+    world.stats.solve_seconds += time.perf_counter() - t0
+    world.stats.units_solved += len(mine)
+    if tensors_of is not None:
+        for i, owner in enumerate(owners):
+            world.broadcast_(list(tensors_of(i)), src=owner)
+    results = {i: r for part in world.all_gather(mine) for i, r in part.items()}
+    return [results[i] for i in range(len(work))]
 
 
 def init_from_env(device: torch.device) -> tuple[World, torch.device]:

@@ -30,7 +30,7 @@ from obsdiff.memory import (
     plan_groups,
     profile_forward,
 )
-from obsdiff.prune import block_positions, plan_units, select_blocks, unit_groups
+from obsdiff.prune import make_strategy, select_blocks
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +78,9 @@ def calibration_latent_size(model: LoadedModel, calib: CalibConfig) -> tuple[int
 
 def group_units(model: LoadedModel, prune: PruneConfig, calib: CalibConfig) -> list[list[tuple[str, ...]]]:
     """The groups the prune will run, each as its units: the linears that read one input, whose first is hooked
-    for their Hessian. The prune loops' own grouping (`prune.unit_groups`, `structured.structure_chunks`: one
-    group for a method that calibrates nothing); a structured group's units are its reader linears."""
-    denoiser = model.denoiser
-    blocks = select_blocks(model.family.blocks(denoiser), prune.blocks)
-    positions = block_positions(blocks, [n for n, _ in denoiser.named_modules()])
-    if prune.structured:
-        from obsdiff.structured import plan_structures, readers_of, structure_chunks
-
-        planned, _ = plan_structures(model, prune)
-        active = [(g, n) for g, n in planned if n > 0]
-        return [[(r,) for r in readers_of(chunk)] for chunk in structure_chunks(active, prune, calib, positions)]
-    units, _ = plan_units(model, prune)
-    return [list(chunk) for chunk in unit_groups(units, prune, calib, positions)]
+    for their Hessian. The prune's own plan (`prune.make_strategy(...).plan()`: one group for a method that
+    calibrates nothing); a structured group's units are its reader linears."""
+    return [group.units for group in make_strategy(model, prune, calib).plan()]
 
 
 def forward_profile(model: LoadedModel, prune: PruneConfig, calib: CalibConfig) -> ForwardProfile:

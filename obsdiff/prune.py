@@ -1,10 +1,11 @@
-"""The orchestrator: group-wise calibration and layer-wise OBS (docs/method.md#group-wise-sequential-calibration).
+"""`prune_`, and unstructured and N:M pruning (docs/method.md#group-wise-sequential-calibration).
 
 The prunable linears of the selected blocks are grouped into *units* (linears that read one input
-tensor and so share one Hessian), listed in forward order and split into G contiguous groups. For each
-group in turn: calibrate the current model (earlier groups already pruned, later ones still dense),
-accumulating Hessians only for this group's units; prune its layers; free the Hessians. How a group is
-calibrated (re-running the pipeline, or cached block inputs) is the calibrator's business (calibrate.py).
+tensor and so share one Hessian), listed in forward order and split into G contiguous groups, which the
+`session.PruningSession` runs in turn: calibrate the current model, solve every unit of the group with the
+method (`UnitStrategy`), store the group. Structured sparsity plugs into the same session with
+`structured.StructureStrategy`. How a group is calibrated (re-running the pipeline, or cached block inputs)
+is the calibrator's business (calibrate.py).
 """
 
 from __future__ import annotations
@@ -14,16 +15,14 @@ import time
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from obsdiff import obs
-from obsdiff.calibrate import Calibrator, block_positions, make_calibrator  # noqa: F401 (Calibrator: API)
+from obsdiff.calibrate import Calibrator, block_positions  # noqa: F401 (re-exported: API)
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
-from obsdiff.distributed import World, owners_by_cost
+from obsdiff.distributed import World
 from obsdiff.errors import ConfigError
 from obsdiff.hessian import HessianAccumulator
 from obsdiff.loading import LoadedModel, as_loaded
-from obsdiff.memory import text_encoders_parked
 from obsdiff.records import (  # noqa: F401 (re-exported: the records' historical home)
     GroupRecord,
     LayerRecord,
@@ -35,7 +34,8 @@ from obsdiff.records import (  # noqa: F401 (re-exported: the records' historica
     split_groups,
 )
 from obsdiff.resume import Checkpoint
-from obsdiff.structured import prune_structured_
+from obsdiff.session import Group, PruningSession, Strategy, Work
+from obsdiff.structured import StructureStrategy
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,49 @@ def _solve_unit(unit: Unit, modules: dict[str, nn.Module], H: torch.Tensor | Non
     return records
 
 
+class UnitStrategy(Strategy):
+    """Unstructured and N:M sparsity: a work item is a unit (the linears that read one input, so share one
+    Hessian), solved by the method (`_solve_unit`)."""
+
+    def __init__(self, model: LoadedModel, prune: PruneConfig, calib: CalibConfig):
+        super().__init__(model, prune, calib)
+        self.units, self.skipped = plan_units(model, prune)
+
+    def plan(self) -> list[Group]:
+        return [Group(list(chunk), [list(unit) for unit in chunk], list(chunk))
+                for chunk in unit_groups(self.units, self.prune, self.calib, self.positions)]
+
+    def start(self, report: PruneReport) -> None:
+        for name, reason in self.skipped.items():
+            w = self.modules[name].weight
+            report.layers.append(LayerRecord(name, tuple(w.shape), float((w == 0).float().mean()), None, None,
+                                             None, 0.0, skipped=reason))
+            log.warning("skipping %s: %s", name, reason)
+
+    def work(self, group: Group, accs: dict[str, HessianAccumulator] | None) -> Work:
+        units, modules = group.units, self.modules
+
+        def solve(i: int) -> list[LayerRecord]:
+            return _solve_unit(units[i], modules, accs[units[i][0]].H if accs is not None else None, self.prune)
+
+        return Work([list(unit) for unit in units], solve, lambda i: [modules[name].weight for name in units[i]])
+
+    def apply_(self, index: int, group: Group, results: list[list[LayerRecord]], report: PruneReport) -> None:
+        report.layers.extend(record for records in results for record in records)
+
+    def changed(self, group: Group) -> dict[str, torch.Tensor]:
+        return {f"{name}.weight": self.modules[name].weight for unit in group.units for name in unit}
+
+
+def make_strategy(model: LoadedModel, prune: PruneConfig, calib: CalibConfig) -> Strategy:
+    """The strategy of `prune`'s sparsity type (`calib` resolved); its `plan()` is the groups a prune runs."""
+    return (StructureStrategy if prune.structured else UnitStrategy)(model, prune, calib)
+
+
 def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = None,
            progress: bool = True, checkpoint: Checkpoint | None = None, world: World | None = None) -> PruneReport:
-    """Prune `model`'s denoiser in place and return the report. Shapes never change.
+    """Prune `model`'s denoiser in place and return the report. Unstructured and N:M sparsity never change
+    shapes; structured sparsity shrinks the pruned linears at the end.
 
     `model` is a `LoadedModel` (from `load_pipeline`) or an in-memory diffusers pipeline.
 
@@ -129,102 +169,9 @@ def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = N
     """
     t_start = time.perf_counter()
     model = as_loaded(model)
-    world = world or World()
     calib = resolve_calib(calib or CalibConfig(), model.builtin, prune.method)
-    if prune.structured:
-        return prune_structured_(model, prune, calib, progress, t_start, checkpoint, world)
-    denoiser = model.denoiser
-    modules = dict(denoiser.named_modules())
-    units, skipped = plan_units(model, prune)
-    report = PruneReport(prune=prune.to_dict(), calib=calib.to_dict(), family=model.family.name,
-                         base_model=model.ref)
-    for name, reason in skipped.items():
-        w = modules[name].weight
-        report.layers.append(LayerRecord(name, tuple(w.shape), float((w == 0).float().mean()), None, None, None,
-                                         0.0, skipped=reason))
-        log.warning("skipping %s: %s", name, reason)
-
-    blocks = select_blocks(model.family.blocks(denoiser), prune.blocks)
-    positions = block_positions(blocks, modules)
-    chunks = unit_groups(units, prune, calib, positions)
-    if not prune.needs_calibration:  # a single group, solved without a calibrator
-        report.layers.extend(solve_units_(chunks[0], None, modules, prune, world, "prune layers", progress))
-        report.distributed = world.record() if world.distributed else None
-        report.total_seconds = time.perf_counter() - t_start
-        return report
-
-    with world.failures():
-        calibrator = make_calibrator(model, prune, calib, blocks, progress,
-                                     workdir=checkpoint.path if checkpoint else None, rank=world.rank,
-                                     world_size=world.size)
-    with calibrator, text_encoders_parked(model):
-        report.encode_seconds = calibrator.encode_seconds
-        report.calib["groups"] = len(chunks)
-        start = 0
-        if checkpoint is not None and checkpoint.done:
-            report, start = resume_from(checkpoint, calibrator, denoiser, report), checkpoint.done
-        bar = tqdm(total=len(chunks), initial=start, desc="groups", unit="group", disable=not progress)
-        for g in range(start, len(chunks)):
-            chunk = chunks[g]
-            # the unit's linears share one input: hook (and accumulate for) its first linear only
-            with world.failures():
-                accs, t_calib = calibrator.hessians([unit[0] for unit in chunk],
-                                                    f"calibrate group {g + 1}/{len(chunks)}")
-            world.stats.calib_seconds += t_calib
-            t0 = time.perf_counter()
-            report.layers.extend(solve_units_(chunk, accs, modules, prune, world,
-                                              f"prune group {g + 1}/{len(chunks)}", progress))
-            report.add_group(g, [list(u) for u in chunk], t_calib, time.perf_counter() - t0, accs)
-            del accs
-            if checkpoint is not None:
-                checkpoint.save_group(g, {f"{name}.weight": modules[name].weight for unit in chunk for name in unit},
-                                      report.to_dict())
-            bar.update()
-        bar.close()
-        report.calibration = calibrator.stats()
-    report.distributed = world.record() if world.distributed else None
-    report.total_seconds = time.perf_counter() - t_start
-    return report
-
-
-def solve_units_(units: list[Unit], accs: dict[str, HessianAccumulator] | None, modules: dict[str, nn.Module],
-                 prune: PruneConfig, world: World, desc: str, progress: bool = True) -> list[LayerRecord]:
-    """Prune `units` in place, each on its owner rank, and give every rank the new weights.
-
-    `accs` (None for methods without calibration) hold this rank's partial Hessians by first linear; they
-    are reduced to the owners first. Returns the layer records of all units in their order.
-    """
-    owners = owners_by_cost(units, modules, world.size)
-    if accs is not None:
-        world.reduce_hessians_(accs, {unit[0]: owner for unit, owner in zip(units, owners, strict=True)})
-    mine: dict[int, list[LayerRecord]] = {}
-    t0 = time.perf_counter()
-    with world.failures():
-        for i in tqdm([i for i, o in enumerate(owners) if o == world.rank], desc=desc, unit="unit", leave=False,
-                      disable=not progress):
-            mine[i] = _solve_unit(units[i], modules, accs[units[i][0]].H if accs is not None else None, prune)
-    world.stats.solve_seconds += time.perf_counter() - t0
-    world.stats.units_solved += len(mine)
-    for unit, owner in zip(units, owners, strict=True):
-        world.broadcast_([modules[name].weight for name in unit], src=owner)
-    records = {i: r for part in world.all_gather(mine) for i, r in part.items()}
-    return [record for i in range(len(units)) for record in records[i]]
-
-
-def resume_from(checkpoint: Checkpoint, calibrator: Calibrator, denoiser: nn.Module, report: PruneReport
-                ) -> PruneReport:
-    """Re-apply a checkpoint's finished groups to the dense `denoiser`; the report as it was after them.
-
-    Cached calibration captures its block inputs on the dense model first, as the uninterrupted run did, and
-    carries them through the restored blocks when the next group asks, so the next group's Hessians are
-    bitwise those of the uninterrupted run.
-    """
-    if calibrator.mode == "cached":
-        calibrator.capture()
-    checkpoint.restore_(denoiser)
-    restored = PruneReport.from_dict(checkpoint.report)
-    restored.encode_seconds = report.encode_seconds
-    return restored
+    strategy = make_strategy(model, prune, calib)
+    return PruningSession(model, prune, calib, strategy, progress, checkpoint, world).run(t_start)
 
 
 def run_settings(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = None, world_size: int = 1

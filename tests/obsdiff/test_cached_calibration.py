@@ -110,7 +110,7 @@ def test_sparsegpt_cached_is_block_by_block_and_rerun_is_one_pass():
 
 
 def test_structured_cached_with_sensitivity_allocation_shrinks(monkeypatch):
-    from obsdiff.structured import structure_params
+    from obsdiff.allocation import structure_params
     from tests.obsdiff.test_structured import ShrinkSpy, removed_counts, uniform_counts
 
     model = as_loaded(tiny_sd3(num_layers=2, num_heads=4))

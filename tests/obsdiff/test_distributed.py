@@ -26,6 +26,7 @@ from obsdiff.distributed import (
     init_from_env,
     launched_by_torchrun,
     share_checkpoint,
+    share_work,
 )
 from obsdiff.errors import ConfigError
 from obsdiff.loading import load_pipeline
@@ -270,6 +271,17 @@ def test_single_process_world_is_inert():
     assert world.shard([1, 2, 3]) == [1, 2, 3] and world.all_gather(5) == [5]
     with pytest.raises(ValueError, match="boom"), world.failures():
         raise ValueError("boom")
+
+
+def test_share_work_in_one_process_solves_every_item_once_in_order():
+    modules = {name: torch.nn.Linear(d, 2) for name, d in (("a", 4), ("b", 8), ("c", 2))}
+    world, solved = World(), []
+    results = share_work(world, [["a"], ["b", "c"], ["c"]], modules, lambda i: solved.append(i) or f"item {i}",
+                         tensors_of=lambda i: [modules["a"].weight])
+    assert results == ["item 0", "item 1", "item 2"] and solved == [0, 1, 2]
+    assert world.stats.units_solved == 3
+    with pytest.raises(RuntimeError, match="no solve"):
+        share_work(world, [["a"]], modules, lambda i: (_ for _ in ()).throw(RuntimeError("no solve")))
 
 
 # ------------------------------------------------------------------------------------------ torchrun CLI

@@ -99,7 +99,9 @@ def test_baselines(model, method):
         kept = ~pruned
         assert torch.equal(model.denoiser.get_submodule(name).weight[kept], W[kept])  # no weight update
     if method == "magnitude":
-        assert report.groups == [] and all(r.error is None for r in report.layers)
+        # one group, as planned, that calibrated nothing
+        assert [(g.calib_calls, g.hessian_bytes) for g in report.groups] == [(0, 0)] and report.calib["groups"] == 1
+        assert all(r.error is None for r in report.layers)
         assert torch.equal(pruned, by_magnitude)
 
 

@@ -259,7 +259,7 @@ def test_structured_prune_other_families(name, monkeypatch):
 
 
 def test_allocate_spends_the_budget_where_it_is_cheapest():
-    from obsdiff.structured import allocate
+    from obsdiff.allocation import allocate
 
     curves = {"a": [0.0, 0.1, 0.5, 2.0], "b": [0.0, 0.01, 0.02, 0.03], "c": [0.0, 1.0]}
     taken = allocate(curves, {"a": 1, "b": 1, "c": 1}, budget=4)
@@ -269,7 +269,7 @@ def test_allocate_spends_the_budget_where_it_is_cheapest():
 
 
 def test_cost_curve_is_increasing_from_zero():
-    from obsdiff.structured import cost_curve
+    from obsdiff.allocation import cost_curve
 
     W, H = problem(d_out=4, d_in=16, seed=3)
     state = obs.ReaderState.create(W, H, 0.01)
