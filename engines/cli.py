@@ -9,7 +9,6 @@ from pathlib import Path
 
 import click
 
-from obsdiff.cli_utils import check_sizes
 from obsdiff.export.cli import FORCE
 from obsdiff.export.cli import cli as export_cli
 
@@ -90,6 +89,8 @@ def build_engine(onnx_path: Path, out: Path, force: bool, as_json: bool, **kwarg
 @FORCE
 def bench(model_or_run: str, json_out: Path | None, plot: Path | None, force: bool, **kwargs) -> None:
     """Measure latency on every available backend, dense vs pruned."""
+    from obsdiff.loading import check_sizes
+
     from .bench import BenchConfig, run_bench
     from .report import check_outputs, format_bench, save_bench
 

@@ -3,9 +3,12 @@
 The public API is importable from the package root; heavy modules load on first use:
 
     import obsdiff
-    model = obsdiff.load_pipeline("builtin:digits")
+    result = obsdiff.run_prune("builtin:digits", obsdiff.PruneConfig(sparsity=0.5), obsdiff.CalibConfig(),
+                               "runs/digits-50")  # all of `obsdiff prune`: plan, checkpoint, resume, save
+
+    model = obsdiff.load_pipeline("builtin:digits")  # or step by step, in memory
     report = obsdiff.prune_(model, obsdiff.PruneConfig(sparsity=0.5), obsdiff.CalibConfig())
-    obsdiff.save_run(model, report.to_dict(), "runs/digits-50")
+    obsdiff.save_run(model, report.to_dict(), "runs/digits-50-in-memory")
 """
 
 from importlib import import_module
@@ -20,6 +23,9 @@ _API = {
     "prune_": "obsdiff.prune",
     "PruneReport": "obsdiff.prune",
     "save_run": "obsdiff.io",
+    "run_prune": "obsdiff.job",
+    "PruneResult": "obsdiff.job",
+    "PruneInterrupted": "obsdiff.job",
     "EvalConfig": "obsdiff.evaluate",
     "evaluate": "obsdiff.evaluate",
     "save_report": "obsdiff.evaluate",

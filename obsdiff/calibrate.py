@@ -68,14 +68,25 @@ def calibration_prompts(calib: CalibConfig, builtin: str | None) -> list[str]:
         else:
             pool = generic_prompts()
     else:
-        path = Path(calib.prompts)
-        if not path.is_file():
-            raise ConfigError(f"--prompts {calib.prompts!r}: no such file; pass a text file or 'builtin'")
-        pool = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not pool:
-            raise ConfigError(f"--prompts {calib.prompts!r} is empty; put one prompt per line")
+        pool = read_prompts(calib.prompts, "pass a text file, one prompt per line, or 'builtin'")
     random.Random(calib.seed).shuffle(pool)
     return [pool[i % len(pool)] for i in range(calib.num_prompts)]
+
+
+def read_prompts(path: str | Path, fix: str = "pass a text file, one prompt per line") -> list[str]:
+    """The prompts of a `--prompts` file, one per line (stripped, blank lines dropped): the one reader of prompts
+    files, for calibration and `obsdiff eval`. A missing, unreadable, non-UTF-8 or empty file is a one-line
+    ConfigError naming it (`fix`: what to pass instead)."""
+    from obsdiff.artifacts import read_text
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"--prompts {str(path)!r}: no such file; {fix}")
+    text = read_text(path, "prompts file", "save it as UTF-8 text, one prompt per line", ConfigError)
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"--prompts {str(path)!r} is empty; put one prompt per line")
+    return prompts
 
 
 @dataclass

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
-from obsdiff.cli_utils import Group, check_sizes, format_table, verbosity_params
+from obsdiff.cli_utils import Group, format_table, verbosity_params
 from obsdiff.devices import DTYPE_CHOICES, device_option
 
 DEVICE = click.option("--device", default="auto", show_default=True, callback=device_option,
@@ -91,7 +94,7 @@ def generate(model, prompt, steps, guidance, seed, height, width, out, force, de
 
     from obsdiff.artifacts import check_writable, staged_file
     from obsdiff.evaluate import generate as run
-    from obsdiff.loading import load_pipeline
+    from obsdiff.loading import check_sizes, load_pipeline
 
     check_writable(out, force)
     check_sizes([model], height, width)
@@ -140,12 +143,13 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
     (images/ref_XXXX.png, images/pruned_XXXX.png).
     """
     from obsdiff.artifacts import check_writable
+    from obsdiff.calibrate import read_prompts
     from obsdiff.errors import ConfigError
     from obsdiff.evaluate import EvalConfig, evaluate, save_report
 
     if (target is None) == (model is None):
         raise ConfigError("give the model either as an argument or with --model (exactly one)")
-    prompts = read_prompts(prompts_file) if prompts_file else None
+    prompts = tuple(read_prompts(prompts_file)) if prompts_file else None
     config = EvalConfig(num_images=num_images, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                         prompts=prompts, clip_model=str(clip_model) if clip_model else None, height=height,
                         width=width, standard_metrics=standard_metrics,
@@ -158,6 +162,8 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
             raise ConfigError("--out is required unless the model is a run directory (then RUN/eval)")
         out = Path(target) / "eval"
     check_writable(out, force)
+    from obsdiff.loading import check_sizes  # the configs only: no weights load here
+
     check_sizes([target, reference], height, width)
     report = evaluate(target, reference, config, device=device, dtype=dtype)
     save_report(report, out, force=force, sheet_cells=sheet_prompts)
@@ -170,19 +176,6 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
             "seconds_per_image"]
     click.echo(format_table(["metric", "value"], [[k, m[k]] for k in keys if k in m]))
     click.echo(f"wrote {out}/metrics.json, {out}/sheet.png and {out}/images/")
-
-
-def read_prompts(path: Path) -> tuple[str, ...]:
-    from obsdiff.artifacts import read_text
-    from obsdiff.errors import ConfigError
-
-    if not path.exists():
-        raise ConfigError(f"prompts file {str(path)!r} does not exist")
-    text = read_text(path, "prompts file", "save it as UTF-8 text, one prompt per line", ConfigError)
-    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
-    if not prompts:
-        raise ConfigError(f"prompts file {str(path)!r} is empty; put one prompt per line")
-    return prompts
 
 
 @cli.command()
@@ -255,96 +248,61 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
     Finished calibration groups are kept in OUT.partial until the run is saved: after a crash, Ctrl-C or a
     kill, the same command with --resume continues where it stopped.
     """
-    from obsdiff.artifacts import check_writable
     from obsdiff.config import CalibConfig, PruneConfig
-    from obsdiff.devices import dtype_name
-    from obsdiff.distributed import init_from_env, share_checkpoint
-    from obsdiff.errors import ConfigError, Interrupted
-    from obsdiff.io import check_can_save, save_run
-    from obsdiff.loading import load_pipeline, parse_dtype, resolve_device
-    from obsdiff.memory import check_fits, measured_peaks
-    from obsdiff.planner import choose_groups, describe, plan_memory, skeleton
-    from obsdiff.prune import open_checkpoint, prune_
-    from obsdiff.resume import Checkpoint
+    from obsdiff.job import PruneInterrupted, run_prune
 
-    # Under torchrun every rank runs this command; join the job first, so that every failure below (bad input
-    # included) is known to all ranks and reported once, by rank 0.
-    world, torch_device = init_from_env(resolve_device(device))
-    with world.session():
-        with world.failures():
-            # Validate everything before the (slow) model load, so bad input fails at once and writes nothing.
-            pcfg = PruneConfig(method=method, sparsity=sparsity, sparsity_type=sparsity_type, percdamp=percdamp,
-                               block_size=block_size, compensate=not no_compensate, blocks=parse_span(blocks),
-                               on_indivisible="skip" if skip_indivisible else "error",
-                               compute_dtype=solver_precision, head_ratio=head_ratio, ffn_ratio=ffn_ratio,
-                               structure_cost=structure_cost, joint_scoring=joint_scoring,
-                               ffn_per_round=ffn_per_round, allocation=allocation)
-            ccfg = CalibConfig(prompts=prompts, num_prompts=num_prompts, steps=steps, guidance=guidance,
-                               batch_size=batch_size, groups=groups, timestep_weighting=timestep_weighting,
-                               seed=seed, max_tokens=max_tokens, height=height, width=width, mode=calibration_mode,
-                               cache_device=cache_device, cache_spill=cache_spill, hessian_device=hessian_device)
-            if prompts != "builtin":
-                read_prompts(Path(prompts))
-            check_sizes([model], height, width)
-            if world_size is not None and (not dry_run or world.distributed):
-                raise ConfigError("--world-size only plans a torchrun job with --dry-run; under torchrun the world "
-                                  "size is torchrun's")
-            ranks = world_size or world.size
-            if not dry_run and world.is_main:  # rank 0 alone writes the run
-                check_writable(out, force)
-                Checkpoint.check_leftover(out, resume=resume, force=force)
-            # Plan from configs and safetensors headers: a prune that cannot fit is refused before any weight
-            # loads. Under torchrun the plan is one rank's.
-            dtype = dtype_name(parse_dtype(dtype, torch_device))  # --dtype auto follows the device
-            sketch, weights = skeleton(model, dtype)
-            if max_memory is not None:
-                ccfg, plan = choose_groups(sketch, pcfg, ccfg, max_memory, torch_device, hessian_device, weights,
-                                           world_size=ranks)
-            else:
-                plan = plan_memory(sketch, pcfg, ccfg, torch_device, hessian_device, weights, world_size=ranks)
-            if not dry_run:
-                check_fits(plan, torch_device, plan.limit)
-                save_as = check_can_save(sketch, out, force, None if save_dtype == "base" else save_dtype)
-        if dry_run:
-            if world.is_main:
-                click.echo(describe(plan))
-            return
-        if world.is_main:
-            click.echo(f"plan: {len(plan.groups)} calibration groups, predicted peak "
-                       + ", ".join(f"{n / 2**30:.1f} GiB on {d}" for d, n in sorted(plan.peak.items()))
-                       + (f" per rank ({world.size} ranks)" if world.distributed else "")
-                       + " (--dry-run shows the groups)", err=True)
-        with world.failures():
-            loaded = load_pipeline(model, device=torch_device, dtype=dtype)
-            checkpoint = (open_checkpoint(loaded, pcfg, ccfg, out, resume=resume, force=force,
-                                          world_size=world.size) if world.is_main else None)
-        checkpoint = share_checkpoint(world, checkpoint)
+    with rank_zero_reports(alike=True):  # every rank parses the same options
+        pcfg = PruneConfig(method=method, sparsity=sparsity, sparsity_type=sparsity_type, percdamp=percdamp,
+                           block_size=block_size, compensate=not no_compensate, blocks=parse_span(blocks),
+                           on_indivisible="skip" if skip_indivisible else "error", compute_dtype=solver_precision,
+                           head_ratio=head_ratio, ffn_ratio=ffn_ratio, structure_cost=structure_cost,
+                           joint_scoring=joint_scoring, ffn_per_round=ffn_per_round, allocation=allocation)
+        ccfg = CalibConfig(prompts=prompts, num_prompts=num_prompts, steps=steps, guidance=guidance,
+                           batch_size=batch_size, groups=groups, timestep_weighting=timestep_weighting, seed=seed,
+                           max_tokens=max_tokens, height=height, width=width, mode=calibration_mode,
+                           cache_device=cache_device, cache_spill=cache_spill, hessian_device=hessian_device)
+    with rank_zero_reports():
         try:
-            report = prune_(loaded, pcfg, ccfg, checkpoint=checkpoint, world=world, progress=world.is_main)
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted; {checkpoint.done} finished groups are kept in {checkpoint.path}: run "
-                              "the same command with --resume to continue") from None
-        report.device, report.dtype = str(torch_device), dtype_name(loaded.denoiser.dtype)
-        measured = measured_peaks(torch_device)
-        extra = {"memory_plan": plan.to_dict(), "memory_measured": measured}
-        if world.distributed:  # every rank's peaks: ranks differ in the solves they own
-            extra["memory_measured_ranks"] = world.all_gather(measured)
-        with world.failures():
-            if world.is_main:
-                save_run(loaded, report.to_dict() | extra, out, force=force, dtype=save_as)
-                checkpoint.remove()
-                draw_plots_best_effort(out)
-        if not world.is_main:
-            return
+            result = run_prune(model, pcfg, ccfg, out, resume=resume, force=force, max_memory=max_memory,
+                               dry_run=dry_run, save_dtype=None if save_dtype == "base" else save_dtype,
+                               device=device, dtype=dtype, world_size=world_size, on_plan=echo_plan)
+        except PruneInterrupted as exc:  # the library says resume=True; the command's word is --resume
+            exc.args = (f"interrupted; {exc.done} finished groups are kept in {exc.path}: run the same command "
+                        "with --resume to continue",)
+            raise
+    if not result.is_main:  # rank 0 alone prints
+        return
+    if dry_run:
+        from obsdiff.planner import describe
+
+        click.echo(describe(result.plan))
+        return
     if as_json:
         from obsdiff.io import read_run
 
         click.echo(json.dumps(read_run(out), indent=2))
         return
+    click.echo(format_table(["prune", "value"], summary_rows(result)))
+    for warning in result.report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"wrote {out} (evaluate: obsdiff eval {out} --reference {model})")
+
+
+def echo_plan(plan) -> None:
+    """The plan in one line on stderr, before the load."""
+    click.echo(f"plan: {len(plan.groups)} calibration groups, predicted peak "
+               + ", ".join(f"{n / 2**30:.1f} GiB on {d}" for d, n in sorted(plan.peak.items()))
+               + (f" per rank ({plan.world_size} ranks)" if plan.world_size > 1 else "")
+               + " (--dry-run shows the groups)", err=True)
+
+
+def summary_rows(result) -> list[list]:
+    """The table `obsdiff prune` prints: what was pruned, how well, in what memory and time."""
+    report, plan, measured = result.report, result.plan, result.measured
     done = report.pruned_layers
     errs = [r.error for r in done if r.error is not None]
     errs0 = [r.error_no_compensation for r in done if r.error_no_compensation is not None]
-    rows = [["device, model dtype", f"{report.device}, {report.dtype}"],
+    return [["device, model dtype", f"{report.device}, {report.dtype}"],
             ["layers pruned", len(done)], ["layers skipped", len(report.layers) - len(done)],
             ["sparsity (pruned layers)", report.sparsity],
             ["mean rel. error, mask only", sum(errs0) / len(errs0) if errs0 else None],
@@ -360,24 +318,28 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
             *[[f"peak memory on {d} (GiB), planned / measured",
                f"{plan.peak.get(d, 0) / 2**30:.2f} / {n / 2**30:.2f}"] for d, n in sorted(measured.items())],
             ["total seconds", report.total_seconds]]
-    click.echo(format_table(["prune", "value"], rows))
-    for warning in report.warnings:
-        click.echo(f"warning: {warning}", err=True)
-    click.echo(f"wrote {out} (evaluate: obsdiff eval {out} --reference {model})")
 
 
-def draw_plots_best_effort(run: Path) -> None:
-    """The run's plots (`obsdiff report`) after a prune: a missing matplotlib or a failed plot never fails it."""
-    import logging
-
-    from obsdiff.errors import first_line
-    from obsdiff.plots import write_run_plots
+@contextlib.contextmanager
+def rank_zero_reports(alike: bool = False) -> Iterator[None]:
+    """Under torchrun every rank runs the command: a failure every rank meets is printed once, by rank 0, and
+    another rank exits with its code, printing nothing. Such failures are what the library marks
+    (`job.reported_by_rank_zero`) and, with `alike`, any error of a block that fails alike on every rank (it
+    reads the options only)."""
+    from obsdiff.distributed import launched_by_torchrun
+    from obsdiff.errors import ObsdiffError
+    from obsdiff.job import reported_by_rank_zero
 
     try:
-        write_run_plots(run)
-    except Exception as exc:  # the run is saved by now: no plotting fault may turn it into a failed prune
-        logging.getLogger("obsdiff.cli").warning("no plots for %s (%s); obsdiff report %s draws them later",
-                                                 run, first_line(exc), run)
+        yield
+    except click.exceptions.Exit:
+        raise
+    except BaseException as exc:
+        other_rank = launched_by_torchrun() and os.environ["RANK"] != "0"
+        if not (reported_by_rank_zero(exc) or (alike and other_rank and isinstance(exc, ObsdiffError))):
+            raise
+        code = getattr(exc, "exit_code", 130 if isinstance(exc, KeyboardInterrupt) else 2)
+        raise click.exceptions.Exit(code) from None
 
 
 @cli.command()

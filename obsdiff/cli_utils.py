@@ -170,16 +170,3 @@ def format_table(headers: list[str], rows: list[list]) -> str:
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths, strict=True)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(headers), sep, *(line(r) for r in body)])
-
-
-def check_sizes(refs: list[str | None], height: int | None, width: int | None) -> None:
-    """Refuse --height/--width values a model cannot take, from its config files: before any weight loads or
-    output is staged (diffusers would refuse them only inside the first pipeline call)."""
-    if height is None and width is None:
-        return
-    from obsdiff.loading import image_size_rule
-    from obsdiff.models.registry import check_image_size
-
-    for ref in refs:
-        if ref is not None:
-            check_image_size(image_size_rule(ref), {"--height": height, "--width": width}, ref)

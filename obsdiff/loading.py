@@ -352,20 +352,37 @@ def _load_run(ref: str, device, dtype) -> LoadedModel:
                        revision=base.revision)
 
 
+@dataclass(frozen=True)
+class LoadedDenoiser:
+    """A denoiser loaded without its pipeline (`load_denoiser`), with what callers would otherwise take from
+    the pipeline."""
+
+    denoiser: torch.nn.Module
+    family: ModelFamily
+    ref: str  # what the user passed
+    path: Path  # the diffusers pipeline directory (a run's base)
+    source: ModelSource
+    builtin: str | None = None
+    run: dict | None = None  # the run record when `ref` is a pruned run directory
+    generation_defaults: dict = field(default_factory=dict)
+    # {tokenizer attribute: model_max_length} from each tokenizer's config file, for the ones that state it
+    tokenizer_max_length: dict[str, int] = field(default_factory=dict)
+
+    def with_pipeline(self, pipeline) -> LoadedModel:
+        """A `LoadedModel` of this denoiser's model around `pipeline` (the real one, or a stand-in)."""
+        return LoadedModel(ref=self.ref, path=self.path, pipeline=pipeline, family=self.family,
+                           builtin=self.builtin, generation_defaults=self.generation_defaults, run=self.run)
+
+
 def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | torch.device | None = "cpu",
-                  weights: bool = True) -> tuple[torch.nn.Module, ModelFamily, dict]:
+                  weights: bool = True) -> LoadedDenoiser:
     """Load only the denoiser of `ref` (pipeline directory, `builtin:NAME` or run directory) in `dtype`.
 
     No text encoder, VAE or tokenizer is built. The model is built on the meta device from its config (a
     run's shrink plan replayed, as `io.build_run_denoiser` does) and its safetensors are read tensor by
     tensor, each cast to `dtype` as it is read (modules the class keeps in fp32 stay fp32) and checked
     strictly: the peak is the model in `dtype` plus one tensor, whatever precision the files hold.
-    `weights=False` returns the meta-device model (for callers that need only `denoiser.config`).
-    Returns (denoiser, family, info); `info` holds what callers would otherwise take from the pipeline:
-    `ref`, `path` (pipeline directory), `builtin`, `run` (the run record or None), `source` (`ModelSource`),
-    `generation_defaults`
-    and `tokenizer_max_length` ({tokenizer attribute: model_max_length} from each tokenizer's config file,
-    for the ones that state it).
+    `weights=False` gives the meta-device model (for callers that need only `denoiser.config`).
     """
     import json
 
@@ -436,9 +453,9 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
             max_lengths[attr] = tok["model_max_length"]
     log.info("loaded the %s of %s (%s family) on %s in %s", family.denoiser_attr, ref, family.name, device,
              torch_dtype)
-    info = {"ref": ref, "path": path, "builtin": builtin, "run": record, "source": src,
-            "generation_defaults": _generation_defaults(builtin), "tokenizer_max_length": max_lengths}
-    return denoiser, family, info
+    return LoadedDenoiser(denoiser=denoiser, family=family, ref=ref, path=path, source=src, builtin=builtin,
+                          run=record, generation_defaults=_generation_defaults(builtin),
+                          tokenizer_max_length=max_lengths)
 
 
 def _index_family(index: dict, ref: str) -> ModelFamily:
@@ -529,3 +546,15 @@ def _read_state_cast(files: list[Path], dtype: torch.dtype, keep_fp32: list[str]
         except (OSError, ValueError, KeyError, struct.error) as exc:
             raise ModelLoadError(f"{file} is not a readable safetensors file ({exc})") from None
     return state
+
+
+def check_sizes(refs: list[str | None], height: int | None, width: int | None) -> None:
+    """Refuse --height/--width values the models behind `refs` cannot take, from their config files: before any
+    weight loads or output is staged (diffusers would refuse them only inside the first pipeline call)."""
+    if height is None and width is None:
+        return
+    from obsdiff.models.registry import check_image_size
+
+    for ref in refs:
+        if ref is not None:
+            check_image_size(image_size_rule(ref), {"--height": height, "--width": width}, ref)
