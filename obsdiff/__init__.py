@@ -21,7 +21,7 @@ _API = {
     "PruneConfig": "obsdiff.config",
     "CalibConfig": "obsdiff.config",
     "prune_": "obsdiff.prune",
-    "PruneReport": "obsdiff.prune",
+    "PruneReport": "obsdiff.records",
     "save_run": "obsdiff.io",
     "run_prune": "obsdiff.job",
     "PruneResult": "obsdiff.job",

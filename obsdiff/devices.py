@@ -1,4 +1,5 @@
-"""The device in use and dtype names: one place for `--device auto`, `--dtype auto` and accelerator calls.
+"""The device in use and dtype names: one place for `--device auto`, `--dtype auto`, accelerator calls and the
+memory probes (free and peak bytes of an accelerator, of the host and of this process).
 
 Accelerator calls go through `torch.accelerator` (any backend: CUDA, ROCm, XPU, MPS) with the backend's own
 module as the fallback on older torch. Importing this module is light: torch loads on first use, so the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from obsdiff.errors import ConfigError
@@ -101,6 +103,64 @@ def peak_bytes(device: torch.device) -> int | None:
         return None
     get_peak = _backend(device, "max_memory_allocated")
     return int(get_peak(device)) if get_peak is not None else None
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of all tensors in `obj` (nested tuples, lists, dicts)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _proc_kib(path: str, key: str) -> int | None:
+    """A `key: N kB` line of a /proc file, in bytes (None where /proc is missing)."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on `device`: an accelerator's free memory, or the host's available RAM; None if unknown."""
+    if device.type != "cpu":
+        return free_bytes(device)
+    return _proc_kib("/proc/meminfo", "MemAvailable")
+
+
+def current_rss() -> int:
+    """Resident memory of this process now (bytes; 0 where /proc is missing)."""
+    return _proc_kib("/proc/self/status", "VmRSS") or 0
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process so far (bytes).
+
+    VmHWM, the high-water mark of this process's own memory: `getrusage`'s ru_maxrss is not, since Linux
+    carries the parent's resident size at fork into it (a child of a 2 GB process never reports less)."""
+    hwm = _proc_kib("/proc/self/status", "VmHWM")
+    if hwm is not None:
+        return hwm
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measured_peaks(device: torch.device) -> dict[str, int]:
+    """What this process actually peaked at: host RSS, and the accelerator's allocator peak when one is used."""
+    peaks = {"cpu": peak_rss()}
+    peak = peak_bytes(device)
+    if peak is not None:
+        peaks[str(device)] = peak
+    return peaks
 
 
 def empty_cache(device: torch.device) -> None:

@@ -21,72 +21,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import random
 import shutil
-import tempfile
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from obsdiff.calibration.caches import MemoryCache, SpillCache
+from obsdiff.calibration.hooks import CallCut, HessianHooks, InputCapture, LastStepCut, StepCounter, StopPass
+from obsdiff.calibration.placement import usable_device
+from obsdiff.calibration.prompts import calibration_prompts
 from obsdiff.config import CalibConfig, PruneConfig
-from obsdiff.devices import synchronize
-from obsdiff.errors import ConfigError, UnsupportedModelError, first_line
-from obsdiff.hessian import HessianAccumulator, timestep_weights
-from obsdiff.hooks import CallCut, HessianHooks, InputCapture, LastStepCut, StepCounter, StopPass, tensors_to
-from obsdiff.loading import LoadedModel
-from obsdiff.memory import available_bytes as free_bytes
-from obsdiff.memory import tensor_bytes
+from obsdiff.devices import available_bytes, synchronize, tensor_bytes
+from obsdiff.errors import ConfigError, UnsupportedModelError
 from obsdiff.models import Block
+from obsdiff.runs.loading import LoadedModel
+from obsdiff.solver.hessian import HessianAccumulator, timestep_weights
 
 log = logging.getLogger(__name__)
-
-_SUBJECTS = ("a red fox", "an old lighthouse", "a bowl of ramen", "a vintage car", "a mountain lake",
-             "a city street at night", "a portrait of a woman", "a robot", "a sailing ship", "a cup of tea",
-             "a golden retriever", "a medieval castle", "a field of sunflowers", "an astronaut",
-             "a wooden cabin", "a hummingbird", "a desert canyon", "a bicycle", "a jellyfish", "a cathedral")
-_STYLES = ("a photograph of {}", "an oil painting of {}", "{}, watercolor", "a 3d render of {}",
-           "{} in the style of a pencil sketch")
-
-
-def generic_prompts() -> list[str]:
-    """100 varied prompts (20 subjects x 5 styles) for models without their own calibration set."""
-    return [style.format(subject) for subject in _SUBJECTS for style in _STYLES]
-
-
-def calibration_prompts(calib: CalibConfig, builtin: str | None) -> list[str]:
-    """`calib.num_prompts` prompts, shuffled with the seed, cycled if the source is shorter."""
-    if calib.prompts == "builtin":
-        if builtin == "digits":
-            from obsdiff.builtin.digits import TRAIN_TEMPLATES, prompt
-
-            pool = [prompt(t, d) for t in TRAIN_TEMPLATES for d in range(10)]
-        else:
-            pool = generic_prompts()
-    else:
-        pool = read_prompts(calib.prompts, "pass a text file, one prompt per line, or 'builtin'")
-    random.Random(calib.seed).shuffle(pool)
-    return [pool[i % len(pool)] for i in range(calib.num_prompts)]
-
-
-def read_prompts(path: str | Path, fix: str = "pass a text file, one prompt per line") -> list[str]:
-    """The prompts of a `--prompts` file, one per line (stripped, blank lines dropped): the one reader of prompts
-    files, for calibration and `obsdiff eval`. A missing, unreadable, non-UTF-8 or empty file is a one-line
-    ConfigError naming it (`fix`: what to pass instead)."""
-    from obsdiff.artifacts import read_text
-
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"--prompts {str(path)!r}: no such file; {fix}")
-    text = read_text(path, "prompts file", "save it as UTF-8 text, one prompt per line", ConfigError)
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise ConfigError(f"--prompts {str(path)!r} is empty; put one prompt per line")
-    return prompts
 
 
 @dataclass
@@ -134,19 +88,6 @@ def run_pass(model: LoadedModel, batches: list[CalibBatch], calib: CalibConfig, 
 # ------------------------------------------------------------------------------------------ calibrators
 
 
-def resolve_device(name: str | None, default: torch.device, option: str) -> torch.device:
-    """`name` as a usable torch device (None: `default`); a ConfigError if this machine has no such device."""
-    if name is None:
-        return default
-    device = torch.device(name)  # the spelling was validated by CalibConfig
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as exc:
-        raise ConfigError(f"{option} {name!r} is not usable on this machine ({first_line(exc)}); use cpu or the "
-                          "model's device") from None
-    return device
-
-
 class Calibrator:
     """Encodes the calibration prompts once, then runs hooked passes that fill Hessians for given linears.
 
@@ -161,7 +102,7 @@ class Calibrator:
                  sync_timing: bool = False, rank: int = 0, world_size: int = 1):
         self.model, self.calib, self.progress, self.sync_timing = model, calib, progress, sync_timing
         self.device = model.denoiser.device
-        self.hessian_device = resolve_device(calib.hessian_device, self.device, "--hessian-device")
+        self.hessian_device = usable_device(calib.hessian_device, self.device, "--hessian-device")
         t0 = time.perf_counter()
         self.batches = encode_batches(model, calibration_prompts(calib, model.builtin), calib, rank, world_size)
         self.encode_seconds = time.perf_counter() - t0
@@ -242,7 +183,7 @@ class CachedCalibrator(Calibrator):
         self.family = model.family
         self.blocks = blocks
         self.block_of = block_positions(blocks, self.modules)
-        self.cache_device = resolve_device(calib.cache_device, self.device, "--cache-device")
+        self.cache_device = usable_device(calib.cache_device, self.device, "--cache-device")
         self.workdir = Path(workdir) if workdir is not None else None
         self.cache: MemoryCache | SpillCache | None = None
         self.frontier = 0
@@ -307,7 +248,7 @@ class CachedCalibrator(Calibrator):
     def _open_cache(self, calls: int, per_call: int) -> MemoryCache | SpillCache:
         """Where this capture's block inputs go: memory of the cache device if they fit, else a spill file."""
         spill = self.calib.cache_spill
-        need, free = calls * per_call, free_bytes(self.cache_device)
+        need, free = calls * per_call, available_bytes(self.cache_device)
         fits = free is None or need <= 0.9 * free
         if spill == "always" or (not fits and spill == "auto" and self.workdir is not None):
             disk = shutil.disk_usage(self.workdir).free
@@ -391,158 +332,6 @@ class CachedCalibrator(Calibrator):
     def _sync(self) -> None:  # only when asked to measure: the advance's share of the time on an accelerator
         if self.sync_timing and self.device.type != "cpu":
             synchronize(self.device)
-
-
-# ------------------------------------------------------------------------------------------ block-input caches
-
-
-class MemoryCache:
-    """Cached block inputs, one `(kwargs, step)` per denoiser call, as tensors on `device`."""
-
-    location = "memory"
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.calls: list[tuple[dict, int]] = []
-        self.nbytes = 0
-
-    def __len__(self) -> int:
-        return len(self.calls)
-
-    def append(self, kwargs: dict, step: int) -> None:
-        kwargs = tensors_to(kwargs, self.device)
-        self.calls.append((kwargs, step))
-        self.nbytes += tensor_bytes(kwargs)
-
-    def read(self, i: int, device: torch.device) -> tuple[dict, int]:
-        kwargs, step = self.calls[i]
-        return tensors_to(kwargs, device), step
-
-    def write(self, i: int, kwargs: dict) -> None:
-        self.calls[i] = (tensors_to(kwargs, self.device), self.calls[i][1])
-
-    def __getitem__(self, i: int) -> tuple[dict, int]:
-        return self.calls[i]
-
-    def close(self) -> None:
-        self.calls = []
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """Where one cached tensor lies in a spill file."""
-
-    offset: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return _numel(self.shape) * torch.empty(0, dtype=self.dtype).element_size()
-
-
-_ALIGN = 64  # bytes; every tensor starts aligned, so a byte view can be reinterpreted as any dtype
-
-
-class SpillCache:
-    """Cached block inputs in a memory-mapped file in `workdir`, one record per denoiser call.
-
-    Records keep the structure of the block's keyword inputs in memory and the tensors in the file; the
-    frontier is written back in place (same shapes, as the chained blocks give), anything else is
-    appended. The file starts at `capacity` bytes and grows if needed; `close()` (or garbage collection, or
-    interpreter exit) deletes it.
-    """
-
-    def __init__(self, workdir: Path, capacity: int):
-        fd, name = tempfile.mkstemp(prefix="obsdiff-block-inputs-", suffix=".bin", dir=workdir)
-        os.close(fd)
-        self.path = Path(name)
-        self.location = str(self.path)
-        self._finalizer = weakref.finalize(self, _unlink, self.path)
-        self._capacity = 0
-        self._buf = torch.empty(0, dtype=torch.uint8)
-        self._end = 0
-        self.records: list[tuple[object, int]] = []
-        self._reserve(max(capacity, _ALIGN))
-
-    @property
-    def nbytes(self) -> int:
-        return self._end
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def _reserve(self, size: int) -> None:
-        if size > self._capacity:
-            self._capacity = max(size, 2 * self._capacity)
-            # Extend the file first: torch.from_file writes a zero to byte 0 when it has to grow the file itself.
-            # Older views keep the old mapping alive.
-            os.truncate(self.path, self._capacity)
-            self._buf = torch.from_file(str(self.path), shared=True, size=self._capacity, dtype=torch.uint8)
-
-    def _new_slot(self, t: torch.Tensor) -> _Slot:
-        slot = _Slot(self._end, tuple(t.shape), t.dtype)
-        self._end = -(-(self._end + slot.nbytes) // _ALIGN) * _ALIGN
-        self._reserve(self._end)
-        return slot
-
-    def _store(self, obj, old=None):
-        """`obj` with each tensor written to the file and replaced by its slot (reusing `old`'s if it fits)."""
-        if isinstance(obj, torch.Tensor):
-            slot = old if isinstance(old, _Slot) and old.shape == tuple(obj.shape) and old.dtype == obj.dtype \
-                else self._new_slot(obj)
-            self._view(slot).copy_(obj.detach().reshape(-1).view(torch.uint8))
-            return slot
-        if isinstance(obj, dict):
-            old = old if isinstance(old, dict) else {}
-            return {k: self._store(v, old.get(k)) for k, v in obj.items()}
-        if isinstance(obj, list | tuple):
-            old = old if isinstance(old, list | tuple) and len(old) == len(obj) else [None] * len(obj)
-            return type(obj)(self._store(v, o) for v, o in zip(obj, old, strict=True))
-        return obj
-
-    def _view(self, slot: _Slot) -> torch.Tensor:
-        return self._buf[slot.offset:slot.offset + slot.nbytes]
-
-    def _load(self, obj, device: torch.device):
-        if isinstance(obj, _Slot):
-            t = self._view(obj).view(obj.dtype).view(obj.shape)
-            return t.to(device) if device.type != "cpu" else t  # on the CPU: a view of the mapped file
-        if isinstance(obj, dict):
-            return {k: self._load(v, device) for k, v in obj.items()}
-        if isinstance(obj, list | tuple):
-            return type(obj)(self._load(v, device) for v in obj)
-        return obj
-
-    def append(self, kwargs: dict, step: int) -> None:
-        self.records.append((self._store(kwargs), step))
-
-    def read(self, i: int, device: torch.device) -> tuple[dict, int]:
-        skeleton, step = self.records[i]
-        return self._load(skeleton, device), step
-
-    def write(self, i: int, kwargs: dict) -> None:
-        skeleton, step = self.records[i]
-        self.records[i] = (self._store(kwargs, skeleton), step)
-
-    def __getitem__(self, i: int) -> tuple[dict, int]:
-        return self.read(i, torch.device("cpu"))
-
-    def close(self) -> None:
-        self.records = []
-        self._buf = torch.empty(0, dtype=torch.uint8)
-        self._finalizer()
-
-
-def _unlink(path: Path) -> None:
-    path.unlink(missing_ok=True)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def block_positions(blocks: list[Block], names) -> dict[str, int]:

@@ -1,37 +1,28 @@
 """Memory of a prune, planned before any work: per group and per device, from shapes alone.
 
-The denoiser is rebuilt on the meta device (no memory, seconds even at 12 B parameters) and run once at the
-calibration shape under a dispatch mode that counts the bytes of live intermediate tensors: that gives
-every prunable linear's input shape (so the Hessians, the hook transients and the cached block inputs) and
-the activation peak of one forward, exactly, for any family. Weights come from the loaded modules or from the
-safetensors headers on disk (nothing is read but the headers). What remains is a model of the solver's
-workspace, measured against peak RSS in `bench/scale.py`.
+The shapes and the activation peak of one forward come from the meta device (`profile.profile_forward`), the
+weights from the loaded modules or the safetensors headers on disk (`sizes`). What remains is a model of the
+solver's workspace, measured against peak RSS in `bench/scale.py`.
 
 Peak of a prune = max over its phases, per device:
   encode:     weights (text encoders on the device)
   calibrate:  denoiser + group Hessians + activations + one call's hook transient (+ cached inputs)
   solve:      denoiser + group Hessians + the largest layer's solver workspace
-Text encoders and the VAE leave the accelerator after the prompts are encoded (`text_encoders_parked`).
+Text encoders and the VAE leave the accelerator after the prompts are encoded (`calibration.placement.text_encoders_parked`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
 import math
-import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
-from torch import nn
 
-from obsdiff import devices
+from obsdiff.devices import available_bytes, current_rss
 from obsdiff.errors import ConfigError
-
-log = logging.getLogger(__name__)
+from obsdiff.planning.profile import ForwardProfile
+from obsdiff.tables import format_table
 
 GiB = 2**30
 # Solver workspace per layer, as (copies of d_in^2, copies of d_out * d_in) values in the solver dtype, by what the
@@ -48,222 +39,6 @@ GiB = 2**30
 #   the bool mask: 1 + 1 + 3 + 0.25 at most (the pruned copy is made once the scores are freed). Counted the same
 #   way: 2.75 at sparsity 0.5 on fp32 weights, 4.95 at 0.9 on bf16 ones.
 SOLVE_COPIES: dict[str | None, tuple[float, float]] = {"full": (4, 4), "diag": (2, 7), None: (0, 5.25)}
-
-
-# ---------------------------------------------------------------------------------------- measuring on meta
-
-
-class _LiveBytes:
-    """Bytes of live tensors created inside a `TorchDispatchMode`, and their peak (views and in-place ops
-    allocate nothing and are not counted)."""
-
-    def __init__(self):
-        self.live = 0
-        self.peak = 0
-
-    def _free(self, n: int) -> None:
-        self.live -= n
-
-    def track(self, out) -> None:
-        from torch.utils._pytree import tree_flatten
-
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                n = t.numel() * t.element_size()
-                self.live += n
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._free, n)
-
-
-class FusedAttention(torch.overrides.TorchFunctionMode):
-    """Attention as the fused kernels run it (flash / memory-efficient on GPUs, flash on CPUs): an output the
-    size of the query, no (tokens x tokens) score matrix. On the meta device SDPA would otherwise decompose
-    into the math path and count scores that real runs never hold."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention:
-            q = args[0] if args else kwargs["query"]
-            v = args[2] if len(args) > 2 else kwargs["value"]
-            return q.new_empty((*q.shape[:-1], v.shape[-1]))
-        return func(*args, **kwargs)
-
-
-def _allocates(func) -> bool:
-    return not any(r.alias_info is not None for r in func._schema.returns)
-
-
-@dataclass
-class ForwardProfile:
-    """What one denoiser forward at the calibration shape needs, measured on the meta device."""
-
-    linear_inputs: dict[str, tuple[int, ...]]  # dotted linear name -> input shape of its (first) call
-    activation_peak: int  # bytes of intermediate tensors alive at once
-    block_input_bytes: int  # one call's keyword inputs of the first selected block (cached calibration)
-
-
-def profile_forward(denoiser: nn.Module, inputs: dict, first_block: nn.Module | None = None) -> ForwardProfile:
-    """Run `denoiser` (on the meta device, with meta `inputs`) once and measure shapes and live bytes."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    block_bytes = [0]
-    live = _LiveBytes()
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if _allocates(func):
-                live.track(out)
-            return out
-
-    handles = []
-    for name, mod in denoiser.named_modules():
-        if isinstance(mod, nn.Linear):
-            handles.append(mod.register_forward_pre_hook(
-                lambda m, args, n=name: shapes.setdefault(n, tuple(args[0].shape)) and None))
-    if first_block is not None:
-        def on_block(mod, args, kwargs):
-            if not block_bytes[0]:
-                block_bytes[0] = tensor_bytes(kwargs) + tensor_bytes(args)
-
-        handles.append(first_block.register_forward_pre_hook(on_block, with_kwargs=True))
-    try:
-        with torch.no_grad(), FusedAttention(), Count():
-            denoiser(**inputs, return_dict=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return ForwardProfile(shapes, live.peak, block_bytes[0])
-
-
-def meta_twin(denoiser: nn.Module, shrink_plan: list | None = None, family=None) -> nn.Module:
-    """The same architecture on the meta device (shrunk like a structured run when given its plan)."""
-    if all(p.is_meta for p in denoiser.parameters()):
-        return denoiser
-    with torch.device("meta"):
-        twin = type(denoiser).from_config(denoiser.config)
-    if shrink_plan:
-        from obsdiff.shrink import replay_plan_
-
-        groups = [g for b in family.blocks(twin) for g in family.structure_groups(b)]
-        replay_plan_(twin, groups, shrink_plan)
-    return twin
-
-
-# ---------------------------------------------------------------------------------------------- weights
-
-
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
-FLOAT_TYPES = {"F64", "F32", "F16", "BF16"}
-
-
-def safetensors_bytes(folder: Path, dtype: torch.dtype | None = None) -> int:
-    """Bytes the tensors of a component folder take once loaded (floats converted to `dtype`), from headers."""
-    total = 0
-    for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            numel = 1
-            for d in info["shape"]:
-                numel *= d
-            size = DTYPE_BYTES.get(info["dtype"], 4)
-            if dtype is not None and info["dtype"] in FLOAT_TYPES:
-                size = torch.tensor([], dtype=dtype).element_size()
-            total += numel * size
-    return total
-
-
-def largest_file_bytes(pipeline_dir: Path) -> int:
-    """Bytes of the largest component's safetensors files in a diffusers folder (what one load maps at once)."""
-    sizes = [sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-             for folder in Path(pipeline_dir).iterdir() if folder.is_dir()]
-    return max(sizes, default=0)
-
-
-def module_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-
-
-def component_bytes(pipeline) -> dict[str, int]:
-    """Bytes of every module component of a loaded pipeline."""
-    return {name: module_bytes(c) for name, c in pipeline.components.items() if isinstance(c, nn.Module)}
-
-
-def disk_component_bytes(pipeline_dir: Path, dtype: torch.dtype) -> dict[str, int]:
-    """Bytes of every component of a diffusers folder once loaded in `dtype`, read from safetensors headers."""
-    index = json.loads((pipeline_dir / "model_index.json").read_text())
-    out = {}
-    for name, value in index.items():
-        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
-            continue
-        folder = pipeline_dir / name
-        if folder.is_dir() and any(folder.glob("*.safetensors")):
-            out[name] = safetensors_bytes(folder, dtype)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- devices
-
-
-def tensor_bytes(obj) -> int:
-    """Bytes of all tensors in `obj` (nested tuples, lists, dicts)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-def _proc_kib(path: str, key: str) -> int | None:
-    """A `key: N kB` line of a /proc file, in bytes (None where /proc is missing)."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Free memory on `device`: an accelerator's free memory, or the host's available RAM; None if unknown."""
-    if device.type != "cpu":
-        return devices.free_bytes(device)
-    return _proc_kib("/proc/meminfo", "MemAvailable")
-
-
-def current_rss() -> int:
-    """Resident memory of this process now (bytes; 0 where /proc is missing)."""
-    return _proc_kib("/proc/self/status", "VmRSS") or 0
-
-
-def peak_rss() -> int:
-    """Peak resident memory of this process so far (bytes).
-
-    VmHWM, the high-water mark of this process's own memory: `getrusage`'s ru_maxrss is not, since Linux
-    carries the parent's resident size at fork into it (a child of a 2 GB process never reports less)."""
-    hwm = _proc_kib("/proc/self/status", "VmHWM")
-    if hwm is not None:
-        return hwm
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def measured_peaks(device: torch.device) -> dict[str, int]:
-    """What this process actually peaked at: host RSS, and the accelerator's allocator peak when one is used."""
-    peaks = {"cpu": peak_rss()}
-    peak = devices.peak_bytes(device)
-    if peak is not None:
-        peaks[str(device)] = peak
-    return peaks
 
 
 # ----------------------------------------------------------------------------------------------- the plan
@@ -301,8 +76,6 @@ class MemoryPlan:
         return asdict(self)
 
     def table(self) -> str:
-        from obsdiff.cli_utils import format_table
-
         devices = sorted(self.peak)
         rows = [[g.index, _span(g.layers), len(g.layers), g.hessian_bytes / 2**20,
                  (g.solve_bytes + g.held_bytes) / 2**20, g.calls,
@@ -400,36 +173,6 @@ def _prod(dims) -> int:
     for d in dims:
         n *= d
     return n
-
-
-@contextlib.contextmanager
-def text_encoders_parked(model):
-    """Text encoders (and every other component but the denoiser and the VAE) on the host while the denoiser
-    calibrates on an accelerator; back where they were afterwards. A no-op on the CPU.
-
-    The VAE stays: it is small, and some pipelines (Flux, SDXL) take their execution device from it.
-    """
-    pipeline = model.pipeline
-    denoiser = model.denoiser
-    if denoiser.device.type == "cpu" or not hasattr(pipeline, "components"):
-        yield
-        return
-    moved = {}
-    for name, comp in pipeline.components.items():
-        if isinstance(comp, nn.Module) and comp is not denoiser and name != "vae":
-            device = next(iter(comp.parameters()), torch.empty(0)).device
-            if device.type != "cpu":
-                moved[name] = device
-                comp.to("cpu")
-    if moved:
-        log.info("parked %s on the CPU during calibration", ", ".join(moved))
-        for device in set(moved.values()):
-            devices.empty_cache(device)  # hand the freed blocks back, so the Hessians can use them
-    try:
-        yield
-    finally:
-        for name, device in moved.items():
-            pipeline.components[name].to(device)
 
 
 def check_fits(plan: MemoryPlan, device: torch.device, limit: int | None = None) -> None:

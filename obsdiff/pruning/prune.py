@@ -17,21 +17,18 @@ import torch
 from torch import nn
 
 from obsdiff import obs
-from obsdiff.calibrate import Calibrator, block_positions  # noqa: F401 (re-exported: API)
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
 from obsdiff.distributed import World
 from obsdiff.errors import ConfigError
 from obsdiff.hessian import HessianAccumulator
 from obsdiff.loading import LoadedModel, as_loaded
-from obsdiff.records import (  # noqa: F401 (re-exported: the records' historical home)
-    GroupRecord,
+from obsdiff.records import (
     LayerRecord,
     PruneError,
     PruneReport,
     Unit,
     calibration_chunks,
     select_blocks,
-    split_groups,
 )
 from obsdiff.resume import Checkpoint
 from obsdiff.session import Group, PruningSession, Strategy, Work

@@ -30,9 +30,6 @@ log = logging.getLogger(__name__)
 # every spelling of the model dtypes, short names first (reversed lookups prefer them); names: obsdiff.devices
 DTYPES = {**{short: getattr(torch, long) for short, long in _DTYPE_NAMES.items()},
           **{long: getattr(torch, long) for long in _DTYPE_NAMES.values()}}
-# `--dtype` values ("auto" follows the device: bf16 on CUDA, fp32 elsewhere) and `--device` values ("auto": CUDA
-# when available); kept here under their historical names
-parse_dtype = torch_dtype
 
 
 @dataclass
@@ -60,173 +57,6 @@ class LoadedModel:
         if self.hub_id:
             return self.hub_id
         return f"{BUILTIN_PREFIX}{self.builtin}" if self.builtin else self.path.name
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a `--model` value (or a run's base model) was found."""
-
-    path: Path  # the diffusers pipeline directory (for a hub id: the cached snapshot)
-    builtin: str | None = None
-    hub_id: str | None = None
-    revision: str | None = None  # commit sha of the hub snapshot
-
-
-def resolve_model(ref: str) -> ModelSource:
-    """Where the pipeline behind a `--model` value is: every loader resolves through here.
-
-    A local path wins over a hub id of the same spelling (as in diffusers).
-    """
-    if ref.startswith(BUILTIN_PREFIX):
-        name = ref[len(BUILTIN_PREFIX):]
-        return ModelSource(builtin_pipeline_dir(name), builtin=name)
-    path = Path(ref).expanduser()
-    if not path.exists():
-        hub = parse_hub_id(ref)
-        if hub is not None:
-            return resolve_hub(*hub)
-        raise ModelLoadError(f"model path {ref!r} does not exist; pass a diffusers pipeline directory, a hub id "
-                             "(org/name[@revision]) or builtin:digits")
-    if not path.is_dir():
-        raise ModelLoadError(f"model path {ref!r} is a file; pass a diffusers pipeline directory "
-                             "(the folder with model_index.json)")
-    if not (path / "model_index.json").exists():
-        raise ModelLoadError(f"{ref!r} is not a diffusers pipeline directory (no model_index.json); "
-                             "pass the folder that save_pretrained wrote")
-    return ModelSource(path)
-
-
-# the repository id rules of huggingface_hub (validate_repo_id), with the organisation required
-_HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/[\w.-]+")
-
-
-def parse_hub_id(ref: str) -> tuple[str, str | None] | None:
-    """(repo id, revision or None) when `ref` is spelled like `org/name[@revision]`, else None."""
-    repo, at, revision = ref.partition("@")
-    if not _HUB_ID.fullmatch(repo) or ".." in repo or repo.endswith((".", "-")) or (at and not revision):
-        return None
-    return repo, revision or None
-
-
-def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache, read from the environment at call time (HF_HUB_CACHE, then HF_HOME)."""
-    if os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        return Path(os.environ.get("HF_HUB_CACHE") or os.environ["HUGGINGFACE_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now, or as huggingface_hub read it at import."""
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return env.upper() in {"1", "ON", "YES", "TRUE"} or constants.HF_HUB_OFFLINE
-
-
-def _is_complete_pipeline(folder: Path) -> bool:
-    """Whether a snapshot holds model_index.json and a non-empty folder for every component it names."""
-    import json
-
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return False
-    parts = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]]
-    return all((folder / k).is_dir() and any((folder / k).iterdir()) for k in parts)
-
-
-def cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
-    """The hub cache's snapshot folder of `repo` at `revision` (None: not cached); never uses the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo, revision=revision, cache_dir=hub_cache_dir(), local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError):
-        return None
-
-
-def resolve_hub(repo: str, revision: str | None = None) -> ModelSource:
-    """The cached snapshot of hub pipeline `repo` at `revision` (a branch, tag or commit; default main).
-
-    The local cache is tried first, without the network; a model that is not (fully) cached is downloaded
-    by diffusers' own `DiffusionPipeline.download` (safetensors preferred over pickles, only the files the
-    pipeline loads, huggingface_hub's progress bars), unless HF_HUB_OFFLINE forbids it.
-    """
-    name = f"{repo}@{revision}" if revision else repo
-    cache = hub_cache_dir()
-    folder = cached_snapshot(repo, revision)
-    if folder is not None and _is_complete_pipeline(folder):
-        log.info("%s: cached snapshot %s", name, folder)
-        return ModelSource(folder, hub_id=repo, revision=folder.name)
-    if hub_offline():
-        cached = "is only partly" if folder is not None else "is not"
-        raise ModelLoadError(f"hub model {name!r} {cached} in the local cache ({cache}) and HF_HUB_OFFLINE is set: "
-                             f"download it where the hub is reachable (`hf download {repo}`"
-                             f"{f' --revision {revision}' if revision else ''}), or unset HF_HUB_OFFLINE")
-    folder = _download(repo, revision, cache, name)
-    return ModelSource(folder, hub_id=repo, revision=folder.name)
-
-
-def _download(repo: str, revision: str | None, cache: Path, name: str) -> Path:
-    from diffusers import DiffusionPipeline
-    from diffusers.utils import logging as dlog
-
-    log.info("downloading %s from the hub into %s", name, cache)
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()  # its "couldn't connect" warnings would precede our one-line error
-    try:
-        return Path(DiffusionPipeline.download(repo, revision=revision, cache_dir=str(cache)))
-    except Exception as exc:  # hub, HTTP and file errors arrive wrapped in several layers: name the cause
-        raise _hub_error(exc, repo, revision, name) from exc
-    finally:
-        dlog.set_verbosity(level)
-
-
-def _causes(exc: BaseException) -> list[BaseException]:
-    """`exc` and everything chained to it (causes and contexts), nearest first."""
-    seen, todo = [], [exc]
-    while todo and len(seen) < 16:
-        e = todo.pop(0)
-        if e is not None and all(e is not s for s in seen):
-            seen.append(e)
-            todo += [e.__cause__, e.__context__]
-    return seen
-
-
-def _hub_error(exc: BaseException, repo: str, revision: str | None, name: str) -> ModelLoadError:
-    """One line for a failed hub download, saying which case it was (the cause may be chained)."""
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    chain = _causes(exc)
-    kinds = (GatedRepoError, RevisionNotFoundError, RepositoryNotFoundError, OfflineModeIsEnabled)
-    cause = next((e for kind in kinds for e in chain if isinstance(e, kind)), None)
-    if isinstance(cause, GatedRepoError):
-        return ModelLoadError(f"hub model {repo!r} is gated: accept its licence on https://huggingface.co/{repo} "
-                              "and log in with `hf auth login` (huggingface-cli login) or set HF_TOKEN")
-    if isinstance(cause, RevisionNotFoundError):
-        return ModelLoadError(f"hub model {repo!r} has no revision {revision!r}; pass a branch, tag or commit "
-                              "that exists")
-    if isinstance(cause, RepositoryNotFoundError):
-        return ModelLoadError(f"no hub model {repo!r} (or it is private: log in with `hf auth login`); check the "
-                              "id, or pass a local pipeline directory")
-    if isinstance(cause, OfflineModeIsEnabled):
-        return ModelLoadError(f"hub model {name!r} is not in the local cache ({hub_cache_dir()}) and offline mode "
-                              f"forbids downloading: download it with `hf download {repo}` where the hub is "
-                              "reachable, or unset HF_HUB_OFFLINE")
-    root = chain[-1]
-    return ModelLoadError(f"hub model {name!r} is not in the local cache ({hub_cache_dir()}) and could not be "
-                          f"downloaded ({type(root).__name__}: {first_line(root)}); check the network (or "
-                          "HF_ENDPOINT), or pass a local pipeline directory")
 
 
 @contextlib.contextmanager
@@ -270,8 +100,8 @@ def load_pipeline(ref: str, device: str | torch.device | None = "cpu", dtype: st
         return _load_run(ref, device, dtype)
     src = resolve_model(ref)
     device = resolve_device(device)
-    torch_dtype = parse_dtype(dtype, device)  # "auto" follows the device
-    pipe = _from_pretrained(src.path, ref, torch_dtype)
+    dtype = torch_dtype(dtype, device)  # "auto" follows the device
+    pipe = _from_pretrained(src.path, ref, dtype)
     family = family_for_pipeline(pipe)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -297,35 +127,15 @@ def as_loaded(pipeline) -> LoadedModel:
     return LoadedModel(ref=origin, path=Path(origin), pipeline=pipeline, family=family)
 
 
-def _from_pretrained(path: Path, ref: str, torch_dtype: torch.dtype, **components):
+def _from_pretrained(path: Path, ref: str, dtype: torch.dtype, **components):
     from diffusers import DiffusionPipeline
 
     try:
         with quiet_libraries():
-            return DiffusionPipeline.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True,
+            return DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True,
                                                      **components)
     except Exception as exc:  # corrupt weights, missing component folders, wrong class names, ...
         raise ModelLoadError(f"could not load a diffusers pipeline from {ref!r}: {first_line(exc)}") from exc
-
-
-def resolve_run_base(run: Path, record: dict) -> ModelSource:
-    """The base model of a run: a hub id from the cache (or downloaded), a path relative to the run, then the
-    absolute path it had when the run was made; runs of format <= 2 without `base` name only `base_model`."""
-    base = record.get("base") or {}
-    if base.get("hub_id"):
-        return resolve_hub(base["hub_id"], base.get("revision"))
-    ref = record["base_model"]
-    if "path" not in base and not Path(ref).is_absolute():  # builtin:NAME, or an id written by hand
-        return resolve_model(ref)
-    places = ([Path(os.path.normpath(run / base["path"]))] if base.get("path") else []) + [Path(ref)]
-    for place in places:
-        if (place / "model_index.json").is_file():
-            return ModelSource(place)
-    looked = " and ".join(f"{p} ({why})" for p, why in zip(
-        places, ["relative to the run", "where it was when pruned"][-len(places):], strict=True))
-    raise ModelLoadError(f"run {str(run)!r} cannot find its base model: looked in {looked}; put the base pipeline "
-                         "directory back in one of these places (moving it together with the run keeps the relative "
-                         "one valid)")
 
 
 def _load_run(ref: str, device, dtype) -> LoadedModel:
@@ -337,10 +147,10 @@ def _load_run(ref: str, device, dtype) -> LoadedModel:
     base = resolve_run_base(run_path, record)
     family = get_family(record.get("family", "sd3"))
     device = resolve_device(device)
-    torch_dtype = parse_dtype(dtype, device)  # "auto" follows the device
-    io.check_base_matches(run_path, base.path / family.denoiser_attr, record["base_model"])
-    denoiser = io.build_run_denoiser(run_path, record, family, torch_dtype)
-    pipe = _from_pretrained(base.path, record["base_model"], torch_dtype, **{family.denoiser_attr: denoiser})
+    dtype = torch_dtype(dtype, device)  # "auto" follows the device
+    check_base_matches(run_path, base.path / family.denoiser_attr, record["base_model"])
+    denoiser = build_run_denoiser(run_path, record, family, dtype)
+    pipe = _from_pretrained(base.path, record["base_model"], dtype, **{family.denoiser_attr: denoiser})
     loaded_family = family_for_pipeline(pipe)
     if loaded_family.name != family.name:
         raise ModelLoadError(f"run {ref!r} was made for the {family.name} family but its base "
@@ -390,7 +200,7 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
     from obsdiff.models import get_family
 
     device = resolve_device(device)
-    torch_dtype = parse_dtype(dtype, device)  # "auto" follows the device
+    dtype = torch_dtype(dtype, device)  # "auto" follows the device
     run_path = Path(ref).expanduser()
     record = io.read_run(run_path) if run_path.is_dir() and io.is_run_dir(run_path) else None
     src = resolve_run_base(run_path, record) if record else resolve_model(ref)
@@ -430,7 +240,7 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
 
     denoiser = build("meta")
     if weights:
-        state = _read_state_cast(files, torch_dtype, getattr(denoiser, "_keep_in_fp32_modules", None) or [])
+        state = _read_state_cast(files, dtype, getattr(denoiser, "_keep_in_fp32_modules", None) or [])
         expected = denoiser.state_dict()
         bad = sorted(set(expected) ^ set(state)) or [k for k in state if state[k].shape != expected[k].shape]
         if bad:
@@ -452,7 +262,7 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
         if isinstance(tok.get("model_max_length"), int):
             max_lengths[attr] = tok["model_max_length"]
     log.info("loaded the %s of %s (%s family) on %s in %s", family.denoiser_attr, ref, family.name, device,
-             torch_dtype)
+             dtype)
     return LoadedDenoiser(denoiser=denoiser, family=family, ref=ref, path=path, source=src, builtin=builtin,
                           run=record, generation_defaults=_generation_defaults(builtin),
                           tokenizer_max_length=max_lengths)
