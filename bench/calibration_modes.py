@@ -20,11 +20,11 @@ from common import save_results  # bench/ is the script's directory
 from latency import wide_pipeline
 from prune_quality import run_one
 
-from obsdiff.cli_utils import format_table
 from obsdiff.config import CalibConfig, PruneConfig
-from obsdiff.evaluate import EvalConfig, evaluate
-from obsdiff.loading import as_loaded, load_pipeline
-from obsdiff.prune import prune_
+from obsdiff.eval.evaluate import EvalConfig, evaluate
+from obsdiff.pruning.prune import prune_
+from obsdiff.runs.loading import as_loaded, load_pipeline
+from obsdiff.tables import format_table
 
 STRUCTURED = {"sparsity_type": "structured", "sparsity": 0.3}
 # (setting, label, prune keywords, calibration keywords)

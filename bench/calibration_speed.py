@@ -10,7 +10,7 @@ code alternating (A B A B ...); the tables give medians. The baseline is a check
 missing). One extra profiled run per code and mode splits the time into denoiser forwards, Hessian
 accumulation, OBS solves, the error report, prompt encoding and cache I/O (cProfile: its overhead inflates
 all shares alike). Quality: each code's first pruned model is evaluated once by the current
-`obsdiff.evaluate` (same held-out prompts and seeds).
+`obsdiff.eval.evaluate` (same held-out prompts and seeds).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(1)
     from obsdiff.config import CalibConfig, PruneConfig
-    from obsdiff.loading import load_pipeline
-    from obsdiff.prune import prune_
+    from obsdiff.pruning.prune import prune_
+    from obsdiff.runs.loading import load_pipeline
 
     model = load_pipeline("builtin:digits")
     prune_cfg, calib = PruneConfig(sparsity=0.5), CalibConfig(**spec["calib"])
@@ -111,8 +111,8 @@ def run_worker(root: Path, spec: dict) -> dict:
 def quality(state_file: str, dense, eval_cfg) -> dict:
     import torch
 
-    from obsdiff.evaluate import evaluate
-    from obsdiff.loading import load_pipeline
+    from obsdiff.eval.evaluate import evaluate
+    from obsdiff.runs.loading import load_pipeline
 
     model = load_pipeline("builtin:digits")
     model.denoiser.load_state_dict(torch.load(state_file, weights_only=True))
@@ -138,9 +138,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from common import save_results  # bench/ is the script's directory
 
-    from obsdiff.cli_utils import format_table
-    from obsdiff.evaluate import EvalConfig, evaluate
-    from obsdiff.loading import load_pipeline
+    from obsdiff.eval.evaluate import EvalConfig, evaluate
+    from obsdiff.runs.loading import load_pipeline
+    from obsdiff.tables import format_table
 
     repeats, num_images = (1, 20) if args.quick else (args.repeats, args.num_images)
     extra = QUICK_CALIB if args.quick else {}

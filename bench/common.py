@@ -7,7 +7,7 @@ import platform
 import time
 from pathlib import Path
 
-from obsdiff.artifacts import machine, versions
+from obsdiff.runs.artifacts import machine, versions
 
 
 def save_results(out: Path, text: str, data: dict, t_start: float) -> dict:

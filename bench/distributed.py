@@ -10,7 +10,7 @@ one process at another batch size, which changes only the order in which its Hes
 
 Modelled: SD3-Medium and Flux.1-dev at their published sizes (meta-device denoisers from `obsdiff.testing`, as in
 bench/scale.py: no weights), the paper's calibration (100 prompts x 25 steps, batch 4, 1024 px, 4 groups), for
-1, 2, 4 and 8 ranks: each rank's share of the prompt batches, the bytes `obsdiff.distributed` sends (Hessian
+1, 2, 4 and 8 ranks: each rank's share of the prompt batches, the bytes `obsdiff.pruning.distributed` sends (Hessian
 reductions to owners, weight broadcasts from them, counted as the run report counts them), the balance of the
 owners' solve cost (`assign_owners` over `solve_cost`, group by group) and the per-rank memory plan.
 """
@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_results  # noqa: E402
 from scale import sized_model  # noqa: E402
 
-from obsdiff.cli_utils import format_table  # noqa: E402
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib  # noqa: E402
-from obsdiff.memory import GiB  # noqa: E402
+from obsdiff.planning.memory import GiB  # noqa: E402
+from obsdiff.tables import format_table  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed.json"
 # (setting, prune flags, process counts): each two-process run is compared with the setting's one-process run.
@@ -178,7 +178,9 @@ def measured_tables(rows: list[dict]) -> str:
 
 def group_units(model, prune: PruneConfig, calib: CalibConfig) -> list[list[tuple[str, ...]]]:
     """The prune's units (linears sharing one Hessian) in its calibration groups, as `obsdiff prune` splits them."""
-    from obsdiff.prune import block_positions, calibration_chunks, plan_units, select_blocks
+    from obsdiff.calibration.calibrate import block_positions
+    from obsdiff.pruning.prune import plan_units
+    from obsdiff.pruning.records import calibration_chunks, select_blocks
 
     units, _ = plan_units(model, prune)
     blocks = select_blocks(model.family.blocks(model.denoiser), prune.blocks)
@@ -190,7 +192,7 @@ def group_traffic(units: list[tuple[str, ...]], modules: dict, world_size: int) 
     """One group on `world_size` ranks: bytes of the Hessian reductions (each unit's fp32 d_in x d_in from W - 1
     ranks) and of the weight broadcasts (each pruned linear's bf16 weight to W - 1 ranks), and its solve cost
     per rank under the owners `assign_owners` picks."""
-    from obsdiff.distributed import assign_owners, solve_cost
+    from obsdiff.pruning.distributed import assign_owners, solve_cost
 
     costs = [sum(solve_cost(modules[n].in_features, modules[n].out_features) for n in unit) for unit in units]
     owners = assign_owners(costs, world_size)
@@ -206,7 +208,7 @@ def group_traffic(units: list[tuple[str, ...]], modules: dict, world_size: int) 
 def scaling_model(name: str, world_sizes=WORLD_SIZES) -> list[dict]:
     """Per world size: calibration share, bytes communicated, solve balance and the per-rank memory plan of
     pruning `name` (obs-diff 50 %, bf16 on CUDA, the paper's calibration at 1024 px)."""
-    from obsdiff.planner import forward_profile, plan_memory
+    from obsdiff.planning.planner import forward_profile, plan_memory
 
     model, weights = sized_model(name)
     prune = PruneConfig(sparsity=0.5)

@@ -48,9 +48,9 @@ pipe.save_pretrained(sys.argv[2], safe_serialization=True)
 PRUNE = """
 import sys
 from obsdiff.config import PruneConfig
-from obsdiff.io import save_run
-from obsdiff.loading import load_pipeline
-from obsdiff.prune import prune_
+from obsdiff.runs.io import save_run
+from obsdiff.runs.loading import load_pipeline
+from obsdiff.pruning.prune import prune_
 model = load_pipeline(sys.argv[1], dtype="fp16")
 report = prune_(model, PruneConfig(method="magnitude", sparsity_type="2:4", blocks=(0, 2)), progress=False)
 save_run(model, report.to_dict(), sys.argv[2])

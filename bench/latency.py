@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from common import save_results  # bench/ is the script's directory
 
-from obsdiff.artifacts import machine, versions
-from obsdiff.cli_utils import format_table
 from obsdiff.config import PruneConfig
 from obsdiff.engines.bench import BenchConfig, run_bench
-from obsdiff.loading import as_loaded, load_pipeline
-from obsdiff.prune import prune_
+from obsdiff.pruning.prune import prune_
+from obsdiff.runs.artifacts import machine, versions
+from obsdiff.runs.loading import as_loaded, load_pipeline
+from obsdiff.tables import format_table
 
 VARIANTS = {
     "unstructured 50%": PruneConfig(method="magnitude", sparsity=0.5),
@@ -62,7 +62,7 @@ def wide_pipeline(blocks: int = 8, heads: int = 8, head_dim: int = 64, sample: i
     """A complete SD3 pipeline with random weights whose denoiser is SD3-shaped and wide (hidden
     heads x head_dim, 16 latent channels, `sample` x `sample` latents) behind small text encoders and an
     8x VAE, so the pipeline scope is end to end (text encoders, denoiser steps, VAE decode)."""
-    from obsdiff.calibrate import generic_prompts
+    from obsdiff.calibration.prompts import generic_prompts
     from obsdiff.models.sd3 import build_sd3_pipeline
     from obsdiff.models.text import TextStackConfig
 

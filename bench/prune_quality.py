@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from common import save_results  # bench/ is the script's directory
 
-from obsdiff.cli_utils import format_table
 from obsdiff.config import CalibConfig, PruneConfig
-from obsdiff.evaluate import EvalConfig, evaluate
-from obsdiff.loading import load_pipeline
-from obsdiff.prune import prune_
+from obsdiff.eval.evaluate import EvalConfig, evaluate
+from obsdiff.pruning.prune import prune_
+from obsdiff.runs.loading import load_pipeline
+from obsdiff.tables import format_table
 
 # (label, method, timestep weighting); obs-diff variants use the default 4 groups.
 VARIANTS = [

@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_results  # noqa: E402  (bench/ is the script's directory)
 
-from obsdiff.cli_utils import format_table  # noqa: E402
-from obsdiff.flops import count_flops, forward_flops  # noqa: E402
 from obsdiff.models import get_family  # noqa: E402
+from obsdiff.pruning.flops import count_flops, forward_flops  # noqa: E402
+from obsdiff.tables import format_table  # noqa: E402
 from obsdiff.testing import SIZED_MODELS, sized_denoiser  # noqa: E402
 
 GB = 1e9
@@ -76,8 +76,8 @@ def flops_rows(names: list[str], measured_layers: int | None) -> list[dict]:
 
 def child(args) -> dict:
     """One save or load step in this process; returns its numbers."""
-    from obsdiff import io
-    from obsdiff.loading import LoadedModel
+    from obsdiff.runs import io, rebuild
+    from obsdiff.runs.loading import LoadedModel
 
     name, run = args.model, Path(args.run)
     family = get_family(SIZED_MODELS[name][1])
@@ -97,10 +97,10 @@ def child(args) -> dict:
     dtype = getattr(torch, args.dtype)
     record = io.read_run(run)
     if args.step == "load":
-        d = io.build_run_denoiser(run, record, family, dtype)
+        d = rebuild.build_run_denoiser(run, record, family, dtype)
         label = f"load shard by shard -> {args.dtype}"
     else:  # the previous way: one dict with everything, assigned, then cast
-        state = io.read_run_weights(run, record)
+        state = rebuild.read_run_weights(run, record)
         with torch.device("meta"):
             d = type(sized_denoiser(name, device="meta")).from_config(json.loads(
                 (run / "denoiser" / "config.json").read_text()))

@@ -26,10 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_results  # noqa: E402
 
-from obsdiff.cli_utils import format_table  # noqa: E402
 from obsdiff.config import CalibConfig, PruneConfig  # noqa: E402
 from obsdiff.errors import ConfigError  # noqa: E402
-from obsdiff.memory import GiB  # noqa: E402
+from obsdiff.planning.memory import GiB  # noqa: E402
+from obsdiff.tables import format_table  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.json"
 MODELS = ("sd3-medium", "sd3.5-large", "flux.1-dev", "sdxl")
@@ -47,8 +47,8 @@ def sized_model(name: str):
     """A planning view of `name` at full depth: the denoiser on the meta device and the real pipeline's sizes."""
     from types import SimpleNamespace
 
-    from obsdiff.loading import LoadedModel
     from obsdiff.models import get_family
+    from obsdiff.runs.loading import LoadedModel
     from obsdiff.testing import SIZED_MODELS, sized_denoiser
 
     _, family_name, _ = SIZED_MODELS[name]
@@ -92,7 +92,7 @@ GPU_RECIPES = [
 def gpu_table(names=MODELS) -> list[dict]:
     """For each model and GPU size, the first recipe whose planned peak fits (bf16, obs-diff 50 %, 100 prompts x
     25 steps, 1024 px, the paper's calibration) and what it predicts; `None` where nothing fits."""
-    from obsdiff.planner import choose_groups, plan_memory
+    from obsdiff.planning.planner import choose_groups, plan_memory
 
     rows = []
     for name in names:

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from common import save_results  # bench/ is the script's directory
 
-from obsdiff import obs
-from obsdiff.cli_utils import format_table
+from obsdiff.solver import obs
+from obsdiff.tables import format_table
 
 # (layer, d_out, d_in)
 SHAPES = [

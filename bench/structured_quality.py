@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from common import save_results  # bench/ is the script's directory
 
-from obsdiff.cli_utils import format_table
 from obsdiff.config import PruneConfig
-from obsdiff.evaluate import EvalConfig, evaluate
-from obsdiff.loading import load_pipeline
-from obsdiff.prune import prune_
+from obsdiff.eval.evaluate import EvalConfig, evaluate
+from obsdiff.pruning.prune import prune_
+from obsdiff.runs.loading import load_pipeline
+from obsdiff.tables import format_table
 
 VARIANTS = [
     ("L1 (magnitude)", {"method": "magnitude"}),

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from obsdiff.artifacts import machine, versions
 from obsdiff.errors import ConfigError
+from obsdiff.runs.artifacts import machine, versions
 
 from .bench_config import SCOPES, BenchConfig  # noqa: F401 (part of this module's API)
 from .pipeline_bench import time_pipeline
@@ -50,7 +50,7 @@ STAGES = ("text_encoders", "denoiser", "vae_decode", "other", "total")
 
 
 def _load(models, cfg: BenchConfig) -> dict:
-    from obsdiff.loading import LoadedModel, as_loaded, load_pipeline
+    from obsdiff.runs.loading import LoadedModel, as_loaded, load_pipeline
 
     if isinstance(models, str | Path) or not isinstance(models, Mapping):
         models = {None: models}
@@ -194,7 +194,7 @@ def _prepare(loaded: dict, cfg: BenchConfig, ranges: InputRanges, onnx: Mapping,
 
 
 def _describe(loaded: dict, reference: str, inputs: dict) -> dict:
-    from obsdiff.flops import forward_flops, parameter_count
+    from obsdiff.pruning.flops import forward_flops, parameter_count
 
     info = {}
     for label, model in loaded.items():

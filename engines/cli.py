@@ -89,7 +89,7 @@ def build_engine(onnx_path: Path, out: Path, force: bool, as_json: bool, **kwarg
 @FORCE
 def bench(model_or_run: str, json_out: Path | None, plot: Path | None, force: bool, **kwargs) -> None:
     """Measure latency on every available backend, dense vs pruned."""
-    from obsdiff.loading import check_sizes
+    from obsdiff.runs.loading import check_sizes
 
     from .bench import BenchConfig, run_bench
     from .report import check_outputs, format_bench, save_bench

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from obsdiff.artifacts import read_json, sha256_file
 from obsdiff.errors import ObsdiffError
+from obsdiff.runs.artifacts import read_json, sha256_file
 
 from .trt_env import current_environment
 

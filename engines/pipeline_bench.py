@@ -54,7 +54,7 @@ def instrumented(model, runner: Runner):
 
 def pipeline_call(model, shapes: dict, cfg: BenchConfig) -> Callable[[], object]:
     """One end-to-end generation of `batch` images (same prompts and seeds every call)."""
-    from obsdiff.calibrate import calibration_prompts
+    from obsdiff.calibration.prompts import calibration_prompts
     from obsdiff.config import CalibConfig
 
     prompts = calibration_prompts(CalibConfig(num_prompts=cfg.batch, seed=cfg.seed), model.builtin)
@@ -70,7 +70,7 @@ def pipeline_call(model, shapes: dict, cfg: BenchConfig) -> Callable[[], object]
 
 
 def time_pipeline(loaded: dict, variants: list[Variant], shapes: dict, cfg: BenchConfig, progress: bool) -> None:
-    from obsdiff.loading import quiet_libraries
+    from obsdiff.runs.loading import quiet_libraries
 
     with quiet_libraries():  # tokenizer truncation warnings would repeat on every call
         _time_pipeline_quiet(loaded, variants, shapes, cfg, progress)

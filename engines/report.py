@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from obsdiff.artifacts import check_writable, staged_file, write_json
-from obsdiff.cli_utils import format_table
 from obsdiff.errors import MissingDependencyError
+from obsdiff.runs.artifacts import check_writable, staged_file, write_json
+from obsdiff.tables import format_table
 
 STAGE_LABELS = {"text_encoders": "text encoders", "denoiser": "denoiser", "vae_decode": "VAE decoder",
                 "other": "other (scheduler, post-processing)", "total": "pipeline"}

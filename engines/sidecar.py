@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from obsdiff.artifacts import read_json
 from obsdiff.errors import ObsdiffError
+from obsdiff.runs.artifacts import read_json
 
 Shape = tuple[int, ...]
 

@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from obsdiff.artifacts import check_writable, machine, staged_file, versions, write_json
 from obsdiff.errors import ConfigError, OutputExistsError
+from obsdiff.runs.artifacts import check_writable, machine, staged_file, versions, write_json
 
 from . import trt_env
 from .build_monitor import build_progress, captured_build_log

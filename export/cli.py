@@ -66,7 +66,7 @@ def cli() -> None:
 @FORCE
 def onnx(model_or_run: str, out: Path, force: bool, as_json: bool, **kwargs) -> None:
     """Export a model or pruned run to ONNX, with parity and N:M checks."""
-    from obsdiff.cli_utils import format_table
+    from obsdiff.tables import format_table
 
     from .onnx_export import ExportConfig, export_onnx
 

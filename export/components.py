@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from obsdiff.errors import ConfigError
-from obsdiff.loading import DTYPES
 from obsdiff.models.registry import OnnxDim, OnnxInput, OnnxIO, range_dim
+from obsdiff.runs.loading import DTYPES
 
 
 class Positional(nn.Module):
@@ -115,7 +115,7 @@ def _cast(module: nn.Module, dtype: torch.dtype, owned: bool) -> tuple[nn.Module
     current = {p.dtype for p in module.parameters()}
     if current == {dtype} and not (keep and dtype != torch.float32):
         return module.eval(), []
-    from obsdiff.loading import quiet_libraries
+    from obsdiff.runs.loading import quiet_libraries
 
     if not owned:
         module = copy.deepcopy(module)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from obsdiff.artifacts import check_writable, read_json, staged_dir
 from obsdiff.errors import ConfigError, ModelLoadError
+from obsdiff.runs.artifacts import check_writable, read_json, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _place_tree(src: Path, dst: Path, link: bool) -> None:
 
 def _save_cast(entry: list, src: Path, dst: Path, dtype: torch.dtype) -> None:
     """Load one component with its own library's class in `dtype` and save it with that library."""
-    from obsdiff.loading import quiet_libraries
+    from obsdiff.runs.loading import quiet_libraries
 
     library, name = entry
     try:
@@ -198,9 +198,10 @@ def export_diffusers(run: str | Path, out: str | Path, dtype: str | None = None,
     stored in}, "plain_dtype": the dtype every component loads in under the plain call, "trust_remote_code":
     whether loading needs it, "load": the loading line}.
     """
-    from obsdiff import io
     from obsdiff.devices import torch_dtype
-    from obsdiff.loading import load_denoiser, resolve_run_base
+    from obsdiff.runs import io
+    from obsdiff.runs.hub import resolve_run_base
+    from obsdiff.runs.loading import load_denoiser
 
     run = Path(run).expanduser()
     if not io.is_run_dir(run):

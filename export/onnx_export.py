@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from obsdiff.artifacts import check_writable, machine, sha256_file, staged_dir, versions, write_json
 from obsdiff.errors import ObsdiffError
 from obsdiff.models.registry import OnnxDim, OnnxIO
+from obsdiff.runs.artifacts import check_writable, machine, sha256_file, staged_dir, versions, write_json
 
 from . import checks as C
 from . import graph as G
@@ -284,7 +284,7 @@ def _run_checks(comp: Component, loaded, cfg: ExportConfig, path: Path, referenc
         if run is None or not run.get("layers"):
             checks["pruned_weights"] = {"status": "skipped", "reason": "skipped: not a pruned run"}
         else:
-            from obsdiff.obs import parse_nm
+            from obsdiff.solver.obs import parse_nm
 
             sparsity_type = (run.get("prune") or {}).get("sparsity_type", "unstructured")
             nm = None if sparsity_type in ("unstructured", "structured") else parse_nm(sparsity_type)
@@ -353,7 +353,7 @@ def _resolve(model, cfg: ExportConfig) -> tuple[ExportConfig, dict]:
     off its config before any weight loads (they load in the resolved precision)."""
     if cfg.dtype != AUTO:
         return cfg.resolve()
-    from obsdiff.loading import LoadedModel, as_loaded, load_denoiser
+    from obsdiff.runs.loading import LoadedModel, as_loaded, load_denoiser
 
     if isinstance(model, str | Path):
         denoiser, family, _ = load_denoiser(str(model), "fp32", "cpu", weights=False)  # meta device: config only
@@ -365,7 +365,7 @@ def _resolve(model, cfg: ExportConfig) -> tuple[ExportConfig, dict]:
 
 def _load(model, cfg: ExportConfig):
     """The model to export and whether this export owns it (and may cast and free its components)."""
-    from obsdiff.loading import LoadedModel, as_loaded
+    from obsdiff.runs.loading import LoadedModel, as_loaded
 
     if isinstance(model, str | Path):
         if not cfg.resolved:
@@ -383,7 +383,7 @@ def _load_components(ref: str, cfg: ExportConfig):
     """
     import json
 
-    from obsdiff.loading import LoadedModel, _from_pretrained, load_denoiser
+    from obsdiff.runs.loading import LoadedModel, _from_pretrained, load_denoiser
 
     kinds = cfg.components()
     denoiser, family, info = load_denoiser(ref, cfg.dtype_for("transformer")[0], cfg.device,

@@ -21,8 +21,8 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from obsdiff.artifacts import check_json, read_json, sha256_file, staged_dir, write_json
 from obsdiff.errors import ConfigError, ModelLoadError, first_line
+from obsdiff.runs.artifacts import check_json, read_json, sha256_file, staged_dir, write_json
 
 TRITON_TYPES = {"bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "int16": "TYPE_INT16",
                 "int32": "TYPE_INT32", "int64": "TYPE_INT64", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16",

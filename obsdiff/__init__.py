@@ -16,19 +16,19 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _API = {
-    "load_pipeline": "obsdiff.loading",
-    "LoadedModel": "obsdiff.loading",
+    "load_pipeline": "obsdiff.runs.loading",
+    "LoadedModel": "obsdiff.runs.loading",
     "PruneConfig": "obsdiff.config",
     "CalibConfig": "obsdiff.config",
-    "prune_": "obsdiff.prune",
-    "PruneReport": "obsdiff.records",
-    "save_run": "obsdiff.io",
+    "prune_": "obsdiff.pruning.prune",
+    "PruneReport": "obsdiff.pruning.records",
+    "save_run": "obsdiff.runs.io",
     "run_prune": "obsdiff.job",
     "PruneResult": "obsdiff.job",
     "PruneInterrupted": "obsdiff.job",
-    "EvalConfig": "obsdiff.evaluate",
-    "evaluate": "obsdiff.evaluate",
-    "save_report": "obsdiff.evaluate",
+    "EvalConfig": "obsdiff.eval.evaluate",
+    "evaluate": "obsdiff.eval.evaluate",
+    "save_report": "obsdiff.eval.evaluate",
     "ObsdiffError": "obsdiff.errors",
 }
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import click
 
-from obsdiff.cli_utils import Group, format_table, verbosity_params
+from obsdiff.cli_utils import Group, verbosity_params
 from obsdiff.devices import DTYPE_CHOICES, device_option
+from obsdiff.tables import format_table
 
 DEVICE = click.option("--device", default="auto", show_default=True, callback=device_option,
                       help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N")
@@ -92,9 +93,9 @@ def generate(model, prompt, steps, guidance, seed, height, width, out, force, de
     """Generate one image."""
     from PIL import Image
 
-    from obsdiff.artifacts import check_writable, staged_file
-    from obsdiff.evaluate import generate as run
-    from obsdiff.loading import check_sizes, load_pipeline
+    from obsdiff.eval.evaluate import generate as run
+    from obsdiff.runs.artifacts import check_writable, staged_file
+    from obsdiff.runs.loading import check_sizes, load_pipeline
 
     check_writable(out, force)
     check_sizes([model], height, width)
@@ -142,10 +143,10 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
     Writes metrics.json, sheet.png (reference and pruned image side by side for each prompt) and every image
     (images/ref_XXXX.png, images/pruned_XXXX.png).
     """
-    from obsdiff.artifacts import check_writable
-    from obsdiff.calibrate import read_prompts
+    from obsdiff.calibration.prompts import read_prompts
     from obsdiff.errors import ConfigError
-    from obsdiff.evaluate import EvalConfig, evaluate, save_report
+    from obsdiff.eval.evaluate import EvalConfig, evaluate, save_report
+    from obsdiff.runs.artifacts import check_writable
 
     if (target is None) == (model is None):
         raise ConfigError("give the model either as an argument or with --model (exactly one)")
@@ -156,13 +157,13 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
                         inception_weights=str(inception_weights) if inception_weights else None)
     target = target or model
     if out is None:
-        from obsdiff.io import is_run_dir
+        from obsdiff.runs.io import is_run_dir
 
         if not is_run_dir(target):
             raise ConfigError("--out is required unless the model is a run directory (then RUN/eval)")
         out = Path(target) / "eval"
     check_writable(out, force)
-    from obsdiff.loading import check_sizes  # the configs only: no weights load here
+    from obsdiff.runs.loading import check_sizes  # the configs only: no weights load here
 
     check_sizes([target, reference], height, width)
     report = evaluate(target, reference, config, device=device, dtype=dtype)
@@ -180,8 +181,8 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
 
 @cli.command()
 @click.option("--model", required=True, help=MODEL_HELP)
-@click.option("--method", type=LazyChoice("obsdiff.methods", "METHODS"), default="obs-diff", show_default=True,
-              help="OBS-Diff or a baseline (obsdiff.methods)")
+@click.option("--method", type=LazyChoice("obsdiff.solver.methods", "METHODS"), default="obs-diff", show_default=True,
+              help="OBS-Diff or a baseline (obsdiff.solver.methods)")
 @click.option("--sparsity", type=float, default=None, help="fraction of weights to remove, in (0, 1)")
 @click.option("--sparsity-type", default="unstructured", show_default=True,
               help="unstructured, 2:4, 4:8 (any N:M) or structured (heads and FFN neurons, physically removed)")
@@ -211,7 +212,7 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
               help="cached mode: keep block inputs in a memory-mapped file in OUT.partial when they do not fit")
 @click.option("--hessian-device", default=None,
               help="where Hessians accumulate: cpu keeps them off the accelerator [model device]")
-@click.option("--timestep-weighting", type=LazyChoice("obsdiff.hessian", "WEIGHTINGS"), default="log_decrease",
+@click.option("--timestep-weighting", type=LazyChoice("obsdiff.solver.hessian", "WEIGHTINGS"), default="log_decrease",
               show_default=True, help="weights of the denoising steps in the Hessians (sparsegpt, wanda: uniform)")
 @click.option("--blocks", default=None, help="block range START:END to prune (END exclusive) [all]")
 @click.option("--percdamp", type=float, default=0.01, show_default=True, help="Hessian damping, x mean(diag H)")
@@ -273,12 +274,12 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
     if not result.is_main:  # rank 0 alone prints
         return
     if dry_run:
-        from obsdiff.planner import describe
+        from obsdiff.planning.planner import describe
 
         click.echo(describe(result.plan))
         return
     if as_json:
-        from obsdiff.io import read_run
+        from obsdiff.runs.io import read_run
 
         click.echo(json.dumps(read_run(out), indent=2))
         return
@@ -326,9 +327,9 @@ def rank_zero_reports(alike: bool = False) -> Iterator[None]:
     another rank exits with its code, printing nothing. Such failures are what the library marks
     (`job.reported_by_rank_zero`) and, with `alike`, any error of a block that fails alike on every rank (it
     reads the options only)."""
-    from obsdiff.distributed import launched_by_torchrun
     from obsdiff.errors import ObsdiffError
     from obsdiff.job import reported_by_rank_zero
+    from obsdiff.pruning.distributed import launched_by_torchrun
 
     try:
         yield
@@ -350,7 +351,7 @@ def rank_zero_reports(alike: bool = False) -> Iterator[None]:
 def report(run, out, force) -> None:
     """Plot a run's report next to its obsdiff.json: per-layer error (layer_errors.png) and, for structured runs,
     the heads and FFN neurons kept per block (structures.png)."""
-    from obsdiff.plots import write_run_plots
+    from obsdiff.eval.plots import write_run_plots
 
     for path in write_run_plots(run, out, force=force):
         click.echo(f"wrote {path}")

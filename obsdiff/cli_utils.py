@@ -7,7 +7,6 @@ import logging
 
 import click
 
-from obsdiff.artifacts import unfinished_outputs
 from obsdiff.errors import (
     Interrupted,
     ObsdiffError,
@@ -16,6 +15,7 @@ from obsdiff.errors import (
     os_error_message,
     out_of_memory_detail,
 )
+from obsdiff.runs.artifacts import unfinished_outputs
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 from obsdiff.errors import ConfigError
-from obsdiff.hessian import WEIGHTINGS
-from obsdiff.methods import METHODS, Method, get_method
+from obsdiff.solver.hessian import WEIGHTINGS
+from obsdiff.solver.methods import METHODS, Method, get_method
 
 SPARSITY_TYPES = ("unstructured", "2:4", "4:8", "structured")  # any N:M pattern is accepted too
 CALIBRATION_MODES = ("rerun", "cached")
@@ -33,7 +33,7 @@ def _check_device(option: str, name: str | None) -> None:
 
 
 def _nm(sparsity_type: str) -> tuple[int, int] | None:
-    from obsdiff.obs import parse_nm
+    from obsdiff.solver.obs import parse_nm
 
     if sparsity_type in ("unstructured", "structured"):
         return None
@@ -68,7 +68,7 @@ class PruneConfig:
 
     @property
     def method_spec(self) -> Method:
-        """What the method needs and how it prunes (`obsdiff.methods`)."""
+        """What the method needs and how it prunes (`obsdiff.solver.methods`)."""
         return get_method(self.method)
 
     @property
@@ -300,7 +300,7 @@ DIGITS_CALIB = {"num_prompts": 64, "steps": 20, "guidance": 3.0, "batch_size": 1
 
 
 def resolve_calib(calib: CalibConfig, builtin: str | None, method: str) -> CalibConfig:
-    """Fill unset fields with the model's defaults, then apply the method's own calibration (`obsdiff.methods`:
+    """Fill unset fields with the model's defaults, then apply the method's own calibration (`obsdiff.solver.methods`:
     SparseGPT and Wanda weight steps uniformly and calibrate in one group).
 
     In cached mode an unset `groups` stays None, meaning one group per block: each extra group costs only

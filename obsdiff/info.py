@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from obsdiff.artifacts import package_version
+from obsdiff.runs.artifacts import package_version
 
 
 def tensorrt_version() -> str | None:

@@ -30,10 +30,10 @@ from obsdiff.errors import ConfigError, Interrupted, first_line
 if TYPE_CHECKING:  # the annotations only: importing these loads torch and diffusers
     import torch
 
-    from obsdiff.distributed import World
-    from obsdiff.loading import LoadedModel
-    from obsdiff.memory import MemoryPlan
-    from obsdiff.records import PruneReport
+    from obsdiff.planning.memory import MemoryPlan
+    from obsdiff.pruning.distributed import World
+    from obsdiff.pruning.records import PruneReport
+    from obsdiff.runs.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ def run_prune(model: str | os.PathLike | LoadedModel, prune: PruneConfig, calib:
     KeyboardInterrupt during the prune raises `PruneInterrupted` and keeps the checkpoint.
     """
     from obsdiff.devices import resolve_device
-    from obsdiff.distributed import init_from_env
-    from obsdiff.loading import as_loaded
+    from obsdiff.pruning.distributed import init_from_env
+    from obsdiff.runs.loading import as_loaded
 
     calib = calib or CalibConfig()
     ref = None if _is_loaded(model) else str(model)
@@ -154,19 +154,18 @@ def _plan(model: str | LoadedModel, prune: PruneConfig, calib: CalibConfig, out:
           resume: bool, force: bool, max_memory: float | None, save_dtype, dtype, device: torch.device,
           world: World, world_size: int | None) -> _Planned:
     """Validate everything and plan, before the load: bad input fails at once and writes nothing."""
-    from obsdiff.artifacts import check_writable
-    from obsdiff.calibrate import read_prompts
-    from obsdiff.devices import dtype_name
-    from obsdiff.io import check_can_save
-    from obsdiff.loading import parse_dtype
-    from obsdiff.memory import check_fits
-    from obsdiff.planner import choose_groups, plan_memory, skeleton
-    from obsdiff.resume import Checkpoint
+    from obsdiff.calibration.prompts import read_prompts
+    from obsdiff.devices import dtype_name, torch_dtype
+    from obsdiff.planning.memory import check_fits
+    from obsdiff.planning.planner import choose_groups, plan_memory, skeleton
+    from obsdiff.pruning.resume import Checkpoint
+    from obsdiff.runs.artifacts import check_writable
+    from obsdiff.runs.io import check_can_save
 
     if calib.prompts != "builtin":
         read_prompts(calib.prompts, "pass a text file, one prompt per line, or 'builtin'")
     if isinstance(model, str):
-        from obsdiff.loading import check_sizes
+        from obsdiff.runs.loading import check_sizes
 
         check_sizes([model], calib.height, calib.width)
     if world_size is not None and (not dry_run or world.distributed):
@@ -178,7 +177,7 @@ def _plan(model: str | LoadedModel, prune: PruneConfig, calib: CalibConfig, out:
         Checkpoint.check_leftover(out, resume=resume, force=force)
     # From configs and safetensors headers (a skeleton) for a reference; under torchrun the plan is one rank's.
     if isinstance(model, str):
-        name = dtype_name(parse_dtype(dtype or "auto", device))  # auto follows the device
+        name = dtype_name(torch_dtype(dtype or "auto", device))  # auto follows the device
         sketch, weights = skeleton(model, name)
     else:
         name, sketch, weights = dtype_name(model.denoiser.dtype), model, None
@@ -198,12 +197,11 @@ def _prune_and_save(ref: str | None, loaded: LoadedModel | None, prune: PruneCon
                     resume: bool, force: bool, device: torch.device, world: World, progress: bool, plots: bool,
                     result: PruneResult) -> PruneResult:
     # module attributes looked up at call time (not imported names): tests and tools patch them
-    from obsdiff import loading
-    from obsdiff import prune as pruning
-    from obsdiff.devices import dtype_name
-    from obsdiff.distributed import share_checkpoint
-    from obsdiff.io import save_run
-    from obsdiff.memory import measured_peaks
+    from obsdiff.devices import dtype_name, measured_peaks
+    from obsdiff.pruning import prune as pruning
+    from obsdiff.pruning.distributed import share_checkpoint
+    from obsdiff.runs import loading
+    from obsdiff.runs.io import save_run
 
     calib = planned.calib
     with world.failures():
@@ -233,7 +231,7 @@ def _prune_and_save(ref: str | None, loaded: LoadedModel | None, prune: PruneCon
 
 def draw_plots_best_effort(run: Path) -> None:
     """The run's plots (`obsdiff report`) after a prune: a missing matplotlib or a failed plot never fails it."""
-    from obsdiff.plots import write_run_plots
+    from obsdiff.eval.plots import write_run_plots
 
     try:
         write_run_plots(run)
@@ -246,7 +244,7 @@ def _session(world: World, owned: bool) -> Iterator[None]:
     """The call's time in the job: a world this call joined is left at the end (after a failure without waiting
     for the others, which may never come). On a rank other than 0, a failure every rank knows of is marked for
     rank 0 to report (`reported_by_rank_zero`), and one only this rank knows of becomes a `RankFailed` naming it."""
-    from obsdiff.distributed import RankFailed
+    from obsdiff.pruning.distributed import RankFailed
 
     failed = True
     try:

@@ -40,7 +40,7 @@ def tiny_sdxl(**kwargs):
 def outputs_before_and_after_reload(model, run):
     """Denoiser outputs of the in-memory `model` and of `run` loaded from disk on the same random inputs,
     and the reloaded model."""
-    from obsdiff.loading import load_pipeline
+    from obsdiff.runs.loading import load_pipeline
 
     inputs = model.family.example_inputs(model.denoiser, batch=2, text_len=16,
                                          generator=torch.Generator().manual_seed(0))

@@ -25,9 +25,9 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from obsdiff.artifacts import check_json, read_json, staged_dir, staged_file
 from obsdiff.cli import cli as obsdiff_cli
 from obsdiff.errors import BadFileError, OutputPathError, first_line, os_error_message
+from obsdiff.runs.artifacts import check_json, read_json, staged_dir, staged_file
 from tests.engines.conftest import SD3_INPUTS, export_sidecar, tiny_run_24  # noqa: F401 (a fixture used below)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,7 +303,7 @@ FAULTS = [
           may_leave=("r.partial",)),
     Fault("prune-ctrl-c", "obsdiff", lambda p: [*PRUNE, "--model", p.tiny, "--out", p.root / "r"],
           lambda p: p.root / "r.partial", code=130, words=("--resume",), upfront=False,
-          patch=raising(KeyboardInterrupt, "obsdiff.prune:prune_"), may_leave=("r.partial",)),
+          patch=raising(KeyboardInterrupt, "obsdiff.pruning.prune:prune_"), may_leave=("r.partial",)),
     Fault("prune-out-of-memory-while-calibrating", "obsdiff", lambda p: [*PRUNE, "--method", "sparsegpt", "--model",
                                                                          p.tiny, "--out", p.root / "r"],
           None, words=(*OUT_OF_MEMORY, "--max-memory"), patch=OUT_OF_MEMORY_IN_PIPELINE, upfront=False,
@@ -313,7 +313,7 @@ FAULTS = [
           None, words=("--height 17 is not a multiple of 4", "use 16 or 20")),
     Fault("prune-ctrl-c-while-loading", "obsdiff", lambda p: [*PRUNE, "--model", p.tiny, "--out", p.root / "r"],
           None, code=130, words=INTERRUPTED, upfront=False,
-          patch=raising(KeyboardInterrupt, "obsdiff.loading:load_pipeline")),
+          patch=raising(KeyboardInterrupt, "obsdiff.runs.loading:load_pipeline")),
     # obsdiff info, report
     Fault("info-ctrl-c", "obsdiff", lambda p: ["info"], None, code=130, words=INTERRUPTED,
           patch=raising(KeyboardInterrupt, "obsdiff.info:environment_info")),
@@ -323,7 +323,7 @@ FAULTS = [
           lambda p: "/proc/obsdiff-plots"),
     Fault("report-ctrl-c", "obsdiff", lambda p: ["report", p.run, "--out", p.root / "plots"],
           lambda p: p.root / "plots" / "layer_errors.png", code=130, words=("the unfinished", "was removed"),
-          patch=raising(KeyboardInterrupt, "obsdiff.plots:plot_layer_errors"), upfront=False),
+          patch=raising(KeyboardInterrupt, "obsdiff.eval.plots:plot_layer_errors"), upfront=False),
     # obsdiff-export onnx
     Fault("onnx-out-under-file", "export", lambda p: [*ONNX, p.tiny, "--out", p.afile / "onnx"],
           lambda p: p.afile / "onnx", words=("is a file",)),

@@ -64,8 +64,8 @@ def build_denoiser(size: dict, blocks: int, device, dtype):
 def pruned_variants(dense, progress: bool = False) -> tuple[dict, dict]:
     """{label: LoadedModel} for dense, 2:4 and structured 30 %, and what each prune reported."""
     from obsdiff.config import PruneConfig
-    from obsdiff.loading import as_loaded
-    from obsdiff.prune import prune_
+    from obsdiff.pruning.prune import prune_
+    from obsdiff.runs.loading import as_loaded
 
     models = {"dense": as_loaded(SimpleNamespace(transformer=dense))}
     info = {}
@@ -95,7 +95,7 @@ def environment() -> dict:
 
 
 def short_table(results: list[dict]) -> str:
-    from obsdiff.cli_utils import format_table
+    from obsdiff.tables import format_table
 
     rows = []
     for res in results:
@@ -134,10 +134,10 @@ def main(argv=None) -> int:
     _import_obsdiff()
     import torch
 
-    from obsdiff.artifacts import machine, versions, write_json
+    from obsdiff.devices import torch_dtype
     from obsdiff.engines.bench import BenchConfig, run_bench
     from obsdiff.engines.report import format_bench
-    from obsdiff.loading import parse_dtype
+    from obsdiff.runs.artifacts import machine, versions, write_json
 
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     print(f"environment: {json.dumps(environment())}", flush=True)
 
     t0 = time.perf_counter()
-    dense = build_denoiser(size, blocks, device, parse_dtype(size["dtype"]))
+    dense = build_denoiser(size, blocks, device, torch_dtype(size["dtype"]))
     models, prune_info = pruned_variants(dense)
     print(f"built and pruned 3 variants in {time.perf_counter() - t0:.1f} s (magnitude scores: timing only)",
           flush=True)

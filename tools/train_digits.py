@@ -143,7 +143,7 @@ def train_transformer(pipe, latents, labels, gen, steps: int, batch: int = 128):
 
 def record_dense_eval(num_images: int) -> None:
     """Evaluate the installed builtin:digits on held-out prompts and add the result to its meta.json."""
-    from obsdiff.evaluate import EvalConfig, evaluate
+    from obsdiff.eval.evaluate import EvalConfig, evaluate
 
     report = evaluate("builtin:digits", config=EvalConfig(num_images=num_images))
     metrics = report["metrics"]

@@ -93,7 +93,7 @@ class Calibrator:
 
     `sync_timing`: synchronise the accelerator around timed sections so that `stats()`'s split of the time
     is real (costs speed; on the CPU the split is always real). `rank`/`world_size`: this process's share of the
-    prompt batches in a distributed prune (`obsdiff.distributed`); its Hessians are partial until reduced.
+    prompt batches in a distributed prune (`obsdiff.pruning.distributed`); its Hessians are partial until reduced.
     """
 
     mode = "rerun"

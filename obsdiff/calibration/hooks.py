@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from obsdiff.devices import synchronize
-from obsdiff.hessian import HessianAccumulator
+from obsdiff.solver.hessian import HessianAccumulator
 
 
 class StepCounter:

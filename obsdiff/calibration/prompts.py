@@ -40,7 +40,7 @@ def read_prompts(path: str | Path, fix: str = "pass a text file, one prompt per 
     """The prompts of a `--prompts` file, one per line (stripped, blank lines dropped): the one reader of prompts
     files, for calibration and `obsdiff eval`. A missing, unreadable, non-UTF-8 or empty file is a one-line
     ConfigError naming it (`fix`: what to pass instead)."""
-    from obsdiff.artifacts import read_text
+    from obsdiff.runs.artifacts import read_text
 
     path = Path(path)
     if not path.exists():

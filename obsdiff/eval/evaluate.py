@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from obsdiff import metrics as M
 from obsdiff.errors import ConfigError, ModelLoadError, first_line
-from obsdiff.loading import LoadedModel, as_loaded, load_pipeline
+from obsdiff.eval import metrics as M
 from obsdiff.progress import tqdm
+from obsdiff.runs.loading import LoadedModel, as_loaded, load_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def evaluate(model: str | LoadedModel, reference: str | LoadedModel | None = Non
     # Everything that can fail without generating (packages, checkpoints, weights) fails first.
     standard = None
     if config.standard_metrics:
-        from obsdiff.standard_metrics import require_torchmetrics, standard_metrics
+        from obsdiff.eval.standard_metrics import require_torchmetrics, standard_metrics
 
         require_torchmetrics()
     clip = load_clip(config.clip_model) if config.clip_model else None
@@ -291,7 +291,7 @@ def evaluate(model: str | LoadedModel, reference: str | LoadedModel | None = Non
         if ref_gen is not None:
             metrics["reference_torchmetrics_clip_score"] = standard.clip(ref_gen.images, prompts)
             metrics["torchmetrics_fid_vs_reference"] = standard.fid_vs(gen.images, ref_gen.images)
-    from obsdiff.artifacts import machine, versions
+    from obsdiff.runs.artifacts import machine, versions
 
     return {
         "model": m.ref,
@@ -317,8 +317,8 @@ def save_report(report: dict, out_dir: str | Path, force: bool = False, sheet_ce
     `images/pruned_XXXX.png` and `images/ref_XXXX.png` (every image), `grid.png` / `grid_reference.png`."""
     from PIL import Image
 
-    from obsdiff.artifacts import staged_dir, write_json
-    from obsdiff.sheet import render_sheet, to_pil
+    from obsdiff.eval.sheet import render_sheet, to_pil
+    from obsdiff.runs.artifacts import staged_dir, write_json
 
     images, ref_images = report["_images"], report.get("_reference_images")
     with staged_dir(out_dir, force=force) as tmp:

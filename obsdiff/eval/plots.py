@@ -157,8 +157,8 @@ def plot_structures(report: dict, path: Path) -> None:
 def write_run_plots(run: str | Path, out: str | Path | None = None, force: bool = False) -> list[Path]:
     """Draw the plots of a run directory into `out` (default: next to its obsdiff.json), each written atomically;
     returns the paths. Refuses existing plots without `force`, before drawing anything."""
-    from obsdiff.artifacts import check_writable, staged_file
-    from obsdiff.io import RUN_FILE, read_run
+    from obsdiff.runs.artifacts import check_writable, staged_file
+    from obsdiff.runs.io import RUN_FILE, read_run
 
     run = Path(run)
     if not (run / RUN_FILE).is_file():

@@ -8,7 +8,8 @@ Peak of a prune = max over its phases, per device:
   encode:     weights (text encoders on the device)
   calibrate:  denoiser + group Hessians + activations + one call's hook transient (+ cached inputs)
   solve:      denoiser + group Hessians + the largest layer's solver workspace
-Text encoders and the VAE leave the accelerator after the prompts are encoded (`calibration.placement.text_encoders_parked`).
+Text encoders and the VAE leave the accelerator after the prompts are encoded
+(`calibration.placement.text_encoders_parked`).
 """
 
 from __future__ import annotations

@@ -16,21 +16,14 @@ from types import SimpleNamespace
 import torch
 
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
+from obsdiff.devices import current_rss, torch_dtype
 from obsdiff.errors import ConfigError, ObsdiffError
-from obsdiff.loading import LoadedModel, parse_dtype
-from obsdiff.memory import (
-    ForwardProfile,
-    GiB,
-    MemoryPlan,
-    component_bytes,
-    current_rss,
-    disk_component_bytes,
-    largest_file_bytes,
-    meta_twin,
-    plan_groups,
-    profile_forward,
-)
-from obsdiff.prune import make_strategy, select_blocks
+from obsdiff.planning.memory import GiB, MemoryPlan, plan_groups
+from obsdiff.planning.profile import ForwardProfile, meta_twin, profile_forward
+from obsdiff.planning.sizes import component_bytes, disk_component_bytes, largest_file_bytes
+from obsdiff.pruning.prune import make_strategy
+from obsdiff.pruning.records import select_blocks
+from obsdiff.runs.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +34,12 @@ def skeleton(ref: str, dtype: str | torch.dtype = "fp32") -> tuple[LoadedModel, 
     Reads configs and safetensors headers only (`loading.load_denoiser(weights=False)`), so planning a 12 B
     model takes seconds and no RAM.
     """
-    from obsdiff.loading import load_denoiser, quiet_libraries
+    from obsdiff.runs.loading import load_denoiser, quiet_libraries
 
-    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    denoiser, family, info = load_denoiser(ref, torch_dtype, "cpu", weights=False)
+    dtype = torch_dtype(dtype) if isinstance(dtype, str) else dtype
+    denoiser, family, info = load_denoiser(ref, dtype, "cpu", weights=False)
     with quiet_libraries():  # diffusers warns about casting with `to()`
-        denoiser = denoiser.to(torch_dtype)
+        denoiser = denoiser.to(dtype)
     base = Path(info["path"])
     vae_cfg = _read_json(base / "vae" / "config.json")
     sample_size = denoiser.config.get("sample_size", 128)
@@ -56,7 +49,7 @@ def skeleton(ref: str, dtype: str | torch.dtype = "fp32") -> tuple[LoadedModel, 
         default_sample_size=sample_size if isinstance(sample_size, int) else 128)
     model = LoadedModel(ref=ref, path=base, pipeline=pipeline, family=family, builtin=info["builtin"],
                         generation_defaults=info["generation_defaults"], run=info["run"])
-    return model, disk_component_bytes(base, torch_dtype)
+    return model, disk_component_bytes(base, dtype)
 
 
 def _read_json(path: Path) -> dict:
@@ -146,7 +139,7 @@ def plan_memory(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | Non
 def save_shard_bytes(model: LoadedModel) -> int:
     """What saving the run holds beyond the model: one shard converted to the base dtype (nothing when the model
     already has that dtype: its tensors are written as they are)."""
-    from obsdiff.io import DEFAULT_MAX_SHARD_SIZE, save_dtype
+    from obsdiff.runs.io import DEFAULT_MAX_SHARD_SIZE, save_dtype
 
     try:
         target = save_dtype(model)
@@ -162,8 +155,7 @@ def load_extra_bytes(model: LoadedModel, device: str, loaded: bool) -> int:
     """What loading holds beyond the loaded weights: the memory-mapped file of the largest component while its
     converted copy is built. A CPU load in the dtype the checkpoint stores uses the mapped pages as the weights
     themselves (nothing extra); a model that is already loaded has nothing left to load."""
-    from obsdiff.io import stored_dtype
-    from obsdiff.loading import parse_dtype
+    from obsdiff.runs.io import stored_dtype
 
     if loaded or not Path(model.path).is_dir():
         return 0
@@ -171,7 +163,7 @@ def load_extra_bytes(model: LoadedModel, device: str, loaded: bool) -> int:
         stored = stored_dtype(Path(model.path) / model.family.denoiser_attr)
     except ObsdiffError:
         stored = None
-    if device == "cpu" and stored is not None and parse_dtype(stored) == model.denoiser.dtype:
+    if device == "cpu" and stored is not None and torch_dtype(stored) == model.denoiser.dtype:
         return 0
     return largest_file_bytes(model.path)
 

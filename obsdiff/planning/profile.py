@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from obsdiff.devices import tensor_bytes
-from obsdiff.runs.shrink import replay_plan_
 
 
 class _LiveBytes:
@@ -109,7 +108,7 @@ def meta_twin(denoiser: nn.Module, shrink_plan: list | None = None, family=None)
     with torch.device("meta"):
         twin = type(denoiser).from_config(denoiser.config)
     if shrink_plan:
-        from obsdiff.shrink import replay_plan_
+        from obsdiff.runs.shrink import replay_plan_
 
         groups = [g for b in family.blocks(twin) for g in family.structure_groups(b)]
         replay_plan_(twin, groups, shrink_plan)

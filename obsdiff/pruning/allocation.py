@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from obsdiff import obs
 from obsdiff.config import PruneConfig
-from obsdiff.distributed import World, share_work
 from obsdiff.models import StructureGroup
-from obsdiff.shrink import structure_columns
+from obsdiff.pruning.distributed import World, share_work
+from obsdiff.runs.shrink import structure_columns
+from obsdiff.solver import obs
 
 
 def readers_of(chunk: list[tuple[StructureGroup, int]]) -> list[str]:

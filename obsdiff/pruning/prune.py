@@ -16,23 +16,16 @@ import time
 import torch
 from torch import nn
 
-from obsdiff import obs
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
-from obsdiff.distributed import World
 from obsdiff.errors import ConfigError
-from obsdiff.hessian import HessianAccumulator
-from obsdiff.loading import LoadedModel, as_loaded
-from obsdiff.records import (
-    LayerRecord,
-    PruneError,
-    PruneReport,
-    Unit,
-    calibration_chunks,
-    select_blocks,
-)
-from obsdiff.resume import Checkpoint
-from obsdiff.session import Group, PruningSession, Strategy, Work
-from obsdiff.structured import StructureStrategy
+from obsdiff.pruning.distributed import World
+from obsdiff.pruning.records import LayerRecord, PruneError, PruneReport, Unit, calibration_chunks, select_blocks
+from obsdiff.pruning.resume import Checkpoint
+from obsdiff.pruning.session import Group, PruningSession, Strategy, Work
+from obsdiff.pruning.structured import StructureStrategy
+from obsdiff.runs.loading import LoadedModel, as_loaded
+from obsdiff.solver import obs
+from obsdiff.solver.hessian import HessianAccumulator
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +72,7 @@ def prune_layer(W: torch.Tensor, H: torch.Tensor | None, cfg: PruneConfig) -> tu
     sparsity = None if cfg.nm else cfg.sparsity
     if H is not None:
         H = H.to(W.device, dtype)  # no copy when it is already there
-    return cfg.method_spec.solve(W, H, sparsity, cfg)  # the method's own solve (obsdiff.methods)
+    return cfg.method_spec.solve(W, H, sparsity, cfg)  # the method's own solve (obsdiff.solver.methods)
 
 
 def _solve_unit(unit: Unit, modules: dict[str, nn.Module], H: torch.Tensor | None, cfg: PruneConfig
@@ -160,7 +153,7 @@ def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = N
     Wanda calibrate once with uniform step weights. With a `checkpoint` (`open_checkpoint`), every finished
     group is stored and a checkpoint that already holds groups is continued after its last one.
 
-    With a distributed `world` (`obsdiff.distributed.init_from_env`), every rank calls this with the same
+    With a distributed `world` (`obsdiff.pruning.distributed.init_from_env`), every rank calls this with the same
     arguments and its own copy of the model; rank 0's `checkpoint` goes through
     `distributed.share_checkpoint`. Every rank ends with the same pruned model and report.
     """
@@ -191,5 +184,5 @@ def run_settings(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | No
 
 def open_checkpoint(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None, out, resume: bool = False,
                     force: bool = False, world_size: int = 1) -> Checkpoint:
-    """The staging directory of a prune that will be saved to `out` (see `obsdiff.resume`)."""
+    """The staging directory of a prune that will be saved to `out` (see `obsdiff.pruning.resume`)."""
     return Checkpoint.open(out, run_settings(model, prune, calib, world_size), resume=resume, force=force)

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from obsdiff.errors import ConfigError, ObsdiffError
 
 if TYPE_CHECKING:
-    from obsdiff.hessian import HessianAccumulator
     from obsdiff.models import Block
+    from obsdiff.solver.hessian import HessianAccumulator
 
 Unit = tuple[str, ...]  # linears (dotted names in the denoiser) that read one input tensor
 

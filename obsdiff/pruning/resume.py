@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from obsdiff.artifacts import staged_file
 from obsdiff.errors import ConfigError, ModelLoadError, OutputExistsError
+from obsdiff.runs.artifacts import staged_file
 
 log = logging.getLogger(__name__)
 

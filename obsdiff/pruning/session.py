@@ -20,14 +20,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from obsdiff.calibrate import Calibrator, block_positions, make_calibrator
+from obsdiff.calibration.calibrate import Calibrator, block_positions, make_calibrator
+from obsdiff.calibration.placement import text_encoders_parked
 from obsdiff.config import CalibConfig, PruneConfig
-from obsdiff.distributed import World, share_work
-from obsdiff.hessian import HessianAccumulator
-from obsdiff.loading import LoadedModel
-from obsdiff.memory import text_encoders_parked
-from obsdiff.records import PruneReport, Unit, select_blocks
-from obsdiff.resume import Checkpoint
+from obsdiff.pruning.distributed import World, share_work
+from obsdiff.pruning.records import PruneReport, Unit, select_blocks
+from obsdiff.pruning.resume import Checkpoint
+from obsdiff.runs.loading import LoadedModel
+from obsdiff.solver.hessian import HessianAccumulator
 
 
 @dataclass

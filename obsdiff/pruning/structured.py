@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from obsdiff import obs
-from obsdiff.allocation import reader_components, readers_of, sensitivity_allocation
 from obsdiff.config import CalibConfig, PruneConfig
-from obsdiff.distributed import World
 from obsdiff.errors import ConfigError
-from obsdiff.flops import count_flops, parameter_count
-from obsdiff.loading import LoadedModel
 from obsdiff.models import StructureGroup
-from obsdiff.records import LayerRecord, PruneError, PruneReport, calibration_chunks, select_blocks
-from obsdiff.session import Group, Strategy, Work
-from obsdiff.shrink import plan_to_json, shrink_, structure_columns, structure_indices
+from obsdiff.pruning.allocation import reader_components, readers_of, sensitivity_allocation
+from obsdiff.pruning.distributed import World
+from obsdiff.pruning.flops import count_flops, parameter_count
+from obsdiff.pruning.records import LayerRecord, PruneError, PruneReport, calibration_chunks, select_blocks
+from obsdiff.pruning.session import Group, Strategy, Work
+from obsdiff.runs.loading import LoadedModel
+from obsdiff.runs.shrink import plan_to_json, shrink_, structure_columns, structure_indices
+from obsdiff.solver import obs
 
 log = logging.getLogger(__name__)
 

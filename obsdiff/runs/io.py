@@ -27,7 +27,9 @@ import struct
 from collections import Counter
 from pathlib import Path
 
-from obsdiff.artifacts import (
+from obsdiff.devices import dtype_name, torch_dtype
+from obsdiff.errors import ConfigError, ModelLoadError
+from obsdiff.runs.artifacts import (
     check_json,
     check_writable,
     machine,
@@ -37,8 +39,6 @@ from obsdiff.artifacts import (
     versions,
     write_json,
 )
-from obsdiff.devices import dtype_name, torch_dtype
-from obsdiff.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -1,29 +1,27 @@
-"""Resolve and load `--model` values: a local diffusers pipeline directory, `builtin:NAME`, a hub id
-(`org/name` or `org/name@revision`) or a run directory written by `obsdiff prune`.
+"""Load `--model` values: a local diffusers pipeline directory, `builtin:NAME`, a hub id (`org/name` or
+`org/name@revision`) or a run directory written by `obsdiff prune`; where each one is, `hub` resolves.
 
-Hub ids are taken from the local Hugging Face cache first (so they work offline once cached) and
-downloaded only where the network is allowed, the way diffusers downloads a pipeline.
+`load_denoiser` loads the denoiser alone (no text encoder, VAE or tokenizer), cast tensor by tensor.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from obsdiff import io
 from obsdiff.builtin import PREFIX as BUILTIN_PREFIX
-from obsdiff.builtin import builtin_pipeline_dir
 from obsdiff.devices import DTYPES as _DTYPE_NAMES
 from obsdiff.devices import resolve_device, torch_dtype
 from obsdiff.errors import ModelLoadError, first_line
 from obsdiff.models import ModelFamily, family_for_pipeline
 from obsdiff.models.registry import ImageSizeRule
+from obsdiff.runs.hub import ModelSource, cached_snapshot, parse_hub_id, resolve_model, resolve_run_base
+from obsdiff.runs.io import DENOISER_DIR, RUN_FILE, is_run_dir, read_run
+from obsdiff.runs.rebuild import build_run_denoiser, check_base_matches
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +94,7 @@ def load_pipeline(ref: str, device: str | torch.device | None = "cpu", dtype: st
     `ref` may also be a run directory written by `obsdiff prune`: its base model is loaded and the
     pruned denoiser weights replace the base ones.
     """
-    if Path(ref).expanduser().is_dir() and io.is_run_dir(Path(ref).expanduser()):
+    if Path(ref).expanduser().is_dir() and is_run_dir(Path(ref).expanduser()):
         return _load_run(ref, device, dtype)
     src = resolve_model(ref)
     device = resolve_device(device)
@@ -143,7 +141,7 @@ def _load_run(ref: str, device, dtype) -> LoadedModel:
     from obsdiff.models import get_family
 
     run_path = Path(ref).expanduser()
-    record = io.read_run(run_path)
+    record = read_run(run_path)
     base = resolve_run_base(run_path, record)
     family = get_family(record.get("family", "sd3"))
     device = resolve_device(device)
@@ -189,32 +187,32 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
     """Load only the denoiser of `ref` (pipeline directory, `builtin:NAME` or run directory) in `dtype`.
 
     No text encoder, VAE or tokenizer is built. The model is built on the meta device from its config (a
-    run's shrink plan replayed, as `io.build_run_denoiser` does) and its safetensors are read tensor by
+    run's shrink plan replayed, as `build_run_denoiser` does) and its safetensors are read tensor by
     tensor, each cast to `dtype` as it is read (modules the class keeps in fp32 stay fp32) and checked
     strictly: the peak is the model in `dtype` plus one tensor, whatever precision the files hold.
     `weights=False` gives the meta-device model (for callers that need only `denoiser.config`).
     """
     import json
 
-    from obsdiff.artifacts import sha256_file
     from obsdiff.models import get_family
+    from obsdiff.runs.artifacts import sha256_file
 
     device = resolve_device(device)
     dtype = torch_dtype(dtype, device)  # "auto" follows the device
     run_path = Path(ref).expanduser()
-    record = io.read_run(run_path) if run_path.is_dir() and io.is_run_dir(run_path) else None
+    record = read_run(run_path) if run_path.is_dir() and is_run_dir(run_path) else None
     src = resolve_run_base(run_path, record) if record else resolve_model(ref)
     path, builtin = src.path, src.builtin
     index = _read_json(path / "model_index.json")
     if record is not None:
         family = get_family(record.get("family", "sd3"))
-        io.check_base_matches(run_path, path / family.denoiser_attr, record["base_model"])
-        folder = run_path / io.DENOISER_DIR
+        check_base_matches(run_path, path / family.denoiser_attr, record["base_model"])
+        folder = run_path / DENOISER_DIR
         files = [run_path / record["denoiser_file"]]
         if weights and not files[0].is_file():
             raise ModelLoadError(f"run {ref!r} lacks its weights {record['denoiser_file']}; re-run obsdiff prune")
         if weights and record.get("denoiser_sha256") and sha256_file(files[0]) != record["denoiser_sha256"]:
-            raise ModelLoadError(f"{files[0]} does not match the hash in {io.RUN_FILE}: the file is corrupt or was "
+            raise ModelLoadError(f"{files[0]} does not match the hash in {RUN_FILE}: the file is corrupt or was "
                                  "replaced; re-run obsdiff prune")
     else:
         family = _index_family(index, ref)
@@ -225,7 +223,7 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
     def build(where: str):
         import diffusers
 
-        from obsdiff.shrink import replay_plan_
+        from obsdiff.runs.shrink import replay_plan_
 
         try:
             cls = getattr(diffusers, config["_class_name"])
@@ -290,7 +288,7 @@ def image_size_rule(ref: str) -> ImageSizeRule:
     from obsdiff.models import get_family
 
     run_path = Path(ref).expanduser()
-    record = io.read_run(run_path) if run_path.is_dir() and io.is_run_dir(run_path) else None
+    record = read_run(run_path) if run_path.is_dir() and is_run_dir(run_path) else None
     path = (resolve_run_base(run_path, record) if record else resolve_model(ref)).path
     index = _read_json(path / "model_index.json")
     family = get_family(record.get("family", "sd3")) if record else _index_family(index, ref)
@@ -299,7 +297,7 @@ def image_size_rule(ref: str) -> ImageSizeRule:
 
 
 def _read_json(file: Path) -> dict:
-    from obsdiff.artifacts import read_json
+    from obsdiff.runs.artifacts import read_json
 
     return read_json(file, "pipeline file", fix="pass a diffusers pipeline or run directory", error=ModelLoadError)
 

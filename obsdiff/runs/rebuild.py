@@ -97,7 +97,7 @@ def build_run_denoiser(path: str | Path, record: dict, family, dtype):
     import diffusers
     import torch
 
-    from obsdiff.shrink import replay_plan_
+    from obsdiff.runs.shrink import replay_plan_
 
     path = Path(path)
     config_file = path / DENOISER_DIR / "config.json"

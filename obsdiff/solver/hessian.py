@@ -105,7 +105,7 @@ class HessianAccumulator:
         return self.d_in * self.d_in * self._itemsize
 
     def merge(self, H: torch.Tensor, weight_sum: float, calls: int, tokens: int) -> None:
-        """Replace the state by one combined over several processes (`obsdiff.distributed`)."""
+        """Replace the state by one combined over several processes (`obsdiff.pruning.distributed`)."""
         self._H, self._upper_stale = H, False
         self.weight_sum, self.calls, self.tokens = weight_sum, calls, tokens
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from obsdiff import obs
 from obsdiff.errors import ConfigError
+from obsdiff.solver import obs
 
 # (W [out, in] in the compute dtype, H [in, in] or None, sparsity or None for N:M, the PruneConfig: it reads nm,
 # block_size, percdamp, compensate; config.py imports this module, so not typed here) -> (W', damping used)

@@ -58,9 +58,9 @@ def tiny_onnx_dir(tiny_sd3_dir, tmp_path_factory):
 def tiny_run_24(tiny_sd3_dir, tmp_path_factory):
     """The tiny SD3 pruned 2:4 by magnitude (no calibration), saved as a run directory."""
     from obsdiff.config import PruneConfig
-    from obsdiff.io import save_run
-    from obsdiff.loading import load_pipeline
-    from obsdiff.prune import prune_
+    from obsdiff.pruning.prune import prune_
+    from obsdiff.runs.io import save_run
+    from obsdiff.runs.loading import load_pipeline
 
     model = load_pipeline(str(tiny_sd3_dir))
     report = prune_(model, PruneConfig(method="magnitude", sparsity_type="2:4"), progress=False)

@@ -5,7 +5,7 @@ import torch
 
 from obsdiff.engines import runners as R
 from obsdiff.errors import ConfigError
-from obsdiff.loading import load_pipeline
+from obsdiff.runs.loading import load_pipeline
 
 TEXT = 264  # the tiny pipeline's CLIP length (8) + T5 default (256)
 

@@ -404,7 +404,7 @@ def test_real_tensorrt_flags_match_its_generation():
 @needs_trt
 def test_build_check_and_run_a_tiny_engine(tiny_onnx_dir, tiny_sd3_dir, tmp_path):
     from obsdiff.engines.runners import make_runner
-    from obsdiff.loading import load_pipeline
+    from obsdiff.runs.loading import load_pipeline
 
     plan = tmp_path / "transformer.plan"
     record = T.build_engine(tiny_onnx_dir / "transformer.onnx", plan, T.EngineConfig(sparse_weights=True,

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from obsdiff.builtin import builtin_pipeline_dir
 from obsdiff.export.cli import cli
-from obsdiff.io import stored_dtype
+from obsdiff.runs.io import stored_dtype
 
 PROMPT, SEED, STEPS, GUIDANCE = "the digit seven", 3, 4, 3.0
 
@@ -87,9 +87,9 @@ def files(folder):
 def digits_run(tmp_path_factory, sparsity_type, **kwargs):
     """builtin:digits pruned by magnitude (no calibration: seconds), saved as a run."""
     from obsdiff.config import PruneConfig
-    from obsdiff.io import save_run
-    from obsdiff.loading import load_pipeline
-    from obsdiff.prune import prune_
+    from obsdiff.pruning.prune import prune_
+    from obsdiff.runs.io import save_run
+    from obsdiff.runs.loading import load_pipeline
 
     model = load_pipeline("builtin:digits")
     report = prune_(model, PruneConfig(method="magnitude", sparsity_type=sparsity_type, **kwargs), progress=False)
@@ -129,8 +129,8 @@ def plain_images(runs, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["2:4", "structured"])
 def test_plain_diffusers_generates_the_same_image_as_obsdiff(runs, plain_images, kind):
-    from obsdiff.evaluate import generate
-    from obsdiff.loading import load_pipeline
+    from obsdiff.eval.evaluate import generate
+    from obsdiff.runs.loading import load_pipeline
 
     run, folder = runs[kind]
     images, stdout = plain_images
@@ -213,9 +213,9 @@ def test_structured_flux_and_sdxl_load_through_the_narrowed_class(family, tmp_pa
     from diffusers import DiffusionPipeline
 
     from obsdiff.config import PruneConfig
-    from obsdiff.io import save_run
-    from obsdiff.loading import load_pipeline
-    from obsdiff.prune import prune_
+    from obsdiff.pruning.prune import prune_
+    from obsdiff.runs.io import save_run
+    from obsdiff.runs.loading import load_pipeline
     from tests.conftest import tiny_flux, tiny_sdxl
 
     {"flux": tiny_flux, "sdxl": tiny_sdxl}[family]().save_pretrained(tmp_path / "base", safe_serialization=True)
@@ -245,9 +245,9 @@ def exports_by_dtype(runs, tiny_sd3_dir, tmp_path_factory):
     """{(family, dtype): (exported folder, printed output)}: the digits 2:4 run (stored fp16) and 2:4 runs of the
     tiny SD3, Flux and SDXL pipelines (stored fp32), each exported as stored (dtype None), --dtype fp16 and bf16."""
     from obsdiff.config import PruneConfig
-    from obsdiff.io import save_run
-    from obsdiff.loading import load_pipeline
-    from obsdiff.prune import prune_
+    from obsdiff.pruning.prune import prune_
+    from obsdiff.runs.io import save_run
+    from obsdiff.runs.loading import load_pipeline
     from tests.conftest import tiny_flux, tiny_sdxl
 
     tmp = tmp_path_factory.mktemp("by-dtype")

@@ -81,7 +81,7 @@ def test_profile_is_narrowed_to_what_the_model_takes_with_a_note():
     (lambda: tiny_sdxl(), "fp16", "SDXL"),
 ])
 def test_default_dtype_follows_the_denoiser_config(make, dtype, release):
-    from obsdiff.loading import as_loaded
+    from obsdiff.runs.loading import as_loaded
 
     model = as_loaded(make())
     chosen, why = model.family.onnx_dtype(model.denoiser)

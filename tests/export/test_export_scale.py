@@ -22,9 +22,9 @@ from obsdiff.export import checks as C
 from obsdiff.export import graph as G
 from obsdiff.export import onnx_export as E
 from obsdiff.export.onnx_export import ExportConfig, export_onnx
-from obsdiff.io import save_run
-from obsdiff.loading import load_denoiser, load_pipeline
-from obsdiff.prune import prune_
+from obsdiff.pruning.prune import prune_
+from obsdiff.runs.io import save_run
+from obsdiff.runs.loading import load_denoiser, load_pipeline
 
 SMALL_TEXT = (8, 16, 32)
 

@@ -17,8 +17,8 @@ import torch
 
 from obsdiff.export.lowering import custom_translations, floor_divide
 from obsdiff.export.onnx_export import ExportConfig, export_onnx
-from obsdiff.loading import LoadedModel
 from obsdiff.models.registry import get_family
+from obsdiff.runs.loading import LoadedModel
 from obsdiff.testing import SIZED_MODELS
 
 

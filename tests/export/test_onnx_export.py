@@ -15,14 +15,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from obsdiff.artifacts import sha256_file
 from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.export import checks as C
 from obsdiff.export.cli import cli
 from obsdiff.export.onnx_export import ExportCheckError, ExportConfig, export_onnx
-from obsdiff.io import save_run
-from obsdiff.loading import as_loaded, load_pipeline
-from obsdiff.prune import prune_
+from obsdiff.pruning.prune import prune_
+from obsdiff.runs.artifacts import sha256_file
+from obsdiff.runs.io import save_run
+from obsdiff.runs.loading import as_loaded, load_pipeline
 from tests.conftest import tiny_flux, tiny_sdxl
 
 CALIB = CalibConfig(num_prompts=4, steps=3, guidance=2.0, batch_size=2, groups=2)

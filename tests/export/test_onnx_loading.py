@@ -7,7 +7,7 @@ import pytest
 
 from obsdiff.errors import ModelLoadError
 from obsdiff.export.onnx_export import ExportConfig, export_onnx
-from obsdiff.loading import load_pipeline
+from obsdiff.runs.loading import load_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import pytest
 
-from obsdiff.artifacts import staged_dir, staged_file
 from obsdiff.errors import OutputExistsError
+from obsdiff.runs.artifacts import staged_dir, staged_file
 
 
 def test_staged_dir_is_all_or_nothing(tmp_path):

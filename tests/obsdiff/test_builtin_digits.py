@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from obsdiff.builtin import digits
-from obsdiff.loading import load_pipeline
+from obsdiff.runs.loading import load_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_classifier_on_real_held_out_digits():
 
 
 def test_dense_model_clears_the_bar_on_a_sample(loaded):
-    from obsdiff.evaluate import EvalConfig, evaluate
+    from obsdiff.eval.evaluate import EvalConfig, evaluate
 
     report = evaluate(loaded, config=EvalConfig(num_images=40, seed=123), progress=False)
     m = report["metrics"]

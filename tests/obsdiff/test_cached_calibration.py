@@ -8,13 +8,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import obsdiff.prune as P
-from obsdiff.calibrate import CachedCalibrator, Calibrator, make_calibrator
+import obsdiff.pruning.prune as P
+from obsdiff.calibration.calibrate import CachedCalibrator, Calibrator, make_calibrator
+from obsdiff.calibration.hooks import InputCapture, StepCounter
 from obsdiff.cli import cli
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
 from obsdiff.errors import ConfigError, UnsupportedModelError
-from obsdiff.hooks import InputCapture, StepCounter
-from obsdiff.loading import as_loaded
+from obsdiff.runs.loading import as_loaded
 from tests.conftest import tiny_flux, tiny_sd3, tiny_sdxl
 
 CALIB = dict(num_prompts=4, steps=3, guidance=2.0, batch_size=2)
@@ -47,7 +47,8 @@ def test_dense_hessians_equal_the_pipeline_pass(family):
 
 def _block_inputs(model, block, calib_cfg):
     """Keyword inputs of `block` for every denoiser call of one pipeline pass over the current model."""
-    from obsdiff.calibrate import calibration_prompts, encode_batches, run_pass
+    from obsdiff.calibration.calibrate import encode_batches, run_pass
+    from obsdiff.calibration.prompts import calibration_prompts
 
     counter = StepCounter()
     batches = encode_batches(model, calibration_prompts(calib_cfg, None), calib_cfg)
@@ -110,7 +111,7 @@ def test_sparsegpt_cached_is_block_by_block_and_rerun_is_one_pass():
 
 
 def test_structured_cached_with_sensitivity_allocation_shrinks(monkeypatch):
-    from obsdiff.allocation import structure_params
+    from obsdiff.pruning.allocation import structure_params
     from tests.obsdiff.test_structured import ShrinkSpy, removed_counts, uniform_counts
 
     model = as_loaded(tiny_sd3(num_layers=2, num_heads=4))
@@ -179,9 +180,9 @@ def test_cli_cached_mode_on_sdxl_fails_cleanly(tmp_path):
 
 
 def test_a_cache_that_cannot_fit_is_refused_at_the_first_call(monkeypatch):
-    import obsdiff.calibrate as C
+    import obsdiff.calibration.calibrate as C
 
-    monkeypatch.setattr(C, "free_bytes", lambda device: 1000)
+    monkeypatch.setattr(C, "available_bytes", lambda device: 1000)
     model = as_loaded(tiny_sd3())
     cal = calibrators(model, "cached")
     with pytest.raises(ConfigError, match="cache-device cpu"):
@@ -189,10 +190,10 @@ def test_a_cache_that_cannot_fit_is_refused_at_the_first_call(monkeypatch):
     assert not any(m._forward_pre_hooks for m in model.denoiser.modules())
 
 
-def test_free_bytes_reads_available_ram():
-    from obsdiff.calibrate import free_bytes
+def test_available_bytes_reads_available_ram():
+    from obsdiff.devices import available_bytes
 
-    free = free_bytes(torch.device("cpu"))
+    free = available_bytes(torch.device("cpu"))
     if not Path("/proc/meminfo").is_file():
         pytest.skip("reads /proc/meminfo, which this system lacks")
     meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
@@ -298,9 +299,9 @@ def test_a_failing_sweep_and_garbage_collection_delete_the_file(tmp_path):
 
 
 def test_auto_spills_when_memory_is_short_and_refuses_without_room(monkeypatch, tmp_path):
-    import obsdiff.calibrate as C
+    import obsdiff.calibration.calibrate as C
 
-    monkeypatch.setattr(C, "free_bytes", lambda device: 1000)
+    monkeypatch.setattr(C, "available_bytes", lambda device: 1000)
     model = as_loaded(tiny_sd3())
     name = ["transformer_blocks.0.attn.to_q"]
     with calibrators(model, "cached", workdir=tmp_path) as cal:  # cache_spill "auto"

@@ -5,19 +5,14 @@ import time
 import pytest
 import torch
 
-import obsdiff.calibrate as C
-from obsdiff.calibrate import (
-    MemoryCache,
-    SpillCache,
-    calibration_prompts,
-    encode_batches,
-    generic_prompts,
-    make_calibrator,
-)
+import obsdiff.calibration.calibrate as C
+from obsdiff.calibration.caches import MemoryCache, SpillCache
+from obsdiff.calibration.calibrate import encode_batches, make_calibrator
+from obsdiff.calibration.prompts import calibration_prompts, generic_prompts
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
 from obsdiff.errors import ConfigError
-from obsdiff.hessian import HessianAccumulator
-from obsdiff.loading import as_loaded
+from obsdiff.runs.loading import as_loaded
+from obsdiff.solver.hessian import HessianAccumulator
 from tests.conftest import tiny_sd3
 
 CALIB = dict(num_prompts=4, steps=3, guidance=2.0, batch_size=2)

@@ -134,8 +134,8 @@ def test_export_cli_takes_verbosity_after_every_subcommand(tmp_path, root_level)
 
 
 def test_method_and_weighting_are_choices_from_the_registries():
-    from obsdiff.hessian import WEIGHTINGS
-    from obsdiff.methods import METHODS
+    from obsdiff.solver.hessian import WEIGHTINGS
+    from obsdiff.solver.methods import METHODS
 
     text = "".join(run("prune", "--help").output.split())
     assert f"[{'|'.join(METHODS)}]" in text and f"[{'|'.join(WEIGHTINGS)}]" in text
@@ -200,7 +200,7 @@ def test_image_size_rule_is_what_the_pipeline_does(builder, multiple, limit, tmp
     """The rule read from config files matches the pipeline: a valid size comes back as asked; one off the
     multiple is refused by diffusers or comes back another size; one past SD3's position table is refused."""
     import tests.conftest as c
-    from obsdiff.loading import image_size_rule
+    from obsdiff.runs.loading import image_size_rule
 
     pipe = getattr(c, builder)()
     pipe.save_pretrained(tmp_path / "model")

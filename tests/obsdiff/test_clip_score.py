@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from obsdiff.cli import cli
-from obsdiff.evaluate import clip_score
+from obsdiff.eval.evaluate import clip_score
 from tests.conftest import WORDS
 
 

@@ -1,4 +1,4 @@
-"""obsdiff.config and obsdiff.methods: every validation check, the method registry and resolve_calib."""
+"""obsdiff.config and obsdiff.solver.methods: every validation check, the method registry and resolve_calib."""
 
 import dataclasses
 
@@ -15,7 +15,7 @@ from obsdiff.config import (
     resolve_calib,
 )
 from obsdiff.errors import ConfigError
-from obsdiff.methods import METHODS, get_method
+from obsdiff.solver.methods import METHODS, get_method
 
 # one row per PruneConfig check: settings, the start of its one-line message
 BAD_PRUNE = [

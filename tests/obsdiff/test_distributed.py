@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from obsdiff.config import CalibConfig, PruneConfig
-from obsdiff.distributed import (
+from obsdiff.errors import ConfigError
+from obsdiff.pruning.distributed import (
     RankFailed,
     World,
     assign_owners,
@@ -28,9 +29,8 @@ from obsdiff.distributed import (
     share_checkpoint,
     share_work,
 )
-from obsdiff.errors import ConfigError
-from obsdiff.loading import load_pipeline
-from obsdiff.prune import open_checkpoint, prune_
+from obsdiff.pruning.prune import open_checkpoint, prune_
+from obsdiff.runs.loading import load_pipeline
 from tests.conftest import tiny_flux
 
 # One prompt per batch, so each of the two ranks runs two of the four batches.
@@ -74,30 +74,30 @@ def _worker(rank: int, size: int, port: int, dirs: dict, out: str) -> None:
 
 
 def _failing_rank(world: World, model_dir: str, out: Path) -> None:
-    import obsdiff.obs
+    import obsdiff.solver.obs
 
-    original = obsdiff.obs.obs_prune
+    original = obsdiff.solver.obs.obs_prune
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected fault")
 
     if world.rank == 1:
-        obsdiff.obs.obs_prune = broken
+        obsdiff.solver.obs.obs_prune = broken
     try:
         prune_(load_pipeline(model_dir), PruneConfig(sparsity=0.5), CALIB, progress=False, world=world)
         outcome = "no error"
     except Exception as exc:
         outcome = f"{type(exc).__name__}: {exc}"
     finally:
-        obsdiff.obs.obs_prune = original
+        obsdiff.solver.obs.obs_prune = original
     (out / f"fault-{world.rank}.txt").write_text(outcome)
 
 
 def _interrupted_then_resumed(world: World, model_dir: str, out: Path) -> None:
     """Rank 1 fails in the second group's solves; the same world resumes from rank 0's checkpoint."""
-    import obsdiff.obs
+    import obsdiff.solver.obs
 
-    original, saved = obsdiff.obs.obs_prune, []
+    original, saved = obsdiff.solver.obs.obs_prune, []
 
     def fails_after_first_group(*args, **kwargs):
         if saved:
@@ -109,7 +109,7 @@ def _interrupted_then_resumed(world: World, model_dir: str, out: Path) -> None:
     ckpt = open_checkpoint(model, pcfg, CALIB, run, world_size=world.size) if world.is_main else None
     shared = share_checkpoint(world, ckpt)
     if world.rank == 1:  # armed once the first group is stored
-        obsdiff.obs.obs_prune = fails_after_first_group
+        obsdiff.solver.obs.obs_prune = fails_after_first_group
         save_group = shared.save_group
         shared.save_group = lambda *args, **kwargs: (save_group(*args, **kwargs), saved.append(True))
     try:
@@ -120,7 +120,7 @@ def _interrupted_then_resumed(world: World, model_dir: str, out: Path) -> None:
     except RuntimeError as exc:
         assert world.rank == 1 and "crash in group 2" in str(exc)
     finally:
-        obsdiff.obs.obs_prune = original
+        obsdiff.solver.obs.obs_prune = original
     done = share_checkpoint(world, ckpt).done
     model = load_pipeline(model_dir)
     ckpt = open_checkpoint(model, pcfg, CALIB, run, resume=True, world_size=world.size) if world.is_main else None
@@ -300,10 +300,10 @@ def _env(tmp_path: Path, fault: bool = False) -> dict:
         (site / "sitecustomize.py").write_text(
             "import os\n"
             "if os.environ.get('RANK') == '1':\n"
-            "    import obsdiff.obs\n"
+            "    import obsdiff.solver.obs\n"
             "    def broken(*a, **k):\n"
             "        raise RuntimeError('injected fault')\n"
-            "    obsdiff.obs.obs_prune = broken\n")
+            "    obsdiff.solver.obs.obs_prune = broken\n")
         env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
     return env
 
@@ -357,7 +357,7 @@ def test_the_plan_is_one_ranks_share(tiny_sd3_dir):
     from click.testing import CliRunner
 
     from obsdiff.cli import cli
-    from obsdiff.planner import plan_memory, skeleton
+    from obsdiff.planning.planner import plan_memory, skeleton
 
     sketch, weights = skeleton(str(tiny_sd3_dir), "fp32")
     cached = CalibConfig(**{**CALIB.to_dict(), "mode": "cached", "groups": None})

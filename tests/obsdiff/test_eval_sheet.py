@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageFont
 
 from obsdiff.cli import cli
-from obsdiff.sheet import (
+from obsdiff.eval.sheet import (
     FONT_SIZE,
     LARGE,
     MAX_SIDE,

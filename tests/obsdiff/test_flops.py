@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from obsdiff.config import CalibConfig, PruneConfig
-from obsdiff.flops import count_flops, forward_flops
-from obsdiff.loading import as_loaded
-from obsdiff.prune import prune_
-from obsdiff.structured import model_stats
+from obsdiff.pruning.flops import count_flops, forward_flops
+from obsdiff.pruning.prune import prune_
+from obsdiff.pruning.structured import model_stats
+from obsdiff.runs.loading import as_loaded
 from tests.conftest import tiny_flux, tiny_sd3, tiny_sdxl
 
 BUILDERS = {"sd3": tiny_sd3, "flux": tiny_flux, "sdxl": tiny_sdxl}

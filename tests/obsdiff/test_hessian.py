@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from obsdiff.hessian import WEIGHTINGS, HessianAccumulator, timestep_weights
+from obsdiff.solver.hessian import WEIGHTINGS, HessianAccumulator, timestep_weights
 
 
 def test_log_decrease_matches_method_table():
@@ -58,7 +58,7 @@ def test_token_subsampling_is_seeded_and_bounded():
 @pytest.mark.parametrize("d", [255, 256, 300, 512])
 def test_wide_inputs_accumulate_the_lower_triangle_and_read_symmetric(d):
     """From 2 tiles wide, only the lower triangle is multiplied; `H` is the full symmetric running mean."""
-    from obsdiff.hessian import TILE
+    from obsdiff.solver.hessian import TILE
 
     g = torch.Generator().manual_seed(1)
     calls = [(torch.randn(2, 30, d, generator=g, dtype=torch.float64), a) for a in (1.2, 0.9, 1.0)]

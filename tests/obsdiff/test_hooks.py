@@ -4,11 +4,12 @@ where nothing after the cut is read."""
 import pytest
 import torch
 
-from obsdiff.calibrate import calibration_prompts, encode_batches, run_pass
+from obsdiff.calibration.calibrate import encode_batches, run_pass
+from obsdiff.calibration.hooks import CallCut, HessianHooks, LastStepCut, StepCounter, StopPass
+from obsdiff.calibration.prompts import calibration_prompts
 from obsdiff.config import CalibConfig, resolve_calib
-from obsdiff.hessian import HessianAccumulator, timestep_weights
-from obsdiff.hooks import CallCut, HessianHooks, LastStepCut, StepCounter, StopPass
-from obsdiff.loading import as_loaded
+from obsdiff.runs.loading import as_loaded
+from obsdiff.solver.hessian import HessianAccumulator, timestep_weights
 from tests.conftest import tiny_sd3
 
 CALIB = dict(num_prompts=4, steps=3, guidance=2.0, batch_size=2)
@@ -154,7 +155,7 @@ def test_hooks_feed_the_step_weight_and_are_removed_on_exception():
 
 
 def test_input_capture_records_keyword_calls_and_refuses_positional_ones():
-    from obsdiff.hooks import InputCapture
+    from obsdiff.calibration.hooks import InputCapture
 
     class Block(torch.nn.Module):
         def forward(self, hidden_states, scale=1.0):

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from obsdiff.cli import cli
 from obsdiff.errors import ModelLoadError
-from obsdiff.loading import load_pipeline, parse_hub_id, resolve_model
+from obsdiff.runs.hub import parse_hub_id, resolve_model
+from obsdiff.runs.loading import load_pipeline
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 REPO = "tiny-org/tiny-sd3"
@@ -76,7 +77,7 @@ def test_what_counts_as_a_hub_id(ref, expected):
     ({"HUGGINGFACE_HUB_CACHE": "/legacy"}, "/legacy"),
 ])
 def test_the_cache_is_read_from_the_environment_at_call_time(monkeypatch, env, expected):
-    from obsdiff.loading import hub_cache_dir
+    from obsdiff.runs.hub import hub_cache_dir
 
     for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
         monkeypatch.delenv(key, raising=False)
@@ -235,9 +236,9 @@ def test_a_pipeline_object_loaded_from_the_hub_is_recorded_by_id_and_commit(hub,
     from diffusers import DiffusionPipeline
 
     from obsdiff.config import PruneConfig
-    from obsdiff.io import save_run
-    from obsdiff.loading import as_loaded
-    from obsdiff.prune import prune_
+    from obsdiff.pruning.prune import prune_
+    from obsdiff.runs.io import save_run
+    from obsdiff.runs.loading import as_loaded
 
     pipe = DiffusionPipeline.from_pretrained(hub)  # what diffusers records when given the id: the id itself
     pipe.register_to_config(_name_or_path=REPO)

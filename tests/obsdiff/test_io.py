@@ -7,12 +7,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from obsdiff import io
-from obsdiff.artifacts import sha256_file
 from obsdiff.config import PruneConfig
 from obsdiff.errors import ConfigError, ModelLoadError, OutputExistsError
-from obsdiff.loading import load_pipeline
-from obsdiff.prune import prune_
+from obsdiff.pruning.prune import prune_
+from obsdiff.runs import io, rebuild
+from obsdiff.runs.artifacts import sha256_file
+from obsdiff.runs.loading import load_pipeline
 
 TINY_SHARD = "40KB"  # the tiny SD3 denoiser is ~0.2 MB in fp32: several shards
 
@@ -197,7 +197,7 @@ def test_parse_size(text, expected):
 
 @pytest.mark.parametrize("family", ["flux", "sdxl"])
 def test_flux_and_sdxl_structured_runs_rebuild_from_shards(family, tmp_path):
-    from obsdiff.loading import as_loaded
+    from obsdiff.runs.loading import as_loaded
     from tests.conftest import tiny_flux, tiny_sdxl
 
     model = as_loaded({"flux": tiny_flux, "sdxl": tiny_sdxl}[family]())
@@ -206,19 +206,19 @@ def test_flux_and_sdxl_structured_runs_rebuild_from_shards(family, tmp_path):
     run = io.save_run(model, report.to_dict(), tmp_path / "run", max_shard_size="100KB")
     record = io.read_run(run)
     assert len(record["denoiser_shards"]) > 1 and record["weights_dtype"] == "fp32"  # no base on disk: as in memory
-    assert_same_state(model.denoiser, io.build_run_denoiser(run, record, model.family, torch.float32))
+    assert_same_state(model.denoiser, rebuild.build_run_denoiser(run, record, model.family, torch.float32))
 
 
 def test_unsaved_buffers_are_rebuilt_on_the_cpu(tmp_path):
     from diffusers import SD3Transformer2DModel
 
-    from obsdiff.loading import as_loaded
+    from obsdiff.runs.loading import as_loaded
     from tests.conftest import tiny_sd3
 
     config = dict(tiny_sd3().transformer.config) | {"pos_embed_max_size": None}  # position table not saved
     model = as_loaded(tiny_sd3(transformer=SD3Transformer2DModel.from_config(config)))
     assert "pos_embed.pos_embed" not in model.denoiser.state_dict()
     run = io.save_run(model, {}, tmp_path / "run", max_shard_size="40KB")
-    rebuilt = io.build_run_denoiser(run, io.read_run(run), model.family, torch.bfloat16)
+    rebuilt = rebuild.build_run_denoiser(run, io.read_run(run), model.family, torch.bfloat16)
     assert_same_state(model.denoiser.to(torch.bfloat16), rebuilt)
     assert torch.equal(rebuilt.pos_embed.pos_embed, model.denoiser.pos_embed.pos_embed)

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from obsdiff import io
 from obsdiff.config import PruneConfig
 from obsdiff.errors import ModelLoadError
-from obsdiff.loading import load_pipeline
-from obsdiff.prune import prune_
+from obsdiff.pruning.prune import prune_
+from obsdiff.runs import io, rebuild
+from obsdiff.runs.loading import load_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +24,13 @@ def test_unstructured_single_file_round_trip(unstructured_run):
     record = io.read_run(run)
     assert record["format"] == io.FORMAT_VERSION and record["family"] == "sd3" and record["weights_dtype"] == "fp32"
     assert not record.get("shrink_plan") and record["denoiser_file"] == f"denoiser/{io.WEIGHTS_FILE}"
-    state = io.read_run_weights(run, record)
+    state = rebuild.read_run_weights(run, record)
     ours = model.denoiser.state_dict()
     assert state.keys() == ours.keys() and all(torch.equal(state[k], ours[k]) for k in ours)
     pruned = [r["name"] for r in record["layers"]]
     assert pruned and all(
         int((state[f"{n}.weight"] == 0).sum()) == round(0.6 * state[f"{n}.weight"].numel()) for n in pruned)
-    rebuilt = io.build_run_denoiser(run, record, model.family, torch.float32)
+    rebuilt = rebuild.build_run_denoiser(run, record, model.family, torch.float32)
     assert all(torch.equal(rebuilt.state_dict()[k], ours[k]) for k in ours)
 
 
@@ -77,9 +77,9 @@ def test_a_replaced_weight_file_fails_its_hash(unstructured_run, tmp_path):
     save_file(state, str(swapped / "denoiser" / io.WEIGHTS_FILE))
     record = io.read_run(swapped)
     with pytest.raises(ModelLoadError, match=rf"{io.WEIGHTS_FILE} does not match the hash in obsdiff\.json"):
-        io.read_run_weights(swapped, record)
+        rebuild.read_run_weights(swapped, record)
     with pytest.raises(ModelLoadError, match="does not match the hash"):
-        io.build_run_denoiser(swapped, record, model.family, torch.float32)
+        rebuild.build_run_denoiser(swapped, record, model.family, torch.float32)
 
 
 def test_base_config_mismatch_names_the_key(unstructured_run, tmp_path):
@@ -89,9 +89,9 @@ def test_base_config_mismatch_names_the_key(unstructured_run, tmp_path):
     config = json.loads((run / "denoiser" / "config.json").read_text())
     (other / "config.json").write_text(json.dumps(config | {"num_layers": 7, "_diffusers_version": "0.0"}))
     with pytest.raises(ModelLoadError, match=r"denoiser config num_layers is 2 in the run and 7 in the base"):
-        io.check_base_matches(run, other, "base-ref")
+        rebuild.check_base_matches(run, other, "base-ref")
     (other / "config.json").write_text(json.dumps(config | {"_diffusers_version": "0.0"}))
-    io.check_base_matches(run, other, "base-ref")  # private keys (versions) do not count
+    rebuild.check_base_matches(run, other, "base-ref")  # private keys (versions) do not count
 
 
 def test_extra_or_missing_tensors_are_refused(unstructured_run, tmp_path):
@@ -107,7 +107,7 @@ def test_extra_or_missing_tensors_are_refused(unstructured_run, tmp_path):
         edit_record(odd, denoiser_sha256=None, denoiser_shards=None)  # as if unhashed: reach the key check
         expected = "extra.weight" if change else "proj_out.bias"
         with pytest.raises(ModelLoadError, match=rf"does not fit its base model \({name} {expected}\)"):
-            io.build_run_denoiser(odd, io.read_run(odd), model.family, torch.float32)
+            rebuild.build_run_denoiser(odd, io.read_run(odd), model.family, torch.float32)
 
 
 def test_plan_shards_is_greedy_and_gives_a_big_tensor_its_own_shard():

@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 import obsdiff
-from obsdiff.calibrate import Calibrator, calibration_prompts
+from obsdiff.calibration.calibrate import Calibrator
+from obsdiff.calibration.prompts import calibration_prompts
 from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.errors import ConfigError, ObsdiffError, OutputExistsError
-from obsdiff.resume import staging_dir
+from obsdiff.pruning.resume import staging_dir
 from tests.obsdiff.test_resume import without_timings
 
 PRUNE = PruneConfig(sparsity=0.5)
@@ -32,7 +33,7 @@ def test_plan_only_loads_nothing_and_writes_nothing(tiny_sd3_dir, tmp_path, monk
     def no_load(*args, **kwargs):
         raise AssertionError("a plan loads no weights")
 
-    monkeypatch.setattr("obsdiff.loading.load_pipeline", no_load)
+    monkeypatch.setattr("obsdiff.runs.loading.load_pipeline", no_load)
     result = obsdiff.run_prune(str(tiny_sd3_dir), PRUNE, CALIB, tmp_path / "run", dry_run=True, **CPU)
     assert result.report is None and result.out is None and result.is_main
     assert len(result.plan.groups) == 2 and result.plan.peak["cpu"] > 0

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from obsdiff.errors import ModelLoadError
-from obsdiff.loading import load_pipeline, resolve_model
+from obsdiff.runs.hub import resolve_model
+from obsdiff.runs.loading import load_pipeline
 
 
 def test_loads_a_pipeline_directory(tiny_sd3_dir):

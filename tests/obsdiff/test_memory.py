@@ -12,10 +12,12 @@ from click.testing import CliRunner
 from obsdiff.cli import cli
 from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.errors import ConfigError
-from obsdiff.loading import as_loaded
-from obsdiff.memory import FusedAttention, GiB, _allocates, _LiveBytes, check_fits, component_bytes, profile_forward
-from obsdiff.planner import choose_groups, plan_memory, skeleton
-from obsdiff.prune import prune_
+from obsdiff.planning.memory import GiB, check_fits
+from obsdiff.planning.planner import choose_groups, plan_memory, skeleton
+from obsdiff.planning.profile import FusedAttention, _allocates, _LiveBytes, profile_forward
+from obsdiff.planning.sizes import component_bytes
+from obsdiff.pruning.prune import prune_
+from obsdiff.runs.loading import as_loaded
 from tests.conftest import tiny_flux, tiny_sd3
 
 CALIB = dict(num_prompts=4, steps=2, batch_size=2, guidance=2.0)
@@ -34,7 +36,7 @@ def test_meta_forward_sees_the_real_input_shapes(make):
         d(**inputs, return_dict=False)
     for h in handles:
         h.remove()
-    from obsdiff.memory import meta_twin
+    from obsdiff.planning.profile import meta_twin
 
     twin = meta_twin(d)
     profile = profile_forward(twin, {k: v.to("meta") for k, v in inputs.items()})
@@ -88,7 +90,7 @@ def test_planned_hessian_and_cache_bytes_are_what_the_prune_holds(mode, prune):
 
 
 def test_skeleton_reads_sizes_from_disk_without_loading(tiny_sd3_dir):
-    from obsdiff.loading import load_pipeline
+    from obsdiff.runs.loading import load_pipeline
 
     sketch, weights = skeleton(str(tiny_sd3_dir), "fp32")
     assert all(p.is_meta for p in sketch.denoiser.parameters())

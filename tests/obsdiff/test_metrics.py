@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from obsdiff import metrics as M
+from obsdiff.eval import metrics as M
 
 
 def test_frechet_distance_closed_form_for_diagonal_gaussians():

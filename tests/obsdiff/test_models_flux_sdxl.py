@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from obsdiff.calibration.hooks import StepCounter
 from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.errors import UnsupportedModelError
-from obsdiff.hooks import StepCounter
 from obsdiff.models import family_for_pipeline, get_family
-from obsdiff.prune import prune_
+from obsdiff.pruning.prune import prune_
 from tests.conftest import FLUX_MSL, tiny_flux, tiny_sdxl
 
 GUIDANCE = {"flux": 3.5, "sdxl": 5.0}

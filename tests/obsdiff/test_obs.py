@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from obsdiff.obs import (
+from obsdiff.solver.obs import (
     CholeskyError,
     damped_inverse_cholesky,
     layer_errors,

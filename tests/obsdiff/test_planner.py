@@ -12,13 +12,15 @@ import torch
 from click.testing import CliRunner
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import obsdiff.prune as P
+import obsdiff.pruning.prune as P
 from obsdiff.cli import cli
 from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.errors import ConfigError
-from obsdiff.loading import as_loaded
-from obsdiff.memory import SOLVE_COPIES, GiB, _allocates, _LiveBytes, component_bytes
-from obsdiff.planner import choose_groups, plan_memory
+from obsdiff.planning.memory import SOLVE_COPIES, GiB
+from obsdiff.planning.planner import choose_groups, plan_memory
+from obsdiff.planning.profile import _allocates, _LiveBytes
+from obsdiff.planning.sizes import component_bytes
+from obsdiff.runs.loading import as_loaded
 from tests.conftest import tiny_flux, tiny_sd3
 
 CALIB = dict(num_prompts=4, steps=2, batch_size=2, guidance=2.0)

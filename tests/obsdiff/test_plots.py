@@ -9,7 +9,7 @@ from PIL import Image
 
 from obsdiff.cli import cli
 from obsdiff.errors import MissingDependencyError, ModelLoadError, OutputExistsError
-from obsdiff.plots import block_of, kept_structures, layer_errors, short_block, write_run_plots
+from obsdiff.eval.plots import block_of, kept_structures, layer_errors, short_block, write_run_plots
 
 FAST = ["--num-prompts", "2", "--steps", "2", "--batch-size", "2", "--groups", "1"]
 
@@ -150,7 +150,7 @@ def test_prune_succeeds_when_plots_fail(fault, message, tiny_sd3_dir, tmp_path, 
         monkeypatch.setitem(sys.modules, "matplotlib", None)
         monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     else:
-        monkeypatch.setattr("obsdiff.plots.plot_layer_errors", crash)
+        monkeypatch.setattr("obsdiff.eval.plots.plot_layer_errors", crash)
     out = tmp_path / "run"
     r = run("prune", "--model", tiny_sd3_dir, "--sparsity", "0.5", *FAST, "--out", out)
     assert r.exit_code == 0, r.output

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from obsdiff.cli import cli
 from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.errors import ConfigError, OutputExistsError
-from obsdiff.prune import open_checkpoint, prune_
-from obsdiff.resume import Checkpoint, first_difference, staging_dir
+from obsdiff.pruning.prune import open_checkpoint, prune_
+from obsdiff.pruning.resume import Checkpoint, first_difference, staging_dir
 from tests.conftest import tiny_flux, tiny_sd3
 
 TIMINGS = {"seconds", "calib_seconds", "prune_seconds", "encode_seconds", "total_seconds", "solve_seconds",
@@ -92,7 +92,7 @@ class Stop(Exception):
 
 def interrupted_then_resumed(make_model, prune, calib, out, stop_after: int, monkeypatch):
     """Prune with a checkpoint, stop it when group `stop_after` asks for Hessians, resume in a fresh model."""
-    from obsdiff.calibrate import CachedCalibrator, Calibrator
+    from obsdiff.calibration.calibrate import CachedCalibrator, Calibrator
 
     model = make_model()
     ckpt = open_checkpoint(model, prune, calib, out)

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from obsdiff.errors import ModelLoadError
-from obsdiff.loading import as_loaded
 from obsdiff.models import Slice, StructureGroup
-from obsdiff.shrink import (
+from obsdiff.runs.loading import as_loaded
+from obsdiff.runs.shrink import (
     plan_to_json,
     removed_indices,
     replay_plan_,

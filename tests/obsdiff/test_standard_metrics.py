@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from obsdiff.cli import cli
 from obsdiff.errors import ConfigError, MissingDependencyError, ModelLoadError
-from obsdiff.evaluate import EvalConfig, clip_features, clip_score, evaluate, load_clip
-from obsdiff.standard_metrics import INCEPTION_FILE, inception_weights, require_fidelity, standard_metrics
+from obsdiff.eval.evaluate import EvalConfig, clip_features, clip_score, evaluate, load_clip
+from obsdiff.eval.standard_metrics import INCEPTION_FILE, inception_weights, require_fidelity, standard_metrics
 from tests.obsdiff.test_clip_score import tiny_clip_dir  # noqa: F401  (a fixture)
 
 

@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from obsdiff import obs
 from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.errors import ConfigError, ModelLoadError
-from obsdiff.io import save_run
-from obsdiff.loading import load_pipeline
 from obsdiff.models import family_for_pipeline
-from obsdiff.prune import prune_
-from obsdiff.shrink import removed_indices, shrink_
+from obsdiff.pruning.prune import prune_
+from obsdiff.runs.io import save_run
+from obsdiff.runs.loading import load_pipeline
+from obsdiff.runs.shrink import removed_indices, shrink_
+from obsdiff.solver import obs
 from tests.conftest import outputs_before_and_after_reload, tiny_flux, tiny_sd3, tiny_sdxl
 from tests.obsdiff.test_shrink import zeroed_copy
 
@@ -102,7 +102,7 @@ class ShrinkSpy:
     sliced away) and what shrinking keeps."""
 
     def __init__(self, monkeypatch):
-        import obsdiff.structured as S
+        import obsdiff.pruning.structured as S
 
         real = S.shrink_
         self.before, self.groups, self.kept = None, None, None
@@ -259,7 +259,7 @@ def test_structured_prune_other_families(name, monkeypatch):
 
 
 def test_allocate_spends_the_budget_where_it_is_cheapest():
-    from obsdiff.allocation import allocate
+    from obsdiff.pruning.allocation import allocate
 
     curves = {"a": [0.0, 0.1, 0.5, 2.0], "b": [0.0, 0.01, 0.02, 0.03], "c": [0.0, 1.0]}
     taken = allocate(curves, {"a": 1, "b": 1, "c": 1}, budget=4)
@@ -269,7 +269,7 @@ def test_allocate_spends_the_budget_where_it_is_cheapest():
 
 
 def test_cost_curve_is_increasing_from_zero():
-    from obsdiff.allocation import cost_curve
+    from obsdiff.pruning.allocation import cost_curve
 
     W, H = problem(d_out=4, d_in=16, seed=3)
     state = obs.ReaderState.create(W, H, 0.01)
