@@ -36,19 +36,19 @@ def skeleton(ref: str, dtype: str | torch.dtype = "fp32") -> tuple[LoadedModel, 
     """
     from obsdiff.runs.loading import load_denoiser, quiet_libraries
 
-    dtype = torch_dtype(dtype) if isinstance(dtype, str) else dtype
-    denoiser, family, info = load_denoiser(ref, dtype, "cpu", weights=False)
+    dtype = torch_dtype(dtype)
+    found = load_denoiser(ref, dtype, "cpu", weights=False)
+    family = found.family
     with quiet_libraries():  # diffusers warns about casting with `to()`
-        denoiser = denoiser.to(dtype)
-    base = Path(info["path"])
+        denoiser = found.denoiser.to(dtype)
+    base = Path(found.path)
     vae_cfg = _read_json(base / "vae" / "config.json")
     sample_size = denoiser.config.get("sample_size", 128)
     pipeline = SimpleNamespace(
         **{family.denoiser_attr: denoiser}, vae_scale_factor=2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1),
-        tokenizer=SimpleNamespace(model_max_length=info["tokenizer_max_length"].get("tokenizer", 77)),
+        tokenizer=SimpleNamespace(model_max_length=found.tokenizer_max_length.get("tokenizer", 77)),
         default_sample_size=sample_size if isinstance(sample_size, int) else 128)
-    model = LoadedModel(ref=ref, path=base, pipeline=pipeline, family=family, builtin=info["builtin"],
-                        generation_defaults=info["generation_defaults"], run=info["run"])
+    model = found.with_pipeline(pipeline)
     return model, disk_component_bytes(base, dtype)
 
 
