@@ -67,7 +67,7 @@ def test_seeded_weights_are_reproducible():
 _GENERATE = """
 import json, sys, time, torch
 torch.set_num_threads(1)
-from obsdiff.planning.memory import peak_rss  # VmHWM: ru_maxrss would include the parent's size at fork
+from obsdiff.devices import peak_rss  # VmHWM: ru_maxrss would include the parent's size at fork
 from obsdiff.testing import sized_pipeline
 name, layers, single, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3], getattr(torch, sys.argv[4])
 t0 = time.perf_counter()
