@@ -32,10 +32,12 @@ BASELINE_COMMIT = "7b6eeef"
 MODES = {"rerun": {"groups": 4}, "cached": {"mode": "cached"}}  # labels: "rerun, 4 groups", "cached, per block"
 QUICK_CALIB = {"num_prompts": 16, "steps": 6}
 
-# cProfile function names -> the share they measure (cumulative seconds; forwards = calibration - the rest)
+# cProfile (file name ending(s), function names) -> the share they measure (cumulative seconds; forwards =
+# calibration - the rest)
 PROFILE_PARTS = {"hessian": ("hessian.py", "add"), "solve": ("obs.py", "obs_prune"),
                  "error report": ("obs.py", "reconstruction_error"), "encode": ("calibrate.py", "encode_batches"),
-                 "calibration": ("calibrate.py", "hessians"), "io": ("calibrate.py", ("read", "write", "append"))}
+                 "calibration": ("calibrate.py", "hessians"),
+                 "io": (("caches.py", "calibrate.py"), ("read", "write", "append"))}  # the baseline: in calibrate.py
 
 
 # ------------------------------------------------------------------------------------------ worker side
@@ -47,8 +49,13 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(1)
     from obsdiff.config import CalibConfig, PruneConfig
-    from obsdiff.pruning.prune import prune_
-    from obsdiff.runs.loading import load_pipeline
+
+    try:  # the current layout
+        from obsdiff.pruning.prune import prune_
+        from obsdiff.runs.loading import load_pipeline
+    except ImportError:  # the baseline commit's, before the subpackages
+        from obsdiff.loading import load_pipeline
+        from obsdiff.prune import prune_
 
     model = load_pipeline("builtin:digits")
     prune_cfg, calib = PruneConfig(sparsity=0.5), CalibConfig(**spec["calib"])

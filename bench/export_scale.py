@@ -12,9 +12,10 @@ precision and code version, each export in a fresh child process:
 Peak RSS is the child's `ru_maxrss` (os.wait4), broken down by export phase by a sampler thread in the child
 (VmRSS every 50 ms, attributed to the export function running). The exported weight size is the ONNX
 `.data` file; the target is a peak of at most 2x that. `--before REV` runs `export/` as it was at git
-revision REV (extracted to a temporary package) on the same run, for the before/after table. Parity runs
-at small shapes (16..64 latent pixels, 32..128 text tokens) so its torch and onnxruntime forwards stay
-short on a CPU; the shapes do not change the weights, which set the memory.
+revision REV (extracted to a temporary package) on the same run, for the before/after table; REV must import
+the core as it is laid out now (obsdiff.runs, obsdiff.solver, ...: the subpackages' commit or a later one).
+Parity runs at small shapes (16..64 latent pixels, 32..128 text tokens) so its torch and onnxruntime forwards
+stay short on a CPU; the shapes do not change the weights, which set the memory.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ("docs/method.md", "docs/architecture.md")
 SUFFIXES = {".py", ".md", ".toml", ".sh"}
 NAMES = {"Makefile"}
-# Folders that are not the project's own text: environments, caches, build and run outputs (see .gitignore).
+# Folders that are not the project's own text: environments, caches, build and run outputs (see .gitignore;
+# `obsdiff/runs/` is the subpackage, not output).
 SKIP_DIRS = {"__pycache__", "runs", "build", "dist", "tmp", "gpu_check_out", "wheels"}
 CITATION = re.compile(r"(?<![\w./-])([\w.][\w./-]*\.md)(?:#([\w-]+))?(?![\w/])")
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
@@ -36,7 +37,8 @@ def project_files(root: Path = ROOT) -> list[Path]:
     found = []
     for folder, dirs, files in os.walk(root):
         # pruned in place, so walking never enters .venv or .git
-        dirs[:] = [d for d in dirs if not (d.startswith(".") or d in SKIP_DIRS or d.endswith(".egg-info"))]
+        dirs[:] = [d for d in dirs if not (d.startswith(".") or d in SKIP_DIRS or d.endswith(".egg-info"))
+                   or Path(folder, d) == root / "obsdiff" / "runs"]  # the obsdiff.runs subpackage is source
         found += [Path(folder, f) for f in files if Path(f).suffix in SUFFIXES or f in NAMES]
     return sorted(found)
 
