@@ -229,3 +229,43 @@ def test_no_module_is_longer_than_it_can_be_read():
     long = sorted(f"{m} ({len(p.read_text().splitlines())} lines)" for m, p in modules.items()
                   if len(p.read_text().splitlines()) > MAX_LINES and m not in LONG_MODULES)
     assert long == [], f"split these modules (at most {MAX_LINES} lines): {', '.join(long)}"
+
+
+def _top_level_names(path: Path) -> set[str]:
+    """Names a module defines at top level (functions, classes, assignments, also under if/try/with)."""
+    names: set[str] = set()
+
+    def visit(body) -> None:
+        for node in body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+            elif isinstance(node, ast.If | ast.Try | ast.With):
+                for part in (node.body, getattr(node, "orelse", []), getattr(node, "finalbody", []),
+                             *[h.body for h in getattr(node, "handlers", [])]):
+                    visit(part)
+
+    visit(ast.parse(path.read_text()).body)
+    return names
+
+
+def test_core_names_are_imported_from_where_they_are_defined():
+    """No re-exports in the core: `from obsdiff.x import name` names something `obsdiff.x` defines (or one of its
+    submodules), in the code, tests, benchmarks and tools. `obsdiff.models` is the family package's own API."""
+    modules = module_files()
+    defined: dict[str, set[str]] = {}
+    wrong = []
+    for folder in (*PACKAGES.values(), ROOT / "tests", ROOT / "bench", ROOT / "tools"):
+        for path in sorted(folder.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if not (isinstance(node, ast.ImportFrom) and not node.level and node.module in modules):
+                    continue
+                module = node.module
+                if module.startswith(("obsdiff.export", "obsdiff.engines", "obsdiff.models")) or module == "obsdiff":
+                    continue
+                names = defined.setdefault(module, _top_level_names(modules[module]))
+                wrong += [f"{path.relative_to(ROOT)}:{node.lineno}: {module}.{a.name}" for a in node.names
+                          if a.name not in names and f"{module}.{a.name}" not in modules]
+    assert wrong == [], "import these from the module that defines them: " + "; ".join(wrong)

@@ -10,7 +10,7 @@ Two calibrators fill Hessians for a group of linears (docs/method.md#group-wise-
 - `CachedCalibrator` ("cached", SparseGPT-style): one pipeline run caches the inputs of the first selected
   block for every (prompt batch, step); each group then runs only its own blocks on those inputs, which are
   carried forward through pruned blocks. The trajectory stays the dense model's. A cache that does not fit
-  in memory spills to a file in the prune's working directory.
+  in memory spills to a file in the prune's working directory (`caches`).
 
 Both stop a pipeline call in its last step once every hook of the group has fired (the rest of that step
 only computes output latents, which calibration never reads). Calibrators are context managers: `close()`

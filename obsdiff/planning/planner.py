@@ -77,7 +77,7 @@ def group_units(model: LoadedModel, prune: PruneConfig, calib: CalibConfig) -> l
 
 
 def forward_profile(model: LoadedModel, prune: PruneConfig, calib: CalibConfig) -> ForwardProfile:
-    """One calibration call of `model`'s denoiser, measured on its meta twin (`memory.profile_forward`); nothing
+    """One calibration call of `model`'s denoiser, measured on its meta twin (`profile.profile_forward`); nothing
     for a method that calibrates nothing (it never runs the denoiser)."""
     if not prune.needs_calibration:
         return ForwardProfile({}, 0, 0)

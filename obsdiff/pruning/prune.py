@@ -5,7 +5,7 @@ tensor and so share one Hessian), listed in forward order and split into G conti
 `session.PruningSession` runs in turn: calibrate the current model, solve every unit of the group with the
 method (`UnitStrategy`), store the group. Structured sparsity plugs into the same session with
 `structured.StructureStrategy`. How a group is calibrated (re-running the pipeline, or cached block inputs)
-is the calibrator's business (calibrate.py).
+is the calibrator's business (`calibration.calibrate`).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ or, for a denoiser over the shard size, the diffusers sharded layout:
     runs/NAME/denoiser/diffusion_pytorch_model.safetensors.index.json
 
 Weights are stored in the base model's dtype unless asked otherwise (`weights_dtype` in obsdiff.json),
-with a sha256 per file. Loading builds the base architecture on the meta device and loads the weights
-shard by shard, strictly (every key, every shape), so no second full copy is ever held.
+with a sha256 per file. Loading (`rebuild.build_run_denoiser`) builds the base architecture on the meta device
+and loads the weights shard by shard, strictly (every key, every shape), so no second full copy is ever held.
 Format 1 runs (one file, no per-shard hashes) still load. `base` (how to find the base model again: hub id and
 commit, or a path relative to the run) was added within format 2; runs without it resolve `base_model` alone.
 """

@@ -9,3 +9,15 @@ def test_core_import_is_light():
             "'obsdiff.export', 'obsdiff.engines') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_public_name_comes_from_the_module_that_defines_it():
+    """`obsdiff.<name>` resolves, through the module the API table names, to that module's own definition."""
+    import importlib
+
+    import obsdiff
+
+    for name, module in obsdiff._API.items():
+        value = getattr(obsdiff, name)
+        assert value is getattr(importlib.import_module(module), name)
+        assert value.__module__ == module, f"obsdiff.{name} is defined in {value.__module__}, not {module}"
