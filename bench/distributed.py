@@ -178,7 +178,9 @@ def measured_tables(rows: list[dict]) -> str:
 
 def group_units(model, prune: PruneConfig, calib: CalibConfig) -> list[list[tuple[str, ...]]]:
     """The prune's units (linears sharing one Hessian) in its calibration groups, as `obsdiff prune` splits them."""
-    from obsdiff.prune import block_positions, calibration_chunks, plan_units, select_blocks
+    from obsdiff.calibrate import block_positions
+    from obsdiff.prune import plan_units
+    from obsdiff.records import calibration_chunks, select_blocks
 
     units, _ = plan_units(model, prune)
     blocks = select_blocks(model.family.blocks(model.denoiser), prune.blocks)

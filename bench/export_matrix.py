@@ -42,11 +42,11 @@ OTHER_HALF = {"fp16": "bf16", "bf16": "fp16"}
 
 BUILD = """
 import sys, torch
-from obsdiff.loading import parse_dtype
+from obsdiff.devices import torch_dtype
 from obsdiff.testing import sized_pipeline
 name, dtype, width, out = sys.argv[1:5]
 single = 1 if name.startswith("flux") else None
-pipe = sized_pipeline(name, num_layers=1, num_single_layers=single, dtype=parse_dtype(dtype), width=width)
+pipe = sized_pipeline(name, num_layers=1, num_single_layers=single, dtype=torch_dtype(dtype), width=width)
 pipe.save_pretrained(out, safe_serialization=True)
 """
 

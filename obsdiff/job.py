@@ -156,9 +156,8 @@ def _plan(model: str | LoadedModel, prune: PruneConfig, calib: CalibConfig, out:
     """Validate everything and plan, before the load: bad input fails at once and writes nothing."""
     from obsdiff.artifacts import check_writable
     from obsdiff.calibrate import read_prompts
-    from obsdiff.devices import dtype_name
+    from obsdiff.devices import dtype_name, torch_dtype
     from obsdiff.io import check_can_save
-    from obsdiff.loading import parse_dtype
     from obsdiff.memory import check_fits
     from obsdiff.planner import choose_groups, plan_memory, skeleton
     from obsdiff.resume import Checkpoint
@@ -178,7 +177,7 @@ def _plan(model: str | LoadedModel, prune: PruneConfig, calib: CalibConfig, out:
         Checkpoint.check_leftover(out, resume=resume, force=force)
     # From configs and safetensors headers (a skeleton) for a reference; under torchrun the plan is one rank's.
     if isinstance(model, str):
-        name = dtype_name(parse_dtype(dtype or "auto", device))  # auto follows the device
+        name = dtype_name(torch_dtype(dtype or "auto", device))  # auto follows the device
         sketch, weights = skeleton(model, name)
     else:
         name, sketch, weights = dtype_name(model.denoiser.dtype), model, None

@@ -15,9 +15,10 @@ from types import SimpleNamespace
 
 import torch
 
+from obsdiff import devices
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
 from obsdiff.errors import ConfigError, ObsdiffError
-from obsdiff.loading import LoadedModel, parse_dtype
+from obsdiff.loading import LoadedModel
 from obsdiff.memory import (
     ForwardProfile,
     GiB,
@@ -30,7 +31,8 @@ from obsdiff.memory import (
     plan_groups,
     profile_forward,
 )
-from obsdiff.prune import make_strategy, select_blocks
+from obsdiff.prune import make_strategy
+from obsdiff.records import select_blocks
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +45,19 @@ def skeleton(ref: str, dtype: str | torch.dtype = "fp32") -> tuple[LoadedModel, 
     """
     from obsdiff.loading import load_denoiser, quiet_libraries
 
-    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    denoiser, family, info = load_denoiser(ref, torch_dtype, "cpu", weights=False)
+    torch_dtype = devices.torch_dtype(dtype)
+    found = load_denoiser(ref, torch_dtype, "cpu", weights=False)
+    family = found.family
     with quiet_libraries():  # diffusers warns about casting with `to()`
-        denoiser = denoiser.to(torch_dtype)
-    base = Path(info["path"])
+        denoiser = found.denoiser.to(torch_dtype)
+    base = Path(found.path)
     vae_cfg = _read_json(base / "vae" / "config.json")
     sample_size = denoiser.config.get("sample_size", 128)
     pipeline = SimpleNamespace(
         **{family.denoiser_attr: denoiser}, vae_scale_factor=2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1),
-        tokenizer=SimpleNamespace(model_max_length=info["tokenizer_max_length"].get("tokenizer", 77)),
+        tokenizer=SimpleNamespace(model_max_length=found.tokenizer_max_length.get("tokenizer", 77)),
         default_sample_size=sample_size if isinstance(sample_size, int) else 128)
-    model = LoadedModel(ref=ref, path=base, pipeline=pipeline, family=family, builtin=info["builtin"],
-                        generation_defaults=info["generation_defaults"], run=info["run"])
+    model = found.with_pipeline(pipeline)
     return model, disk_component_bytes(base, torch_dtype)
 
 
@@ -89,7 +91,7 @@ def forward_profile(model: LoadedModel, prune: PruneConfig, calib: CalibConfig) 
     if not prune.needs_calibration:
         return ForwardProfile({}, 0, 0)
     calib = resolve_calib(calib, model.builtin, prune.method)
-    twin = meta_twin(model.denoiser, (model.run or {}).get("shrink_plan"), model.family)
+    twin = meta_twin(model.denoiser, model.run.shrink_plan if model.run else None, model.family)
     rows = calib.batch_size * model.family.guidance_rows(calib.guidance)
     h, w = calibration_latent_size(model, calib)
     msl = model.generation_defaults.get("max_sequence_length")
@@ -120,7 +122,7 @@ def plan_memory(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | Non
         device = torch.device("cpu")
     dev = "cpu" if device.type == "cpu" else str(device)
     weights = weights if weights is not None else component_bytes(model.pipeline)
-    twin = meta_twin(denoiser, (model.run or {}).get("shrink_plan"), model.family)
+    twin = meta_twin(denoiser, model.run.shrink_plan if model.run else None, model.family)
     profile = profile or forward_profile(model, prune, calib)
     shapes = {n: (m.out_features, m.in_features) for n, m in twin.named_modules() if isinstance(m, torch.nn.Linear)}
     batches = math.ceil(math.ceil(calib.num_prompts / calib.batch_size) / world_size)  # the busiest rank's share
@@ -163,7 +165,6 @@ def load_extra_bytes(model: LoadedModel, device: str, loaded: bool) -> int:
     converted copy is built. A CPU load in the dtype the checkpoint stores uses the mapped pages as the weights
     themselves (nothing extra); a model that is already loaded has nothing left to load."""
     from obsdiff.io import stored_dtype
-    from obsdiff.loading import parse_dtype
 
     if loaded or not Path(model.path).is_dir():
         return 0
@@ -171,7 +172,7 @@ def load_extra_bytes(model: LoadedModel, device: str, loaded: bool) -> int:
         stored = stored_dtype(Path(model.path) / model.family.denoiser_attr)
     except ObsdiffError:
         stored = None
-    if device == "cpu" and stored is not None and parse_dtype(stored) == model.denoiser.dtype:
+    if device == "cpu" and stored is not None and devices.torch_dtype(stored) == model.denoiser.dtype:
         return 0
     return largest_file_bytes(model.path)
 

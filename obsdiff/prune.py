@@ -17,23 +17,13 @@ import torch
 from torch import nn
 
 from obsdiff import obs
-from obsdiff.calibrate import Calibrator, block_positions  # noqa: F401 (re-exported: API)
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
 from obsdiff.distributed import World
 from obsdiff.errors import ConfigError
 from obsdiff.hessian import HessianAccumulator
 from obsdiff.loading import LoadedModel, as_loaded
-from obsdiff.records import (  # noqa: F401 (re-exported: the records' historical home)
-    GroupRecord,
-    LayerRecord,
-    PruneError,
-    PruneReport,
-    Unit,
-    calibration_chunks,
-    select_blocks,
-    split_groups,
-)
-from obsdiff.resume import Checkpoint
+from obsdiff.records import LayerRecord, PruneError, PruneReport, Unit, calibration_chunks, select_blocks
+from obsdiff.resume import Checkpoint, CheckpointLike
 from obsdiff.session import Group, PruningSession, Strategy, Work
 from obsdiff.structured import StructureStrategy
 
@@ -153,7 +143,8 @@ def make_strategy(model: LoadedModel, prune: PruneConfig, calib: CalibConfig) ->
 
 
 def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = None,
-           progress: bool = True, checkpoint: Checkpoint | None = None, world: World | None = None) -> PruneReport:
+           progress: bool = True, checkpoint: CheckpointLike | None = None, world: World | None = None
+           ) -> PruneReport:
     """Prune `model`'s denoiser in place and return the report. Unstructured and N:M sparsity never change
     shapes; structured sparsity shrinks the pruned linears at the end.
 

@@ -27,7 +27,7 @@ from obsdiff.hessian import HessianAccumulator
 from obsdiff.loading import LoadedModel
 from obsdiff.memory import text_encoders_parked
 from obsdiff.records import PruneReport, Unit, select_blocks
-from obsdiff.resume import Checkpoint
+from obsdiff.resume import CheckpointLike
 
 
 @dataclass
@@ -107,7 +107,7 @@ class PruningSession:
     """Runs one prune of `model` with `strategy` (see the module docstring); `run` returns the report."""
 
     def __init__(self, model: LoadedModel, prune: PruneConfig, calib: CalibConfig, strategy: Strategy,
-                 progress: bool = True, checkpoint: Checkpoint | None = None, world: World | None = None):
+                 progress: bool = True, checkpoint: CheckpointLike | None = None, world: World | None = None):
         self.model, self.prune, self.calib, self.strategy = model, prune, calib, strategy
         self.progress, self.checkpoint, self.world = progress, checkpoint, world or World()
         self.report = PruneReport(prune=prune.to_dict(), calib=calib.to_dict(), family=model.family.name,

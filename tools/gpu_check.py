@@ -135,9 +135,9 @@ def main(argv=None) -> int:
     import torch
 
     from obsdiff.artifacts import machine, versions, write_json
+    from obsdiff.devices import torch_dtype
     from obsdiff.engines.bench import BenchConfig, run_bench
     from obsdiff.engines.report import format_bench
-    from obsdiff.loading import parse_dtype
 
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     print(f"environment: {json.dumps(environment())}", flush=True)
 
     t0 = time.perf_counter()
-    dense = build_denoiser(size, blocks, device, parse_dtype(size["dtype"]))
+    dense = build_denoiser(size, blocks, device, torch_dtype(size["dtype"]))
     models, prune_info = pruned_variants(dense)
     print(f"built and pruned 3 variants in {time.perf_counter() - t0:.1f} s (magnitude scores: timing only)",
           flush=True)

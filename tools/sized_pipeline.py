@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from obsdiff.loading import parse_dtype
+from obsdiff.devices import torch_dtype
 from obsdiff.testing import SIZED_MODELS, sized_pipeline
 
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         return 2
     t0 = time.perf_counter()
     pipe = sized_pipeline(args.name, num_layers=args.layers, num_single_layers=args.single_layers,
-                          dtype=parse_dtype(args.dtype), seed=args.seed, width="narrow" if args.narrow else "published")
+                          dtype=torch_dtype(args.dtype), seed=args.seed, width="narrow" if args.narrow else "published")
     denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
     n_params = sum(p.numel() for p in denoiser.parameters())
     t_build = time.perf_counter() - t0

@@ -190,9 +190,9 @@ def test_a_cache_that_cannot_fit_is_refused_at_the_first_call(monkeypatch):
 
 
 def test_free_bytes_reads_available_ram():
-    from obsdiff.calibrate import free_bytes
+    from obsdiff.memory import available_bytes
 
-    free = free_bytes(torch.device("cpu"))
+    free = available_bytes(torch.device("cpu"))
     if not Path("/proc/meminfo").is_file():
         pytest.skip("reads /proc/meminfo, which this system lacks")
     meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
