@@ -54,8 +54,8 @@ def worker(spec: dict) -> dict:
         from obsdiff.pruning.prune import prune_
         from obsdiff.runs.loading import load_pipeline
     except ImportError:  # the baseline commit's, before the subpackages
-        from obsdiff.loading import load_pipeline
-        from obsdiff.prune import prune_
+        from obsdiff.pruning.prune import prune_
+        from obsdiff.runs.loading import load_pipeline
 
     model = load_pipeline("builtin:digits")
     prune_cfg, calib = PruneConfig(sparsity=0.5), CalibConfig(**spec["calib"])

@@ -31,13 +31,15 @@ from pathlib import Path
 
 import torch
 
+from obsdiff.devices import time_call
 from obsdiff.errors import ConfigError
 from obsdiff.runs.artifacts import machine, versions
 
-from .bench_config import SCOPES, BenchConfig  # noqa: F401 (part of this module's API)
+from .bench_config import BenchConfig
 from .pipeline_bench import time_pipeline
-from .runners import InputRanges, RunnerUnavailable, make_runner
-from .timing import Variant, rotated, summarize, time_call, warm
+from .runner_base import InputRanges, RunnerUnavailable
+from .runners import make_runner
+from .timing import Variant, rotated, summarize, warm
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +207,8 @@ def _describe(loaded: dict, reference: str, inputs: dict) -> dict:
         except Exception as exc:  # FLOP counting is informative only
             log.debug("flop count failed for %s: %s", label, exc)
             flops = None
-        run = model.run or {}
         info[label] = {"ref": model.ref, "parameters": parameter_count(den), "flops_per_forward": flops,
-                       "sparsity_type": (run.get("prune") or {}).get("sparsity_type"),
+                       "sparsity_type": model.run.sparsity_type if model.run else None,
                        "reference": label == reference}
     base = info[reference]["flops_per_forward"]
     for rec in info.values():

@@ -91,7 +91,8 @@ def bench(model_or_run: str, json_out: Path | None, plot: Path | None, force: bo
     """Measure latency on every available backend, dense vs pruned."""
     from obsdiff.runs.loading import check_sizes
 
-    from .bench import BenchConfig, run_bench
+    from .bench import run_bench
+    from .bench_config import BenchConfig
     from .report import check_outputs, format_bench, save_bench
 
     check_outputs([json_out, plot], force)

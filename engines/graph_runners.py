@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from obsdiff.devices import DTYPES, dtype_name
-from obsdiff.errors import ConfigError, ObsdiffError
+from obsdiff.errors import ConfigError, ObsdiffError, first_line
+from obsdiff.solver.obs import holds_nm
 
-from .runner_base import InputRanges, Runner, RunnerUnavailable, first_line, is_nm_sparse, model_param, register_runner
+from .runner_base import InputRanges, Runner, RunnerUnavailable, model_param, register_runner
 
 ONNX_INSTALL = 'pip install "obsdiff[onnx]"'
 # preferred first; onnxruntime falls back down the list for nodes (or whole graphs) a provider cannot take
@@ -35,7 +36,8 @@ def onnx_file(onnx: str | Path, model) -> Path:
 def export_denoiser(model, ranges: InputRanges, out_dir: Path) -> Path:
     """Export `model`'s denoiser with obsdiff's exporter for `ranges`; RunnerUnavailable if there is none."""
     try:
-        from obsdiff.export.onnx_export import ExportConfig, export_onnx
+        from obsdiff.export.config import ExportConfig
+        from obsdiff.export.onnx_export import export_onnx
     except ImportError as exc:
         raise RunnerUnavailable(f"no ONNX file given and the ONNX exporter is not available ({first_line(exc)}); "
                                 "pass --onnx DIR from `obsdiff-export onnx`") from None
@@ -52,12 +54,11 @@ def export_denoiser(model, ranges: InputRanges, out_dir: Path) -> Path:
 def check_onnx_matches(spec, model) -> None:
     """Refuse an ONNX exported from another pruned run than `model` (by the recorded denoiser hash)."""
     src_run = ((spec.raw.get("source") or {}).get("run") or {}) if spec.raw else {}
-    model_run = model.run or {}
-    a, b = src_run.get("denoiser_sha256"), model_run.get("denoiser_sha256")
+    a, b = src_run.get("denoiser_sha256"), model.run.denoiser_sha256 if model.run else None
     if a and b and a != b:
         raise ConfigError(f"{spec.path} was exported from another run (denoiser sha256 {a[:12]}...) than "
                           f"{model.ref} ({b[:12]}...); re-export or pass the matching --onnx")
-    if model_run and not src_run:
+    if model.run and not src_run:
         raise ConfigError(f"{spec.path} was exported from a dense model, but {model.ref} is a pruned run; "
                           "export the run itself")
     if src_run and model.run is None and model.ref != src_run.get("path"):
@@ -192,7 +193,8 @@ class TensorRTRunner(_GraphRunner):
         return True, ""
 
     def prepare(self, model, ranges=None) -> None:
-        from .trt import EngineConfig, build_engine, check_engine
+        from .engine_record import check_engine
+        from .trt import EngineConfig, build_engine
         from .trt_runtime import TrtEngine
 
         self._adopt(model)
@@ -212,7 +214,8 @@ class TensorRTRunner(_GraphRunner):
             plan = self._tmp / "denoiser.plan"
             cfg = self.opts.get("engine_config")
             if cfg is None:  # in-memory models have no run record: look at the weights themselves
-                sparse = any(is_nm_sparse(m.weight) for m in model.denoiser.modules() if isinstance(m, nn.Linear))
+                sparse = any(holds_nm(m.weight.detach(), (2, 4)) for m in model.denoiser.modules()
+                             if isinstance(m, nn.Linear))
                 cfg = EngineConfig(sparse_weights=sparse or None)
             record = build_engine(onnx, plan, cfg, force=True)
             self.details["engine"] = "built on the fly"

@@ -9,9 +9,12 @@ from collections.abc import Callable
 
 import torch
 
+from obsdiff.devices import synchronize
+
 from .bench_config import BenchConfig
-from .runners import Runner, RunnerModule
-from .timing import Variant, rotated, sync, warm
+from .runner_base import Runner
+from .runners import RunnerModule
+from .timing import Variant, rotated, warm
 
 
 @contextlib.contextmanager
@@ -24,10 +27,10 @@ def instrumented(model, runner: Runner):
 
     def timed(key: str, fn: Callable) -> Callable:
         def wrapper(*args, **kwargs):
-            sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
-            sync(device)
+            synchronize(device)
             times[key] += time.perf_counter() - t0
             return out
 
@@ -86,10 +89,10 @@ def _time_pipeline_quiet(loaded: dict, variants: list[Variant], shapes: dict, cf
         model = loaded[v.model]
         device = model.denoiser.device
         with instrumented(model, v.runner) as times:
-            sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             out = calls[v.model]()
-            sync(device)
+            synchronize(device)
             times["total"] = time.perf_counter() - t0
         times["other"] = times["total"] - times["text_encoders"] - times["denoiser"] - times["vae_decode"]
         times["images"] = out.images

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from obsdiff.devices import synchronize as sync_device
-from obsdiff.errors import ConfigError, ObsdiffError, first_line  # noqa: F401 (first_line: re-exported)
+from obsdiff.errors import ConfigError, ObsdiffError
 
 RUNNERS: dict[str, type[Runner]] = {}
 
@@ -88,8 +88,3 @@ class Runner(ABC):
         self.device, self.dtype = p.device, p.dtype
 
 
-def is_nm_sparse(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
-    """True if every group of `m` consecutive weights along the input dim has at most `n` non-zeros."""
-    if weight.dim() != 2 or weight.shape[1] % m:
-        return False
-    return bool(((weight.detach().reshape(-1, m) != 0).sum(-1) <= n).all())

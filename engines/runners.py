@@ -20,19 +20,11 @@ import shutil
 import torch
 from torch import nn
 
-from obsdiff.errors import ConfigError
+from obsdiff.errors import ConfigError, first_line
+from obsdiff.solver.obs import holds_nm
 
 from . import graph_runners  # noqa: F401 (registers onnxruntime and tensorrt)
-from .runner_base import (  # noqa: F401 (part of this module's API)
-    RUNNERS,
-    InputRanges,
-    Runner,
-    RunnerUnavailable,
-    first_line,
-    is_nm_sparse,
-    model_param,
-    register_runner,
-)
+from .runner_base import RUNNERS, Runner, RunnerUnavailable, register_runner
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +141,7 @@ class Sparse24Runner(Runner):
 
         module = copy.deepcopy(model.denoiser).eval()
         linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-        eligible = [(n, m) for n, m in linears if is_nm_sparse(m.weight, 2, 4)]
+        eligible = [(n, m) for n, m in linears if holds_nm(m.weight.detach(), (2, 4))]
         if not eligible:
             raise RunnerUnavailable("no linear of this model has 2:4 weights: nothing for sparse tensor cores")
         failed = {}

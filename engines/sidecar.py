@@ -51,21 +51,13 @@ class OnnxSpec:
     @property
     def nm(self) -> tuple[int, int] | None:
         """(N, M) when the source run was N:M pruned, else None."""
-        return parse_nm_type(self.sparsity_type)
+        from obsdiff.solver.obs import parse_nm
+
+        return parse_nm(self.sparsity_type)  # checked by `parse_sidecar`
 
     def profiles(self) -> dict[str, tuple[Shape, Shape, Shape]]:
         """{input name: (min, opt, max)} for every input that has a profile."""
         return {t.name: t.profile for t in self.inputs if t.profile is not None}
-
-
-def parse_nm_type(sparsity_type: str | None) -> tuple[int, int] | None:
-    if not sparsity_type or ":" not in str(sparsity_type):
-        return None
-    n, _, m = str(sparsity_type).partition(":")
-    try:
-        return int(n), int(m)
-    except ValueError:
-        return None
 
 
 def sidecar_path(onnx_path: str | Path) -> Path:
@@ -84,6 +76,16 @@ def _shape(value, key: str, path: Path) -> Shape:
         return tuple(int(v) for v in value)
     except (TypeError, ValueError):
         raise SidecarError(f"{path}: {key} {value!r} is not a list of integers; re-export the model") from None
+
+
+def _check_sparsity_type(sparsity_type, path: Path) -> None:
+    from obsdiff.solver.obs import parse_nm
+
+    try:
+        parse_nm(sparsity_type)
+    except (ValueError, TypeError, AttributeError):
+        raise SidecarError(f"{path}: source.run.prune.sparsity_type {sparsity_type!r} is not a sparsity type "
+                           "obsdiff writes (unstructured, structured or N:M); re-export the model") from None
 
 
 def parse_sidecar(data: dict, path: str | Path = "sidecar") -> OnnxSpec:
@@ -109,6 +111,7 @@ def parse_sidecar(data: dict, path: str | Path = "sidecar") -> OnnxSpec:
         raise SidecarError(f"{path} lists no inputs; re-export the model")
     run = (data.get("source") or {}).get("run") or {}
     sparsity_type = (run.get("prune") or {}).get("sparsity_type") if run else None
+    _check_sparsity_type(sparsity_type, path)
     profile = (data.get("choices") or {}).get("profile") if isinstance(data.get("choices"), dict) else None
     why = profile.get("source") if isinstance(profile, dict) else None
     return OnnxSpec(path=path, inputs=tuple(inputs), outputs=tuple(outputs), sha256=data.get("sha256"),

@@ -7,11 +7,9 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from obsdiff.devices import synchronize as sync  # noqa: F401 (the scopes' name for it)
-from obsdiff.devices import time_call  # noqa: F401 (re-exported to the scopes)
 from obsdiff.errors import first_line
 
-from .runners import Runner
+from .runner_base import Runner
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 weights and a sparse-layer report.
 
     build_engine("runs/x/onnx/transformer.onnx", "transformer.plan", EngineConfig()) -> sidecar dict
-    check_engine("transformer.plan")  # refuses a stale engine (ONNX, TensorRT or GPU changed)
+    engine_record.check_engine("transformer.plan")  # refuses a stale engine (ONNX, TensorRT or GPU changed)
 
 The build is a short sequence of steps, each a function of its own:
 
@@ -43,19 +43,9 @@ from obsdiff.runs.artifacts import check_writable, machine, staged_file, version
 
 from . import trt_env
 from .build_monitor import build_progress, captured_build_log
-from .engine_record import (  # noqa: F401 (part of this module's API)
-    EngineError,
-    StaleEngineError,
-    check_engine,
-    dense_twin_path,
-    engine_sidecar_path,
-    onnx_hashes,
-    read_engine_sidecar,
-    stale_reasons,
-)
+from .engine_record import EngineError, dense_twin_path, engine_sidecar_path, onnx_hashes
 from .sidecar import OnnxSpec, Shape, format_shape, read_onnx_sidecar, sidecar_path
-from .trt_env import NoGpuError, current_environment, require_cuda_gpu, require_tensorrt  # noqa: F401 (API)
-from .trt_rules import (  # noqa: F401 (part of this module's API)
+from .trt_rules import (
     TRT_DTYPE_NAMES,
     FlagPlan,
     config_options,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from obsdiff import errors
+from obsdiff.solver.obs import holds_nm
 
 from . import graph as G
 
@@ -281,11 +282,8 @@ def check_pruned_weights(model, base_dir: str | Path, prefix: str, weights: dict
             continue
         zeros += int((arr == 0).sum())
         total += arr.size
-        if nm is not None:
-            n, m = nm
-            out_f, in_f = arr.shape
-            if in_f % m or int(((arr.reshape(out_f, in_f // m, m) != 0).sum(-1) > n).sum()):
-                violating.append(module)
+        if nm is not None and not holds_nm(arr, nm):
+            violating.append(module)
     record = {"checked": len(weights) - len(missing), "missing": len(missing), "mismatched": len(mismatched),
               "violating": len(violating) if nm else None, "pattern": f"{nm[0]}:{nm[1]}" if nm else None,
               "found_via": via, "zero_fraction": zeros / total if total else None}
@@ -346,8 +344,7 @@ def nm_crosscheck(path: str | Path, nm: tuple[int, int], expected: int, polygrap
                 holds = sparse.process_tensor(p, numpy_helper.from_array(arr.astype(np.float32, copy=False),
                                                                          p.name), True)
         else:
-            groups = np.moveaxis(arr, p.axis, -1).reshape(-1, arr.shape[p.axis] // m, m)
-            holds = bool(((groups != 0).sum(-1) <= n).all())
+            holds = holds_nm(np.moveaxis(arr, p.axis, -1), nm)
         del arr
         if holds:
             sparse_names.append(p.name)

@@ -68,7 +68,8 @@ def onnx(model_or_run: str, out: Path, force: bool, as_json: bool, **kwargs) -> 
     """Export a model or pruned run to ONNX, with parity and N:M checks."""
     from obsdiff.tables import format_table
 
-    from .onnx_export import ExportConfig, export_onnx
+    from .config import ExportConfig
+    from .onnx_export import export_onnx
 
     config = ExportConfig(component=kwargs["component"], dtype=kwargs["dtype"], opset=kwargs["opset"],
                           batch=kwargs["batch"], height=kwargs["height"], width=kwargs["width"],

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from obsdiff import devices
 from obsdiff.errors import ConfigError
 from obsdiff.models.registry import OnnxDim, OnnxInput, OnnxIO, range_dim
-from obsdiff.runs.loading import DTYPES
 
 
 class Positional(nn.Module):
@@ -61,7 +61,7 @@ class Component:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return devices.torch_dtype(self.dtype)
 
     def wrapper(self) -> Positional:
         return Positional(self.module, [i.kwarg for i in self.io.inputs], self.call).eval()
@@ -162,7 +162,7 @@ def select_profile(record: dict, keys: dict[str, str]) -> dict:
 def _denoiser_component(loaded, cfg, ranges: dict, owned: bool) -> Component:
     family = loaded.family
     dtype, _ = cfg.dtype_for("transformer")
-    module, kept = _cast(family.denoiser(loaded.pipeline), DTYPES[dtype], owned)
+    module, kept = _cast(family.denoiser(loaded.pipeline), devices.torch_dtype(dtype), owned)
     io_spec = family.onnx_io(module, ranges)
 
     def make_kwargs(point, generator):
@@ -189,7 +189,7 @@ def _vae_component(loaded, cfg, ranges: dict, owned: bool) -> Component:
         dtype = "fp32"
         notes.append("kept in fp32 although fp16 was requested: the VAE config sets force_upcast (it overflows "
                      "in fp16, as diffusers pipelines know); force it with --component-dtype vae-decoder=fp16")
-    module, _ = _cast(vae, DTYPES[dtype], owned)
+    module, _ = _cast(vae, devices.torch_dtype(dtype), owned)
     b = range_dim("batch", ranges["images"], what="--batch")
     h = range_dim("height", ranges["height"])
     w = range_dim("width", ranges["width"])
@@ -224,7 +224,7 @@ def _text_components(loaded, cfg, ranges: dict, owned: bool) -> list[Component]:
         tokenizer = getattr(loaded.pipeline, tok_attr, None)
         limit = getattr(encoder.config, "max_position_embeddings", None) or MAX_TEXT_TOKENS
         seq = min(getattr(tokenizer, "model_max_length", None) or limit, limit, MAX_TEXT_TOKENS)
-        module, kept = _cast(encoder, DTYPES[dtype], owned)
+        module, kept = _cast(encoder, devices.torch_dtype(dtype), owned)
         b = range_dim("batch", ranges["images"], what="--batch")
         io_spec = OnnxIO((OnnxInput("input_ids", "input_ids", (b, seq), "int64"),), outputs=outputs, ranges=(b,))
         vocab = encoder.config.vocab_size
@@ -272,10 +272,22 @@ def example_point(io_spec: OnnxIO) -> dict[str, int]:
 
 
 def parity_points(io_spec: OnnxIO) -> list[dict[str, int]]:
-    """The shapes parity is checked at: all minima; the next valid value above (or below) each optimum, other
-    than the traced shape (an odd patch count where the optimum is even: shape arithmetic that only holds for
-    even counts fails there); and the optima, the shape the engine is tuned for (the model's default
-    resolution), when it differs from the minima."""
-    points = [{d.name: d.min for d in io_spec.ranges}, {d.name: _other_value(d) for d in io_spec.ranges}]
-    optimum = {d.name: d.opt for d in io_spec.ranges}
-    return points if optimum in points else [*points, optimum]
+    """The shapes parity is checked at: all minima; the next valid value above (or below) each optimum other
+    than the batch's, other than the traced shape (an odd patch count where the optimum is even: shape arithmetic
+    that only holds for even counts fails there); the batch's at the other minima; and the optima, the shape the
+    engine is tuned for (the model's default resolution), when not already checked.
+
+    Batch rows are independent, so another batch size is checked at the smallest image: an onnxruntime check on
+    the CPU materialises every attention score matrix, and a larger batch at a large image is what would not fit
+    in memory (SD3.5-Large at 1040 px: about 10 GB per extra row).
+    """
+    minima = {d.name: d.min for d in io_spec.ranges}
+    points = [minima, {d.name: d.min if d.name == "batch" else _other_value(d) for d in io_spec.ranges}]
+    if any(d.name == "batch" for d in io_spec.ranges):
+        points.append(minima | {"batch": _other_value(next(d for d in io_spec.ranges if d.name == "batch"))})
+    points.append({d.name: d.opt for d in io_spec.ranges})
+    unique = []
+    for p in points:
+        if p not in unique:
+            unique.append(p)
+    return unique

@@ -208,11 +208,12 @@ def export_diffusers(run: str | Path, out: str | Path, dtype: str | None = None,
         raise ConfigError(f"{run} is not a run directory (no {io.RUN_FILE}); pass the --out of obsdiff prune")
     record = io.read_run(run)
     out = check_writable(out, force)
-    target = torch_dtype(dtype) if dtype else torch_dtype(record.get("weights_dtype", "fp32"))
+    target = torch_dtype(dtype or record.weights_dtype or "fp32")
     base = resolve_run_base(run, record).path
-    denoiser, family, _ = load_denoiser(str(run), target, "cpu")  # reads and checks the base's model_index.json
+    found = load_denoiser(str(run), target, "cpu")  # reads and checks the base's model_index.json
+    denoiser, family = found.denoiser, found.family
     index = json.loads((base / "model_index.json").read_text())
-    structured = bool(record.get("shrink_plan"))
+    structured = bool(record.shrink_plan)
     done, stored = {}, {}
     with staged_dir(out, force=force) as tmp:
         for name, entry in _components(index).items():

@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from obsdiff.devices import DTYPES
 from obsdiff.errors import MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -22,7 +21,6 @@ INSTALL_HINT = 'pip install "obsdiff[onnx]"'
 # pass 2 GB and doubles the memory): copies keep their weights in external data, read tensor by tensor.
 EXTERNAL_COPY_BYTES = 1 << 30
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # dynamo exporter: the torch module path of each node
-DTYPE_NAMES = DTYPES  # obsdiff's dtype name -> ONNX/numpy's
 
 
 def require(module: str, purpose: str = "ONNX export"):

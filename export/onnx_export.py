@@ -43,7 +43,7 @@ from .components import (
     resolve_ranges,
     select_profile,
 )
-from .config import AUTO, COMPONENTS, ExportConfig, parse_range  # noqa: F401 (part of this module's API)
+from .config import AUTO, ExportConfig
 from .lowering import custom_translations
 
 log = logging.getLogger(__name__)
@@ -281,15 +281,14 @@ def _run_checks(comp: Component, loaded, cfg: ExportConfig, path: Path, referenc
     nm, expected = None, 0
     if comp.kind == "transformer":
         model = G.load_graph(path)
-        if run is None or not run.get("layers"):
+        if run is None or not run.layers:
             checks["pruned_weights"] = {"status": "skipped", "reason": "skipped: not a pruned run"}
         else:
             from obsdiff.solver.obs import parse_nm
 
-            sparsity_type = (run.get("prune") or {}).get("sparsity_type", "unstructured")
-            nm = None if sparsity_type in ("unstructured", "structured") else parse_nm(sparsity_type)
+            nm = parse_nm(run.sparsity_type)
             mods = dict(comp.module.named_modules())
-            names = [r["name"] for r in run["layers"] if not r.get("skipped")]
+            names = [r["name"] for r in run.layers if not r.get("skipped")]
             missing = [n for n in names if not isinstance(mods.get(n), nn.Linear)]
             if missing:
                 raise ExportCheckError(f"the run lists pruned layer {missing[0]} that the denoiser does not have; "
@@ -299,7 +298,7 @@ def _run_checks(comp: Component, loaded, cfg: ExportConfig, path: Path, referenc
             if nm is not None:
                 expected = sum(1 for w in weights.values() if w.shape[1] % nm[1] == 0)
             del weights, mods
-        if run is not None and run.get("shrink_plan"):
+        if run is not None and run.shrink_plan:
             family = loaded.family
             linears = {n: m for b in family.blocks(comp.module) for n, m in family.prunable_linears(b).items()}
             checks["structured_shapes"] = C.check_structured_shapes(model, path.parent, prefix, linears,
@@ -336,9 +335,8 @@ def _source(loaded, comp: Component) -> dict:
            "pipeline_dir": str(loaded.path)}
     if loaded.run is not None and comp.kind == "transformer":
         run = loaded.run
-        src["run"] = {"path": str(Path(loaded.ref).expanduser().resolve()), "base_model": run.get("base_model"),
-                      "denoiser_sha256": run.get("denoiser_sha256"), "prune": run.get("prune"),
-                      "sparsity": run.get("sparsity")}
+        src["run"] = {"path": str(Path(loaded.ref).expanduser().resolve()), "base_model": run.base_model,
+                      "denoiser_sha256": run.denoiser_sha256, "prune": run.prune, "sparsity": run.sparsity}
         return src
     attr = {"vae-decoder": "vae"}.get(comp.kind, comp.name)
     folder = Path(loaded.path) / attr
@@ -356,7 +354,8 @@ def _resolve(model, cfg: ExportConfig) -> tuple[ExportConfig, dict]:
     from obsdiff.runs.loading import LoadedModel, as_loaded, load_denoiser
 
     if isinstance(model, str | Path):
-        denoiser, family, _ = load_denoiser(str(model), "fp32", "cpu", weights=False)  # meta device: config only
+        found = load_denoiser(str(model), "fp32", "cpu", weights=False)  # meta device: config only
+        denoiser, family = found.denoiser, found.family
     else:
         loaded = model if isinstance(model, LoadedModel) else as_loaded(model)
         denoiser, family = loaded.denoiser, loaded.family
@@ -383,26 +382,25 @@ def _load_components(ref: str, cfg: ExportConfig):
     """
     import json
 
-    from obsdiff.runs.loading import LoadedModel, _from_pretrained, load_denoiser
+    from obsdiff.runs.loading import _from_pretrained, load_denoiser
 
     kinds = cfg.components()
-    denoiser, family, info = load_denoiser(ref, cfg.dtype_for("transformer")[0], cfg.device,
-                                           weights="transformer" in kinds)
+    found = load_denoiser(ref, cfg.dtype_for("transformer")[0], cfg.device, weights="transformer" in kinds)
+    denoiser, family = found.denoiser, found.family
     if kinds == ["transformer"]:
-        tokenizers = {k: SimpleNamespace(model_max_length=v) for k, v in info["tokenizer_max_length"].items()}
+        tokenizers = {k: SimpleNamespace(model_max_length=v) for k, v in found.tokenizer_max_length.items()}
         pipeline = SimpleNamespace(**{family.denoiser_attr: denoiser}, **tokenizers)
     else:
-        index = json.loads((info["path"] / "model_index.json").read_text())
+        index = json.loads((found.path / "model_index.json").read_text())
         unwanted = {k for k in index if k.startswith("text_encoder")} if "text-encoders" not in kinds else set()
         unwanted |= {"vae"} if "vae-decoder" not in kinds else set()
         skip = {k: None for k in unwanted if k in index and (index[k] or [None])[0] is not None}
         # the other parts load in fp32 and are cast in place per component (the VAE may have to stay fp32)
-        pipeline = _from_pretrained(info["path"], info["ref"], torch.float32,
+        pipeline = _from_pretrained(found.path, found.ref, torch.float32,
                                     **{family.denoiser_attr: denoiser}, **skip)
         if cfg.device != "cpu":
             pipeline.to(cfg.device)
-    return LoadedModel(ref=ref, path=info["path"], pipeline=pipeline, family=family, builtin=info["builtin"],
-                       generation_defaults=info["generation_defaults"], run=info["run"])
+    return found.with_pipeline(pipeline)
 
 
 def _release(comp: Component, loaded) -> None:

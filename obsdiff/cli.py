@@ -281,7 +281,7 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
     if as_json:
         from obsdiff.runs.io import read_run
 
-        click.echo(json.dumps(read_run(out), indent=2))
+        click.echo(json.dumps(read_run(out).to_dict(), indent=2))
         return
     click.echo(format_table(["prune", "value"], summary_rows(result)))
     for warning in result.report.warnings:

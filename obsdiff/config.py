@@ -35,8 +35,6 @@ def _check_device(option: str, name: str | None) -> None:
 def _nm(sparsity_type: str) -> tuple[int, int] | None:
     from obsdiff.solver.obs import parse_nm
 
-    if sparsity_type in ("unstructured", "structured"):
-        return None
     try:
         return parse_nm(sparsity_type)
     except ValueError as exc:

@@ -18,8 +18,15 @@ from obsdiff.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-# the floating-point dtypes a model may run or be stored in: obsdiff's name -> torch's (and ONNX/numpy's) name
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# obsdiff's names of floating-point dtypes -> torch's (and ONNX/numpy's) names: every other dtype table derives
+# from this one and SAFETENSORS_DTYPES
+FLOAT_NAMES = {"fp64": "float64", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# the floating-point dtypes a model may run or be stored in (`--dtype`)
+DTYPES = {short: FLOAT_NAMES[short] for short in ("fp32", "fp16", "bf16")}
+# the dtype codes of safetensors headers -> torch's names
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+                      "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 DTYPE_CHOICES = ("auto", *DTYPES)  # `--dtype auto`: bf16 on CUDA (as model cards publish), fp32 elsewhere
 
 

@@ -17,6 +17,13 @@ Parameter counts at full depth (meta device, counted by the tests):
 | flux.1-dev | FluxTransformer2DModel | 11,901,408,320 (11.9 B) |
 | sdxl | UNet2DConditionModel | 2,567,463,684 (2.57 B) |
 
+`width="narrow"` keeps every config field that shapes the graph (patching, position table, qk-norm, dual
+attention, text and pooled embedding widths, rotary axes, guidance embedding; SDXL's three levels, block types,
+addition embeddings, cross-attention width and linear projections) and shrinks only the number of heads and
+the head width (`NARROW_WIDTHS`): the published graph, with one block 0.53 M parameters (SD3 / SD3.5-Large),
+0.56 M (SD3.5-Medium), 5.1 M (Flux, one double and one single block) or 10.8 M (SDXL). Exports and generations
+that depend on shapes (odd patch counts, the position-table crop) then run in seconds.
+
 SD3 models also save their sin-cos position table (a persistent buffer): 56,623,104 values for
 sd3-medium, 89,653,248 for sd3.5-large, 226,492,416 for sd3.5-medium (`pos_embed_max_size` 384).
 Weights are random: outputs mean nothing, only shapes, memory and time are real.
@@ -65,6 +72,17 @@ SIZED_MODELS: dict[str, tuple[str, str, dict]] = {
         time_embedding_type="positional", conv_in_kernel=3, conv_out_kernel=3)),
 }
 
+# Narrow widths per family: heads x head width only. SD3: caption_projection_dim is the hidden width (heads x
+# head width) and must follow it. Flux: the rotary axes (16, 56, 56) fill the head, so the head width stays 128
+# and only the heads drop. SDXL: `attention_head_dim` is the number of heads per level in this config (diffusers'
+# legacy naming); heads of 32 instead of 64, and widths that GroupNorm's 32 groups divide.
+NARROW_WIDTHS: dict[str, dict] = {
+    "sd3": dict(num_attention_heads=2, attention_head_dim=32, caption_projection_dim=64),
+    "flux": dict(num_attention_heads=2),
+    "sdxl": dict(block_out_channels=(32, 64, 128), attention_head_dim=(1, 2, 4)),
+}
+WIDTHS = ("published", "narrow")
+
 # VAE latent statistics of the released VAEs (scaling/shift), with the real 8x spatial downsampling.
 _VAE_CONFIG = {
     "sd3": dict(scaling_factor=1.5305, shift_factor=0.0609),
@@ -86,8 +104,10 @@ def _model_class(name: str):
     return getattr(diffusers, cls_name), dict(config)
 
 
-def sized_config(name: str, num_layers: int | None = None, num_single_layers: int | None = None) -> dict:
-    """`SIZED_MODELS[name]`'s config with the depth changed (None: the published depth).
+def sized_config(name: str, num_layers: int | None = None, num_single_layers: int | None = None,
+                 width: str = "published") -> dict:
+    """`SIZED_MODELS[name]`'s config with the depth changed (None: the published depth), at the published
+    width or `width="narrow"` (`NARROW_WIDTHS`: fewer and narrower heads, every other field as published).
 
     SD3/Flux: `num_layers` transformer blocks (Flux: double blocks; `num_single_layers` single blocks).
     SDXL: `num_layers` caps the transformer layers per down/up block (the mid block follows the last
@@ -100,6 +120,10 @@ def sized_config(name: str, num_layers: int | None = None, num_single_layers: in
             raise ConfigError(f"{what}={value} is too small for {name}; use at least {int(what == 'num_layers')}")
     if num_single_layers is not None and family != "flux":
         raise ConfigError(f"num_single_layers is only for flux.1-dev, not {name}; leave it unset")
+    if width not in WIDTHS:
+        raise ConfigError(f"unknown width {width!r} for sized model {name}; use {' or '.join(WIDTHS)}")
+    if width == "narrow":
+        config |= NARROW_WIDTHS[family]
     if family == "sdxl":
         if num_layers is not None:
             config["transformer_layers_per_block"] = tuple(min(t, num_layers)
@@ -113,13 +137,15 @@ def sized_config(name: str, num_layers: int | None = None, num_single_layers: in
 
 
 def sized_denoiser(name: str, num_layers: int | None = None, num_single_layers: int | None = None,
-                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """The denoiser of `name` with its published config except depth, random weights (seeded).
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+                   width: str = "published"):
+    """The denoiser of `name` with its published config except depth (and width, if "narrow": see
+    `sized_config`), random weights (seeded).
 
     Built directly on `device` in `dtype` (no float32 copy first); `device="meta"` allocates nothing.
     """
     cls, _ = _model_class(name)
-    config = sized_config(name, num_layers, num_single_layers)
+    config = sized_config(name, num_layers, num_single_layers, width)
     torch.manual_seed(seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in `dtype`: no float32 peak for bf16 models
@@ -142,7 +168,8 @@ def _text_config(family: str):
 
 
 def sized_pipeline(name: str, num_layers: int | None = 2, num_single_layers: int | None = None,
-                   dtype: torch.dtype = torch.float32, seed: int = 0, words: list[str] | None = None):
+                   dtype: torch.dtype = torch.float32, seed: int = 0, words: list[str] | None = None,
+                   width: str = "published"):
     """A complete diffusers pipeline whose denoiser is `sized_denoiser(name, ...)` (default depth 2).
 
     Text encoders and VAE are small and random, with the real output widths: pooled 2048 (SD3, two CLIP
@@ -151,7 +178,7 @@ def sized_pipeline(name: str, num_layers: int | None = 2, num_single_layers: int
     scaling/shift factors and 8x downsampling. The default image size is the real one (1024 px); pass
     small `height`/`width` to the call to keep runs cheap. Tokenizers use the in-memory vocabulary `words`.
     """
-    denoiser = sized_denoiser(name, num_layers, num_single_layers, dtype=dtype, seed=seed)
+    denoiser = sized_denoiser(name, num_layers, num_single_layers, dtype=dtype, seed=seed, width=width)
     _, family, config = SIZED_MODELS[name]
     words = words or SIZED_WORDS
     text = _text_config(family)

@@ -166,7 +166,7 @@ def write_run_plots(run: str | Path, out: str | Path | None = None, force: bool 
     record = read_run(run)
     out = Path(out) if out is not None else run
     todo = [(out / LAYER_ERRORS, plot_layer_errors)]
-    if record.get("structures"):
+    if record.structures:
         todo.append((out / STRUCTURES, plot_structures))
     for path, _ in todo:
         check_writable(path, force)
@@ -174,6 +174,6 @@ def write_run_plots(run: str | Path, out: str | Path | None = None, force: bool 
     written = []
     for path, draw in todo:
         with staged_file(path, force=force) as tmp:
-            draw(record, tmp)
+            draw(record.to_dict(), tmp)
         written.append(path)
     return written

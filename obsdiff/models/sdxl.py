@@ -14,6 +14,7 @@ pipeline encodes prompts differently.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -194,6 +195,22 @@ class SDXLFamily(ModelFamily):
             OnnxInput("text_embeds", "added_cond_kwargs.text_embeds", (b, text_embeds_dim)),
             OnnxInput("time_ids", "added_cond_kwargs.time_ids", (b, _N_TIME_IDS), "float32"),
         ), ranges=(b, h, w, t))
+
+    @contextlib.contextmanager
+    def onnx_export_context(self, denoiser: nn.Module):
+        """The time-id embedding in the model's precision while exporting.
+
+        `get_aug_embed` concatenates `text_embeds` (model dtype) with the sinusoidal embedding of the float32
+        `time_ids`; eager PyTorch promotes the pair to float32 and casts the result back to the model dtype, but
+        the exported Concat gets no Cast, so an fp16/bf16 graph is invalid ("Concat: inputs has inconsistent
+        type"). Casting the embedding first computes the same values: the concatenation is cast anyway.
+        """
+        dtype = denoiser.dtype
+        hook = denoiser.add_time_proj.register_forward_hook(lambda module, args, out: out.to(dtype))
+        try:
+            yield
+        finally:
+            hook.remove()
 
     def encode_prompts(self, pipeline, prompts: list[str], guidance_scale: float,
                        max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:

@@ -15,8 +15,9 @@ from types import SimpleNamespace
 
 import torch
 
+from obsdiff import devices
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
-from obsdiff.devices import current_rss, torch_dtype
+from obsdiff.devices import current_rss
 from obsdiff.errors import ConfigError, ObsdiffError
 from obsdiff.planning.memory import GiB, MemoryPlan, plan_groups
 from obsdiff.planning.profile import ForwardProfile, meta_twin, profile_forward
@@ -36,11 +37,11 @@ def skeleton(ref: str, dtype: str | torch.dtype = "fp32") -> tuple[LoadedModel, 
     """
     from obsdiff.runs.loading import load_denoiser, quiet_libraries
 
-    dtype = torch_dtype(dtype)
-    found = load_denoiser(ref, dtype, "cpu", weights=False)
+    torch_dtype = devices.torch_dtype(dtype)
+    found = load_denoiser(ref, torch_dtype, "cpu", weights=False)
     family = found.family
     with quiet_libraries():  # diffusers warns about casting with `to()`
-        denoiser = found.denoiser.to(dtype)
+        denoiser = found.denoiser.to(torch_dtype)
     base = Path(found.path)
     vae_cfg = _read_json(base / "vae" / "config.json")
     sample_size = denoiser.config.get("sample_size", 128)
@@ -49,7 +50,7 @@ def skeleton(ref: str, dtype: str | torch.dtype = "fp32") -> tuple[LoadedModel, 
         tokenizer=SimpleNamespace(model_max_length=found.tokenizer_max_length.get("tokenizer", 77)),
         default_sample_size=sample_size if isinstance(sample_size, int) else 128)
     model = found.with_pipeline(pipeline)
-    return model, disk_component_bytes(base, dtype)
+    return model, disk_component_bytes(base, torch_dtype)
 
 
 def _read_json(path: Path) -> dict:
@@ -82,7 +83,7 @@ def forward_profile(model: LoadedModel, prune: PruneConfig, calib: CalibConfig) 
     if not prune.needs_calibration:
         return ForwardProfile({}, 0, 0)
     calib = resolve_calib(calib, model.builtin, prune.method)
-    twin = meta_twin(model.denoiser, (model.run or {}).get("shrink_plan"), model.family)
+    twin = meta_twin(model.denoiser, model.run.shrink_plan if model.run else None, model.family)
     rows = calib.batch_size * model.family.guidance_rows(calib.guidance)
     h, w = calibration_latent_size(model, calib)
     msl = model.generation_defaults.get("max_sequence_length")
@@ -113,7 +114,7 @@ def plan_memory(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | Non
         device = torch.device("cpu")
     dev = "cpu" if device.type == "cpu" else str(device)
     weights = weights if weights is not None else component_bytes(model.pipeline)
-    twin = meta_twin(denoiser, (model.run or {}).get("shrink_plan"), model.family)
+    twin = meta_twin(denoiser, model.run.shrink_plan if model.run else None, model.family)
     profile = profile or forward_profile(model, prune, calib)
     shapes = {n: (m.out_features, m.in_features) for n, m in twin.named_modules() if isinstance(m, torch.nn.Linear)}
     batches = math.ceil(math.ceil(calib.num_prompts / calib.batch_size) / world_size)  # the busiest rank's share
@@ -163,7 +164,7 @@ def load_extra_bytes(model: LoadedModel, device: str, loaded: bool) -> int:
         stored = stored_dtype(Path(model.path) / model.family.denoiser_attr)
     except ObsdiffError:
         stored = None
-    if device == "cpu" and stored is not None and torch_dtype(stored) == model.denoiser.dtype:
+    if device == "cpu" and stored is not None and devices.torch_dtype(stored) == model.denoiser.dtype:
         return 0
     return largest_file_bytes(model.path)
 

@@ -9,27 +9,30 @@ from pathlib import Path
 import torch
 from torch import nn
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
+from obsdiff import devices
+from obsdiff.runs.io import safetensors_header
 
 
-FLOAT_TYPES = {"F64", "F32", "F16", "BF16"}
+def _header_dtype_bytes(code: str) -> int:
+    """Bytes per element of a safetensors dtype code (4 for codes outside `devices.SAFETENSORS_DTYPES`)."""
+    dtype = getattr(torch, devices.SAFETENSORS_DTYPES.get(code, ""), None)
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else 4
 
 
 def safetensors_bytes(folder: Path, dtype: torch.dtype | None = None) -> int:
-    """Bytes the tensors of a component folder take once loaded (floats converted to `dtype`), from headers."""
+    """Bytes the tensors of a component folder take once loaded (the `devices.FLOAT_NAMES` dtypes converted to
+    `dtype`; float8 and integers as stored), from headers."""
+    floats = set(devices.FLOAT_NAMES.values())
     total = 0
     for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for key, info in header.items():
+        for key, info in safetensors_header(path).items():
             if key == "__metadata__":
                 continue
             numel = 1
             for d in info["shape"]:
                 numel *= d
-            size = DTYPE_BYTES.get(info["dtype"], 4)
-            if dtype is not None and info["dtype"] in FLOAT_TYPES:
+            size = _header_dtype_bytes(info["dtype"])
+            if dtype is not None and devices.SAFETENSORS_DTYPES.get(info["dtype"]) in floats:
                 size = torch.tensor([], dtype=dtype).element_size()
             total += numel * size
     return total

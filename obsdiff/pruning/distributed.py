@@ -25,12 +25,15 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 from obsdiff.errors import ConfigError, ObsdiffError, first_line
+
+if TYPE_CHECKING:
+    from obsdiff.pruning.resume import Checkpoint, CheckpointLike
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -339,7 +342,8 @@ def init_from_env(device: torch.device) -> tuple[World, torch.device]:
 
 
 class CheckpointView:
-    """A non-zero rank's view of rank 0's checkpoint: its progress and state, and the restored weights."""
+    """A non-zero rank's view of rank 0's checkpoint (a `resume.CheckpointLike`): its progress and state, and the
+    restored weights."""
 
     path = None  # block-input spills stay off other machines' disks
 
@@ -355,9 +359,10 @@ class CheckpointView:
 
 
 class SharedCheckpoint:
-    """Rank 0's checkpoint in a distributed prune: it alone writes; restores are broadcast to every rank."""
+    """Rank 0's checkpoint in a distributed prune (a `resume.CheckpointLike`): it alone writes; restores are
+    broadcast to every rank. Everything else is the wrapped `Checkpoint`'s."""
 
-    def __init__(self, world: World, checkpoint):
+    def __init__(self, world: World, checkpoint: Checkpoint):
         self.world, self.checkpoint = world, checkpoint
 
     def __getattr__(self, name):
@@ -373,7 +378,7 @@ class SharedCheckpoint:
             self.checkpoint.save_group(index, tensors, report, extra)
 
 
-def share_checkpoint(world: World, checkpoint):
+def share_checkpoint(world: World, checkpoint: Checkpoint | None) -> CheckpointLike | None:
     """The checkpoint object every rank passes to the prune: rank 0's own, wrapped, or a view of it."""
     if not world.distributed:
         return checkpoint

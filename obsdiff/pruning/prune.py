@@ -20,7 +20,7 @@ from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
 from obsdiff.errors import ConfigError
 from obsdiff.pruning.distributed import World
 from obsdiff.pruning.records import LayerRecord, PruneError, PruneReport, Unit, calibration_chunks, select_blocks
-from obsdiff.pruning.resume import Checkpoint
+from obsdiff.pruning.resume import Checkpoint, CheckpointLike
 from obsdiff.pruning.session import Group, PruningSession, Strategy, Work
 from obsdiff.pruning.structured import StructureStrategy
 from obsdiff.runs.loading import LoadedModel, as_loaded
@@ -143,7 +143,8 @@ def make_strategy(model: LoadedModel, prune: PruneConfig, calib: CalibConfig) ->
 
 
 def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = None,
-           progress: bool = True, checkpoint: Checkpoint | None = None, world: World | None = None) -> PruneReport:
+           progress: bool = True, checkpoint: CheckpointLike | None = None, world: World | None = None
+           ) -> PruneReport:
     """Prune `model`'s denoiser in place and return the report. Unstructured and N:M sparsity never change
     shapes; structured sparsity shrinks the pruned linears at the end.
 

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -58,6 +59,35 @@ def _write_atomic(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:  # the data must be on disk before the rename makes it visible
             os.fsync(f.fileno())
+
+
+@runtime_checkable
+class CheckpointLike(Protocol):
+    """What a prune uses of its checkpoint (`session.PruningSession`): a `Checkpoint`, or in a distributed prune
+    `distributed.SharedCheckpoint` (rank 0) and `distributed.CheckpointView` (the other ranks)."""
+
+    @property
+    def path(self) -> Path | None:
+        """The staging directory (where cached calibration inputs may spill); None where this rank has none."""
+
+    @property
+    def done(self) -> int:
+        """How many groups are finished and stored."""
+
+    @property
+    def report(self) -> dict | None:
+        """The report as it was after the last finished group."""
+
+    @property
+    def extra(self) -> dict:
+        """The strategy's state beyond the report, as stored with the last finished group."""
+
+    def restore_(self, module: torch.nn.Module) -> None:
+        """Apply every finished group to `module` (the dense base)."""
+
+    def save_group(self, index: int, tensors: dict[str, torch.Tensor], report: dict, extra: dict | None = None
+                   ) -> None:
+        """Store group `index` (the tensors it changed, by state-dict name) and the state after it."""
 
 
 class Checkpoint:

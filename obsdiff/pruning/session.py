@@ -25,7 +25,7 @@ from obsdiff.calibration.placement import text_encoders_parked
 from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.pruning.distributed import World, share_work
 from obsdiff.pruning.records import PruneReport, Unit, select_blocks
-from obsdiff.pruning.resume import Checkpoint
+from obsdiff.pruning.resume import CheckpointLike
 from obsdiff.runs.loading import LoadedModel
 from obsdiff.solver.hessian import HessianAccumulator
 
@@ -107,7 +107,7 @@ class PruningSession:
     """Runs one prune of `model` with `strategy` (see the module docstring); `run` returns the report."""
 
     def __init__(self, model: LoadedModel, prune: PruneConfig, calib: CalibConfig, strategy: Strategy,
-                 progress: bool = True, checkpoint: Checkpoint | None = None, world: World | None = None):
+                 progress: bool = True, checkpoint: CheckpointLike | None = None, world: World | None = None):
         self.model, self.prune, self.calib, self.strategy = model, prune, calib, strategy
         self.progress, self.checkpoint, self.world = progress, checkpoint, world or World()
         self.report = PruneReport(prune=prune.to_dict(), calib=calib.to_dict(), family=model.family.name,

@@ -16,6 +16,7 @@ from pathlib import Path
 from obsdiff.builtin import PREFIX as BUILTIN_PREFIX
 from obsdiff.builtin import builtin_pipeline_dir
 from obsdiff.errors import ModelLoadError, first_line
+from obsdiff.runs.io import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -187,16 +188,15 @@ def _hub_error(exc: BaseException, repo: str, revision: str | None, name: str) -
                           "HF_ENDPOINT), or pass a local pipeline directory")
 
 
-def resolve_run_base(run: Path, record: dict) -> ModelSource:
+def resolve_run_base(run: Path, record: RunRecord) -> ModelSource:
     """The base model of a run: a hub id from the cache (or downloaded), a path relative to the run, then the
     absolute path it had when the run was made; runs of format <= 2 without `base` name only `base_model`."""
-    base = record.get("base") or {}
-    if base.get("hub_id"):
-        return resolve_hub(base["hub_id"], base.get("revision"))
-    ref = record["base_model"]
-    if "path" not in base and not Path(ref).is_absolute():  # builtin:NAME, or an id written by hand
+    if record.base_hub_id:
+        return resolve_hub(record.base_hub_id, record.base_revision)
+    ref = record.base_model
+    if record.base_path is None and not Path(ref).is_absolute():  # builtin:NAME, or an id written by hand
         return resolve_model(ref)
-    places = ([Path(os.path.normpath(run / base["path"]))] if base.get("path") else []) + [Path(ref)]
+    places = ([Path(os.path.normpath(run / record.base_path))] if record.base_path else []) + [Path(ref)]
     for place in places:
         if (place / "model_index.json").is_file():
             return ModelSource(place)

@@ -17,6 +17,7 @@ commit, or a path relative to the run) was added within format 2; runs without i
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -25,9 +26,11 @@ import re
 import shutil
 import struct
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
-from obsdiff.devices import dtype_name, torch_dtype
+from obsdiff.devices import FLOAT_NAMES, SAFETENSORS_DTYPES, dtype_name, torch_dtype
 from obsdiff.errors import ConfigError, ModelLoadError
 from obsdiff.runs.artifacts import (
     check_json,
@@ -50,8 +53,6 @@ SHARD_FILE = "diffusion_pytorch_model-{:05d}-of-{:05d}.safetensors"
 FORMAT_VERSION = 2
 DEFAULT_MAX_SHARD_SIZE = "10GB"  # as diffusers' save_pretrained
 
-# safetensors header dtypes that a run can be stored in, by obsdiff's dtype names
-_HEADER_DTYPES = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16"}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -91,14 +92,21 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or ""])
 
 
+def read_safetensors_header(f: BinaryIO) -> tuple[dict, int]:
+    """(header, offset of the first data byte) of the safetensors file open at its start in `f`; the header maps
+    tensor name -> dtype, shape and data offsets (plus "__metadata__"). ValueError or struct.error if it is not one.
+    """
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > 100 * 2**20:  # the format caps headers at 100 MB; more means this is not one
+        raise ValueError(f"header length {n}")
+    return json.loads(f.read(n)), 8 + n
+
+
 def safetensors_header(path: str | Path) -> dict:
     """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets), without reading data."""
     try:
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100 * 2**20:  # the format caps headers at 100 MB; more means this is not one
-                raise ValueError(f"header length {n}")
-            return json.loads(f.read(n))
+            return read_safetensors_header(f)[0]
     except (OSError, ValueError, struct.error) as exc:
         raise ModelLoadError(f"{path} is not a readable safetensors file ({exc})") from None
 
@@ -128,7 +136,8 @@ def stored_dtype(denoiser_dir: str | Path) -> str | None:
                 counts[info["dtype"]] += n
     if not counts:
         return None
-    return _HEADER_DTYPES.get(counts.most_common(1)[0][0])
+    long = SAFETENSORS_DTYPES.get(counts.most_common(1)[0][0])
+    return next((short for short, name in FLOAT_NAMES.items() if name == long), None)
 
 
 def _dominant_dtype(module):
@@ -153,7 +162,7 @@ def save_dtype(model, dtype=None):
     folder = Path(model.path) / model.family.denoiser_attr
     name = stored_dtype(folder) if (folder / "config.json").is_file() else None
     if name is not None:
-        return getattr(torch, {"fp64": "float64", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[name])
+        return getattr(torch, FLOAT_NAMES[name])
     found = _dominant_dtype(model.denoiser)
     log.info("no safetensors weights in %s to take the base dtype from; saving in %s", folder, found)
     return found or torch.float32
@@ -280,7 +289,51 @@ def save_run(model, report: dict, out: str | Path, force: bool = False, dtype=No
     return out
 
 
-def read_run(path: str | Path) -> dict:
+@dataclass(frozen=True)
+class RunRecord:
+    """A run's obsdiff.json (`read_run`): the keys obsdiff reads as typed fields, each as stored (None where the
+    record lacks it), and the whole record as `raw`, which `to_dict` gives back as written."""
+
+    raw: dict = field(repr=False)
+    format: int = 1
+    base_model: str | None = None  # what a person would pass as --model (required by `read_run`)
+    base_hub_id: str | None = None  # `base`: how to find the base model again (format 2)
+    base_revision: str | None = None  # the hub snapshot's commit sha
+    base_path: str | None = None  # the base pipeline directory relative to the run
+    family: str = "sd3"  # format 1 runs were all SD3
+    denoiser_file: str | None = None  # relative to the run (required by `read_run`)
+    denoiser_sha256: str | None = None  # of the file, or `combined_sha256` of the shards
+    denoiser_shards: dict[str, str] | None = None  # {relative path: sha256}; format 1 has none
+    weights_dtype: str | None = None
+    prune: dict | None = None  # `PruneConfig.to_dict()`
+    calib: dict | None = None  # `CalibConfig.to_dict()`
+    sparsity: float | None = None  # overall fraction of pruned weights
+    layers: list[dict] | None = None  # `LayerRecord`s
+    structures: list[dict] | None = None  # structured pruning's `StructureRecord`s
+    shrink_plan: list[dict] | None = None  # structured pruning's kept slices, replayed when the run loads
+
+    @classmethod
+    def from_dict(cls, record: dict) -> RunRecord:
+        base = record.get("base") or {}
+        return cls(raw=record, format=record.get("format", 1), base_model=record.get("base_model"),
+                   base_hub_id=base.get("hub_id"), base_revision=base.get("revision"), base_path=base.get("path"),
+                   family=record.get("family", "sd3"), denoiser_file=record.get("denoiser_file"),
+                   denoiser_sha256=record.get("denoiser_sha256"), denoiser_shards=record.get("denoiser_shards"),
+                   weights_dtype=record.get("weights_dtype"), prune=record.get("prune"), calib=record.get("calib"),
+                   sparsity=record.get("sparsity"), layers=record.get("layers"),
+                   structures=record.get("structures"), shrink_plan=record.get("shrink_plan"))
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self.raw)
+
+    @property
+    def sparsity_type(self) -> str | None:
+        """The prune's sparsity type ("2:4", "structured", ...; None where the record has no prune config)."""
+        return (self.prune or {}).get("sparsity_type")
+
+
+def read_run(path: str | Path) -> RunRecord:
+    """The run record of run directory `path`, checked: one line for a damaged, foreign or newer record."""
     path = Path(path)
     record = read_json(path / RUN_FILE, "run record", fix="the run directory is damaged; re-run obsdiff prune",
                        error=ModelLoadError)
@@ -291,6 +344,6 @@ def read_run(path: str | Path) -> dict:
     if record.get("format", 1) > FORMAT_VERSION:
         raise ModelLoadError(f"{path / RUN_FILE} has format {record['format']}, newer than this obsdiff reads "
                              f"({FORMAT_VERSION}); update obsdiff")
-    return record
+    return RunRecord.from_dict(record)
 
 

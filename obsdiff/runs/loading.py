@@ -13,22 +13,17 @@ from pathlib import Path
 
 import torch
 
+from obsdiff import devices
 from obsdiff.builtin import PREFIX as BUILTIN_PREFIX
-from obsdiff.devices import DTYPES as _DTYPE_NAMES
-from obsdiff.devices import resolve_device, torch_dtype
+from obsdiff.devices import SAFETENSORS_DTYPES, resolve_device
 from obsdiff.errors import ModelLoadError, first_line
 from obsdiff.models import ModelFamily, family_for_pipeline
 from obsdiff.models.registry import ImageSizeRule
 from obsdiff.runs.hub import ModelSource, cached_snapshot, parse_hub_id, resolve_model, resolve_run_base
-from obsdiff.runs.io import DENOISER_DIR, RUN_FILE, is_run_dir, read_run
+from obsdiff.runs.io import DENOISER_DIR, RUN_FILE, RunRecord, is_run_dir, read_run, read_safetensors_header
 from obsdiff.runs.rebuild import build_run_denoiser, check_base_matches
 
 log = logging.getLogger(__name__)
-
-# every spelling of the model dtypes, short names first (reversed lookups prefer them); names: obsdiff.devices
-DTYPES = {**{short: getattr(torch, long) for short, long in _DTYPE_NAMES.items()},
-          **{long: getattr(torch, long) for long in _DTYPE_NAMES.values()}}
-
 
 @dataclass
 class LoadedModel:
@@ -40,7 +35,7 @@ class LoadedModel:
     family: ModelFamily
     builtin: str | None = None
     generation_defaults: dict = field(default_factory=dict)
-    run: dict | None = None  # the run record when `ref` is a pruned run directory
+    run: RunRecord | None = None  # the run record when `ref` is a pruned run directory
     hub_id: str | None = None  # the hub repository the pipeline directory is a cached snapshot of
     revision: str | None = None  # that snapshot's commit sha
 
@@ -98,8 +93,8 @@ def load_pipeline(ref: str, device: str | torch.device | None = "cpu", dtype: st
         return _load_run(ref, device, dtype)
     src = resolve_model(ref)
     device = resolve_device(device)
-    dtype = torch_dtype(dtype, device)  # "auto" follows the device
-    pipe = _from_pretrained(src.path, ref, dtype)
+    torch_dtype = devices.torch_dtype(dtype, device)  # "auto" follows the device
+    pipe = _from_pretrained(src.path, ref, torch_dtype)
     family = family_for_pipeline(pipe)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -125,12 +120,12 @@ def as_loaded(pipeline) -> LoadedModel:
     return LoadedModel(ref=origin, path=Path(origin), pipeline=pipeline, family=family)
 
 
-def _from_pretrained(path: Path, ref: str, dtype: torch.dtype, **components):
+def _from_pretrained(path: Path, ref: str, torch_dtype: torch.dtype, **components):
     from diffusers import DiffusionPipeline
 
     try:
         with quiet_libraries():
-            return DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+            return DiffusionPipeline.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True,
                                                      **components)
     except Exception as exc:  # corrupt weights, missing component folders, wrong class names, ...
         raise ModelLoadError(f"could not load a diffusers pipeline from {ref!r}: {first_line(exc)}") from exc
@@ -143,16 +138,16 @@ def _load_run(ref: str, device, dtype) -> LoadedModel:
     run_path = Path(ref).expanduser()
     record = read_run(run_path)
     base = resolve_run_base(run_path, record)
-    family = get_family(record.get("family", "sd3"))
+    family = get_family(record.family)
     device = resolve_device(device)
-    dtype = torch_dtype(dtype, device)  # "auto" follows the device
-    check_base_matches(run_path, base.path / family.denoiser_attr, record["base_model"])
-    denoiser = build_run_denoiser(run_path, record, family, dtype)
-    pipe = _from_pretrained(base.path, record["base_model"], dtype, **{family.denoiser_attr: denoiser})
+    torch_dtype = devices.torch_dtype(dtype, device)  # "auto" follows the device
+    check_base_matches(run_path, base.path / family.denoiser_attr, record.base_model)
+    denoiser = build_run_denoiser(run_path, record, family, torch_dtype)
+    pipe = _from_pretrained(base.path, record.base_model, torch_dtype, **{family.denoiser_attr: denoiser})
     loaded_family = family_for_pipeline(pipe)
     if loaded_family.name != family.name:
         raise ModelLoadError(f"run {ref!r} was made for the {family.name} family but its base "
-                             f"{record['base_model']!r} is {loaded_family.name}")
+                             f"{record.base_model!r} is {loaded_family.name}")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(ref=ref, path=base.path, pipeline=pipe, family=family, builtin=base.builtin,
@@ -171,7 +166,7 @@ class LoadedDenoiser:
     path: Path  # the diffusers pipeline directory (a run's base)
     source: ModelSource
     builtin: str | None = None
-    run: dict | None = None  # the run record when `ref` is a pruned run directory
+    run: RunRecord | None = None  # the run record when `ref` is a pruned run directory
     generation_defaults: dict = field(default_factory=dict)
     # {tokenizer attribute: model_max_length} from each tokenizer's config file, for the ones that state it
     tokenizer_max_length: dict[str, int] = field(default_factory=dict)
@@ -187,7 +182,7 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
     """Load only the denoiser of `ref` (pipeline directory, `builtin:NAME` or run directory) in `dtype`.
 
     No text encoder, VAE or tokenizer is built. The model is built on the meta device from its config (a
-    run's shrink plan replayed, as `build_run_denoiser` does) and its safetensors are read tensor by
+    run's shrink plan replayed, as `rebuild.build_run_denoiser` does) and its safetensors are read tensor by
     tensor, each cast to `dtype` as it is read (modules the class keeps in fp32 stay fp32) and checked
     strictly: the peak is the model in `dtype` plus one tensor, whatever precision the files hold.
     `weights=False` gives the meta-device model (for callers that need only `denoiser.config`).
@@ -198,20 +193,20 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
     from obsdiff.runs.artifacts import sha256_file
 
     device = resolve_device(device)
-    dtype = torch_dtype(dtype, device)  # "auto" follows the device
+    torch_dtype = devices.torch_dtype(dtype, device)  # "auto" follows the device
     run_path = Path(ref).expanduser()
     record = read_run(run_path) if run_path.is_dir() and is_run_dir(run_path) else None
     src = resolve_run_base(run_path, record) if record else resolve_model(ref)
     path, builtin = src.path, src.builtin
     index = _read_json(path / "model_index.json")
     if record is not None:
-        family = get_family(record.get("family", "sd3"))
-        check_base_matches(run_path, path / family.denoiser_attr, record["base_model"])
+        family = get_family(record.family)
+        check_base_matches(run_path, path / family.denoiser_attr, record.base_model)
         folder = run_path / DENOISER_DIR
-        files = [run_path / record["denoiser_file"]]
+        files = [run_path / record.denoiser_file]
         if weights and not files[0].is_file():
-            raise ModelLoadError(f"run {ref!r} lacks its weights {record['denoiser_file']}; re-run obsdiff prune")
-        if weights and record.get("denoiser_sha256") and sha256_file(files[0]) != record["denoiser_sha256"]:
+            raise ModelLoadError(f"run {ref!r} lacks its weights {record.denoiser_file}; re-run obsdiff prune")
+        if weights and record.denoiser_sha256 and sha256_file(files[0]) != record.denoiser_sha256:
             raise ModelLoadError(f"{files[0]} does not match the hash in {RUN_FILE}: the file is corrupt or was "
                                  "replaced; re-run obsdiff prune")
     else:
@@ -231,14 +226,14 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
             raise ModelLoadError(f"{folder / 'config.json'} does not name a diffusers model class") from None
         with torch.device(where):
             model = cls.from_config(config)
-        if record is not None and record.get("shrink_plan"):
+        if record is not None and record.shrink_plan:
             groups = [g for b in family.blocks(model) for g in family.structure_groups(b)]
-            replay_plan_(model, groups, record["shrink_plan"])
+            replay_plan_(model, groups, record.shrink_plan)
         return model
 
     denoiser = build("meta")
     if weights:
-        state = _read_state_cast(files, dtype, getattr(denoiser, "_keep_in_fp32_modules", None) or [])
+        state = _read_state_cast(files, torch_dtype, getattr(denoiser, "_keep_in_fp32_modules", None) or [])
         expected = denoiser.state_dict()
         bad = sorted(set(expected) ^ set(state)) or [k for k in state if state[k].shape != expected[k].shape]
         if bad:
@@ -260,7 +255,7 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
         if isinstance(tok.get("model_max_length"), int):
             max_lengths[attr] = tok["model_max_length"]
     log.info("loaded the %s of %s (%s family) on %s in %s", family.denoiser_attr, ref, family.name, device,
-             dtype)
+             torch_dtype)
     return LoadedDenoiser(denoiser=denoiser, family=family, ref=ref, path=path, source=src, builtin=builtin,
                           run=record, generation_defaults=_generation_defaults(builtin),
                           tokenizer_max_length=max_lengths)
@@ -291,7 +286,7 @@ def image_size_rule(ref: str) -> ImageSizeRule:
     record = read_run(run_path) if run_path.is_dir() and is_run_dir(run_path) else None
     path = (resolve_run_base(run_path, record) if record else resolve_model(ref)).path
     index = _read_json(path / "model_index.json")
-    family = get_family(record.get("family", "sd3")) if record else _index_family(index, ref)
+    family = get_family(record.family) if record else _index_family(index, ref)
     vae = _read_json(path / "vae" / "config.json") if (index.get("vae") or [None])[0] else None
     return family.image_size_rule(vae, _read_json(path / family.denoiser_attr / "config.json"))
 
@@ -314,31 +309,23 @@ def _safetensors_files(folder: Path) -> list[Path]:
                          "reads safetensors weights only: re-save the model with safe_serialization=True")
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
 def _read_state_cast(files: list[Path], dtype: torch.dtype, keep_fp32: list[str]) -> dict[str, torch.Tensor]:
     """All tensors of `files`, floating ones cast to `dtype` (`keep_fp32` modules to fp32), one at a time.
 
     Read with plain file reads, not a memory map: mapped pages of the whole file would stay resident (and
     count as the process's memory) on top of the cast copies until the last tensor is read.
     """
-    import json
     import struct
 
     state = {}
     for file in files:
         try:
             with open(file, "rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(size))
-                start = 8 + size
+                header, start = read_safetensors_header(f)
                 for key, meta in header.items():
                     if key == "__metadata__":
                         continue
-                    src = _SAFETENSORS_DTYPES[meta["dtype"]]
+                    src = getattr(torch, SAFETENSORS_DTYPES[meta["dtype"]])
                     begin, end = meta["data_offsets"]
                     if end == begin:
                         t = torch.empty(meta["shape"], dtype=src)

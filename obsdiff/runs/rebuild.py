@@ -10,14 +10,14 @@ from pathlib import Path
 
 from obsdiff.errors import ModelLoadError
 from obsdiff.runs.artifacts import read_json, sha256_file
-from obsdiff.runs.io import DENOISER_DIR, RUN_FILE
+from obsdiff.runs.io import DENOISER_DIR, RUN_FILE, RunRecord
 
 
-def run_weight_files(path: str | Path, record: dict) -> dict[str, str | None]:
+def run_weight_files(path: str | Path, record: RunRecord) -> dict[str, str | None]:
     """The run's weight files (paths relative to the run) and their recorded sha256 (None: not recorded)."""
-    if record.get("denoiser_shards"):
-        return dict(record["denoiser_shards"])
-    return {record["denoiser_file"]: record.get("denoiser_sha256")}  # format 1: one file
+    if record.denoiser_shards:
+        return dict(record.denoiser_shards)
+    return {record.denoiser_file: record.denoiser_sha256}  # format 1: one file
 
 
 def _check_files(path: Path, files: dict[str, str | None]) -> None:
@@ -55,7 +55,7 @@ def _check_keys(loaded: set, expected: set, path, missing_too: bool = True) -> N
         raise ModelLoadError(f"run {str(path)!r} does not fit its base model ({what}); was the base changed?")
 
 
-def read_run_weights(path: str | Path, record: dict) -> dict:
+def read_run_weights(path: str | Path, record: RunRecord) -> dict:
     """All of the run's weights (CPU tensors, as stored), each file checked against its recorded hash.
 
     Holds the whole state dict: `build_run_denoiser` loads shard by shard instead.
@@ -86,7 +86,7 @@ def check_base_matches(run: Path, base_denoiser_dir: Path, base_ref: str) -> Non
                              "fit this base model")
 
 
-def build_run_denoiser(path: str | Path, record: dict, family, dtype):
+def build_run_denoiser(path: str | Path, record: RunRecord, family, dtype):
     """Rebuild a run's denoiser: base config on the meta device, shrink plan replayed, weights loaded strictly.
 
     Nothing of the base denoiser's weights is read. Each shard is hash-checked, cast to `dtype` and
@@ -113,9 +113,9 @@ def build_run_denoiser(path: str | Path, record: dict, family, dtype):
     def build(device: str):
         with torch.device(device):
             model = cls.from_config(config)
-        if record.get("shrink_plan"):
+        if record.shrink_plan:
             groups = [g for b in family.blocks(model) for g in family.structure_groups(b)]
-            replay_plan_(model, groups, record["shrink_plan"])
+            replay_plan_(model, groups, record.shrink_plan)
         return model
 
     model = build("meta")

@@ -28,8 +28,9 @@ class ObsResult:
 
 
 def parse_nm(pattern: str | None) -> tuple[int, int] | None:
-    """'2:4' -> (2, 4): keep N of every M consecutive input weights. None/'unstructured' -> None."""
-    if pattern in (None, "unstructured"):
+    """'2:4' -> (2, 4): keep N of every M consecutive input weights. None, 'unstructured' and 'structured' (the
+    sparsity types that are not N:M) -> None. ValueError for anything else that is not N:M with 0 < N < M."""
+    if pattern in (None, "unstructured", "structured"):
         return None
     try:
         n, m = (int(v) for v in pattern.split(":"))
@@ -38,6 +39,16 @@ def parse_nm(pattern: str | None) -> tuple[int, int] | None:
     if not 0 < n < m:
         raise ValueError(f"N:M pattern needs 0 < N < M, got {pattern!r}")
     return n, m
+
+
+def holds_nm(weight, nm: tuple[int, int]) -> bool:
+    """Whether every group of M consecutive values along the last axis of `weight` (a torch tensor or numpy
+    array; for a linear's (out, in) weight, the input axis) has at most N non-zeros; False when that axis is not a
+    multiple of M."""
+    n, m = nm
+    if weight.shape[-1] % m:
+        return False
+    return bool(((weight.reshape(-1, m) != 0).sum(-1) <= n).all())
 
 
 def prepare_hessian(H: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -113,3 +113,25 @@ def test_distributed_bench(tmp_path):
             r = model[(name, w)]
             assert 1 <= r["solve_balance_mean"] <= r["solve_balance_worst"]
             assert r["solve_speedup"] == pytest.approx(w, rel=0.25) and r["solve_speedup"] <= w
+
+
+def test_export_matrix_bench(tmp_path):
+    """Narrow SD3-Medium, dense and 2:4, in its default precision and the other half precision: one child
+    process per row, every row passing, and the table and JSON that the full-width run writes."""
+    data = run_script("export_matrix.py", tmp_path / "matrix.json")
+    assert data["width"] == "narrow" and set(data["prepared"]) == {"sd3-medium"}
+    rows = {(r["kind"], r["dtype_is"]): r for r in data["rows"]}
+    assert set(rows) == {(k, d) for k in ("dense", "2of4") for d in ("default", "other")}
+    assert {r["dtype"] for r in data["rows"]} == {"fp16", "bf16"}
+    for r in data["rows"]:
+        assert r["ok"] and r["error"] is None and r["model"] == "sd3-medium"
+        assert r["parity"] == "passed" and 0 < r["parity_max_rel"] <= r["parity_tolerance"]
+        assert r["export_seconds"] > 0 and r["onnx_mib"] > 0 and 0 < r["peak_rss_gib"] < 8
+        assert r["opset"] >= (22 if r["dtype"] == "bf16" else 18)
+    for dtype in ("default", "other"):
+        assert rows[("dense", dtype)]["pruned_weights"] is None and rows[("dense", dtype)]["nm_crosscheck"] is None
+        pruned = rows[("2of4", dtype)]
+        assert pruned["pruned_weights"] == pruned["nm_crosscheck"] == "passed"
+        assert pruned["nm_sparse_tensors"] >= pruned["pruned_weights_checked"] > 0
+    table = (tmp_path / "matrix.md").read_text()
+    assert table.count("| sd3-medium | narrow |") == 4 and "FAIL" not in table

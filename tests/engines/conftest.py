@@ -47,7 +47,8 @@ def onnx_with_sidecar(tmp_path):
 def tiny_onnx_dir(tiny_sd3_dir, tmp_path_factory):
     """A real fp32 export of the tiny SD3 denoiser: batch 1-4, the default latent sizes (8..32, tuned for 8) and
     the pipeline's text length."""
-    from obsdiff.export.onnx_export import ExportConfig, export_onnx
+    from obsdiff.export.config import ExportConfig
+    from obsdiff.export.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp("tiny_onnx") / "onnx"
     export_onnx(str(tiny_sd3_dir), out, ExportConfig(dtype="fp32", batch=(1, 2, 4), parity=False))

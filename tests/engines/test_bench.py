@@ -7,30 +7,32 @@ import torch
 from click.testing import CliRunner
 
 from obsdiff.engines import bench as B
+from obsdiff.engines.bench_config import BenchConfig
 from obsdiff.engines.cli import cli
 from obsdiff.engines.report import format_bench
+from obsdiff.engines.timing import summarize
 from obsdiff.errors import ConfigError
 
 
 def test_summary_statistics():
-    s = B.summarize([0.004, 0.001, 0.003, 0.002, 0.010])
+    s = summarize([0.004, 0.001, 0.003, 0.002, 0.010])
     assert s["median"] == pytest.approx(3.0) and s["min"] == pytest.approx(1.0) and s["n"] == 5
     assert s["p90"] == pytest.approx(7.6)  # between 4 and 10 ms at rank 3.6
     assert s["iqr"] == pytest.approx(2.0) and s["mean"] == pytest.approx(4.0)
-    assert B.summarize([0.002])["stdev"] == 0.0
+    assert summarize([0.002])["stdev"] == 0.0
 
 
 def test_config_validation():
-    assert B.BenchConfig(backends="torch, onnxruntime").backends == ("torch", "onnxruntime")
+    assert BenchConfig(backends="torch, onnxruntime").backends == ("torch", "onnxruntime")
     with pytest.raises(ConfigError, match="unknown backend 'trt'"):
-        B.BenchConfig(backends="torch,trt")
+        BenchConfig(backends="torch,trt")
     with pytest.raises(ConfigError, match="--iters 0"):
-        B.BenchConfig(iters=0)
+        BenchConfig(iters=0)
 
 
 @pytest.fixture(scope="module")
 def denoiser_result(tiny_sd3_dir, tiny_run_24, tiny_onnx_dir):
-    cfg = B.BenchConfig(backends=("torch", "onnxruntime", "torch-sparse24", "tensorrt"), warmup=1, iters=4)
+    cfg = BenchConfig(backends=("torch", "onnxruntime", "torch-sparse24", "tensorrt"), warmup=1, iters=4)
     return B.run_bench({"dense": str(tiny_sd3_dir), "2:4": str(tiny_run_24)}, cfg, reference="dense",
                        onnx={"dense": tiny_onnx_dir})
 
@@ -74,7 +76,7 @@ def test_gpu_backends_are_listed_as_skipped_with_the_reason(denoiser_result):
 
 
 def test_pipeline_scope_times_every_stage(tiny_sd3_dir):
-    cfg = B.BenchConfig(backends=("torch",), scope="pipeline", steps=2, batch=2, warmup=0, iters=2)
+    cfg = BenchConfig(backends=("torch",), scope="pipeline", steps=2, batch=2, warmup=0, iters=2)
     r = B.run_bench(str(tiny_sd3_dir), cfg)
     row = r["rows"][0]
     assert row["status"] == "ok" and row["denoiser_calls"] == 2 and row["max_abs_diff_vs_torch"] == 0

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from obsdiff.engines import runners as R
+from obsdiff.engines.runner_base import RunnerUnavailable
 from obsdiff.errors import ConfigError
 from obsdiff.runs.loading import load_pipeline
+from obsdiff.solver.obs import holds_nm
 
 TEXT = 264  # the tiny pipeline's CLIP length (8) + T5 default (256)
 
@@ -65,7 +67,7 @@ def test_inductor_compiled_denoiser_matches_torch(model):
 def test_gpu_backends_say_why_they_cannot_run_here(model):
     ok, why = R.make_runner("torch-sparse24").available()
     assert not ok and "no CUDA GPU" in why
-    with pytest.raises(R.RunnerUnavailable, match="on cpu.*CUDA"):
+    with pytest.raises(RunnerUnavailable, match="on cpu.*CUDA"):
         R.make_runner("torch-sparse24").prepare(model)
     ok, why = R.make_runner("tensorrt").available()
     assert not ok and ("pip install --extra-index-url https://pypi.nvidia.com tensorrt" in why or "CUDA GPU" in why)
@@ -82,7 +84,7 @@ def test_sparse24_matches_torch_on_gpu(tiny_run_24):
     runner = R.make_runner("torch-sparse24")
     try:
         runner.prepare(model)
-    except R.RunnerUnavailable as exc:  # tiny widths may be below the kernels' minimum shapes
+    except RunnerUnavailable as exc:  # tiny widths may be below the kernels' minimum shapes
         pytest.skip(str(exc))
     kw = {k: v.cuda().half() for k, v in inputs(model).items()}
     assert float((runner(**kw) - reference(model, kw)).abs().max()) < 5e-2
@@ -90,16 +92,17 @@ def test_sparse24_matches_torch_on_gpu(tiny_run_24):
 
 def test_nm_pattern_detection():
     w = torch.tensor([[1.0, 0, 2, 0, 0, 3, 0, 4], [0, 0, 0, 1, 5, 0, 0, 6]])
-    assert R.is_nm_sparse(w, 2, 4)
+    assert holds_nm(w, (2, 4)) and holds_nm(w.numpy(), (2, 4))  # the one check, for torch and numpy weights
+    assert holds_nm(w.T.numpy().T, (2, 4))  # a transposed (non-contiguous) layout
     w[0, 1] = 7  # three non-zeros in the first group
-    assert not R.is_nm_sparse(w, 2, 4)
-    assert not R.is_nm_sparse(torch.zeros(2, 6), 2, 4)  # d_in not a multiple of 4
+    assert not holds_nm(w, (2, 4)) and not holds_nm(w.numpy(), (2, 4)) and holds_nm(w, (3, 4))
+    assert not holds_nm(torch.zeros(2, 6), (2, 4))  # d_in not a multiple of 4
 
 
 def test_pruned_run_weights_are_2_4(tiny_run_24):
     run = load_pipeline(str(tiny_run_24))
     linears = {n: m for n, m in run.denoiser.named_modules() if isinstance(m, torch.nn.Linear)}
-    sparse = [n for n, m in linears.items() if R.is_nm_sparse(m.weight)]
+    sparse = [n for n, m in linears.items() if holds_nm(m.weight.detach(), (2, 4))]
     assert len(sparse) == 21 and all("norm" not in n for n in sparse)
 
 

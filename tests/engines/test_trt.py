@@ -8,8 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from obsdiff.engines import engine_record as ER
 from obsdiff.engines import trt as T
 from obsdiff.engines import trt_env
+from obsdiff.engines import trt_rules as TR
 from obsdiff.engines.build_monitor import build_progress, captured_build_log
 from obsdiff.engines.sidecar import SidecarError, parse_shapes, parse_sidecar, read_onnx_sidecar
 from obsdiff.errors import ConfigError, MissingDependencyError, OutputExistsError
@@ -56,7 +58,7 @@ TRT11_ALWAYS_STRONG = trt_ns(TRT11_BUILDER, ("PREFER_AOT_PYTHON_PLUGINS", "PREFE
 
 @pytest.mark.parametrize("dtype, precision", [("fp16", ("FP16",)), ("bf16", ("BF16",)), ("fp32", ())])
 def test_tensorrt10_is_weakly_typed_with_the_onnx_precision_flag(dtype, precision):
-    plan = T.select_flags(TRT10, dtype, sparse_weights=True)
+    plan = TR.select_flags(TRT10, dtype, sparse_weights=True)
     assert plan.typing == "weak" and plan.network_flags == ()
     assert plan.builder_flags == ("TF32", *precision, "SPARSE_WEIGHTS")  # TF32: TensorRT's default, kept
 
@@ -64,7 +66,7 @@ def test_tensorrt10_is_weakly_typed_with_the_onnx_precision_flag(dtype, precisio
 @pytest.mark.parametrize("ns", [TRT11, TRT11_ALWAYS_STRONG], ids=["11-with-flag", "11-always-strong"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
 def test_tensorrt11_is_strongly_typed_without_precision_flags(ns, dtype):
-    plan = T.select_flags(ns, dtype, sparse_weights=True, strict_nans=True)
+    plan = TR.select_flags(ns, dtype, sparse_weights=True, strict_nans=True)
     assert plan.typing == "strong"
     assert plan.builder_flags == ("SPARSE_WEIGHTS", "STRICT_NANS")
     assert plan.network_flags == (("STRONGLY_TYPED",) if ns is TRT11 else ())
@@ -72,25 +74,25 @@ def test_tensorrt11_is_strongly_typed_without_precision_flags(ns, dtype):
 
 
 def test_tensorrt10_can_be_asked_for_strong_typing_and_dense_builds_have_no_sparse_flag():
-    plan = T.select_flags(TRT10, "fp16", sparse_weights=False, strongly_typed=True)
+    plan = TR.select_flags(TRT10, "fp16", sparse_weights=False, strongly_typed=True)
     assert plan.typing == "strong" and plan.network_flags == ("STRONGLY_TYPED",) and plan.builder_flags == ()
 
 
 def test_flags_a_tensorrt_lacks_are_one_line_errors():
     with pytest.raises(ConfigError, match="STRICT_NANS"):
-        T.select_flags(TRT10_0, "fp16", sparse_weights=False, strict_nans=True)
-    assert "STRICT_NANS" in T.select_flags(TRT10, "fp16", False, strict_nans=True).builder_flags
+        TR.select_flags(TRT10_0, "fp16", sparse_weights=False, strict_nans=True)
+    assert "STRICT_NANS" in TR.select_flags(TRT10, "fp16", False, strict_nans=True).builder_flags
     with pytest.raises(ConfigError, match="strongly typed"):
-        T.select_flags(TRT11, "fp16", sparse_weights=False, strongly_typed=False)
+        TR.select_flags(TRT11, "fp16", sparse_weights=False, strongly_typed=False)
     no_sparse = trt_ns([f for f in TRT10_BUILDER if f != "SPARSE_WEIGHTS"], TRT10_NETWORK)
     with pytest.raises(ConfigError, match="--no-sparse-weights"):
-        T.select_flags(no_sparse, "fp16", sparse_weights=True)
+        TR.select_flags(no_sparse, "fp16", sparse_weights=True)
 
 
 def test_precision_from_network_input_types():
-    assert T.dtype_from_network_inputs(["DataType.HALF", "DataType.FLOAT"]) == "fp16"
-    assert T.dtype_from_network_inputs(["BF16", "FLOAT"]) == "bf16"
-    assert T.dtype_from_network_inputs(["FLOAT", "INT64"]) == "fp32"
+    assert TR.dtype_from_network_inputs(["DataType.HALF", "DataType.FLOAT"]) == "fp16"
+    assert TR.dtype_from_network_inputs(["BF16", "FLOAT"]) == "bf16"
+    assert TR.dtype_from_network_inputs(["FLOAT", "INT64"]) == "fp32"
 
 
 # ------------------------------------------------------------------------------------------ build log
@@ -108,7 +110,7 @@ BUILD_LOG = """\
 
 
 def test_build_log_names_eligible_and_picked_layers():
-    report = T.parse_build_log(BUILD_LOG)
+    report = TR.parse_build_log(BUILD_LOG)
     assert report["reported"] and report["eligible_count"] == 4 and report["picked_count"] == 2
     assert report["picked"] == ["/transformer_blocks.0/ff/net.0/proj/MatMul + /transformer_blocks.0/ff/net.0/Gelu",
                                 "/transformer_blocks.0/ff/net.2/MatMul"]
@@ -120,17 +122,17 @@ def test_build_log_from_the_python_logger_without_prefix_and_with_nothing_picked
     lines = ["[I] (Sparsity) Layers eligible for sparse math: node_MatMul_12, node_MatMul_40",
              "[I] (Sparsity) TRT inference plan picked sparse implementation for layers: ",
              "[W] Detected layernorm nodes in FP16."]
-    report = T.parse_build_log(lines)
+    report = TR.parse_build_log(lines)
     assert report["reported"] and report["eligible"] == ["node_MatMul_12", "node_MatMul_40"]
     assert report["picked"] == [] and report["picked_count"] == 0
-    assert not T.parse_build_log(["[I] Engine built in 3.2 seconds"])["reported"]
+    assert not TR.parse_build_log(["[I] Engine built in 3.2 seconds"])["reported"]
 
 
 def test_inspector_json_lists_layers_with_sparse_weights():
     info = json.dumps({"Layers": [{"Name": "gemm_q", "LayerType": "Gemm", "HasSparseWeights": 1},
                                   {"Name": "gemm_k", "LayerType": "Gemm", "HasSparseWeights": 0},
                                   {"Name": "softmax", "LayerType": "SoftMax"}], "Bindings": ["x", "y"]})
-    assert T.sparse_layers_from_inspector(info) == ["gemm_q"]
+    assert TR.sparse_layers_from_inspector(info) == ["gemm_q"]
 
 
 # ------------------------------------------------------------------------------------------ profiles
@@ -185,6 +187,13 @@ def test_sidecar_without_a_needed_key_says_which(tmp_path):
         parse_sidecar(data, tmp_path / "transformer.json")
 
 
+def test_sidecar_sparsity_type_is_parsed_as_the_prune_parses_it(tmp_path):
+    assert [parse_sidecar(export_sidecar(SD3_INPUTS, sparsity_type=t)).nm for t in ("4:8", "structured", None)] \
+        == [(4, 8), None, None]
+    with pytest.raises(SidecarError, match=r"sparsity_type '4:2' is not a sparsity type"):  # once read as (4, 2)
+        parse_sidecar(export_sidecar(SD3_INPUTS, sparsity_type="4:2"), tmp_path / "transformer.json")
+
+
 def test_real_export_sidecar_gives_a_profile(tiny_onnx_dir):
     spec = read_onnx_sidecar(tiny_onnx_dir / "transformer.onnx")
     profiles = T.resolve_profiles(spec, T.EngineConfig())
@@ -198,8 +207,8 @@ def test_real_export_sidecar_gives_a_profile(tiny_onnx_dir):
 
 
 def test_config_options_for_tensorrt10_fp16_sparse_with_strict_nans():
-    plan = T.select_flags(TRT10, "fp16", sparse_weights=True, strict_nans=True)
-    kwargs, extra = T.config_options(TRT10, plan, 8 * 2**30, 4, "cache.bin")
+    plan = TR.select_flags(TRT10, "fp16", sparse_weights=True, strict_nans=True)
+    kwargs, extra = TR.config_options(TRT10, plan, 8 * 2**30, 4, "cache.bin")
     assert kwargs == {"tf32": True, "fp16": True, "sparse_weights": True,
                       "memory_pool_limits": {TRT10.MemoryPoolType.WORKSPACE: 8 * 2**30},
                       "builder_optimization_level": 4, "load_timing_cache": "cache.bin",
@@ -208,17 +217,17 @@ def test_config_options_for_tensorrt10_fp16_sparse_with_strict_nans():
 
 
 def test_config_options_for_tensorrt11_carry_no_precision_arguments():
-    plan = T.select_flags(TRT11, "bf16", sparse_weights=True)
-    kwargs, extra = T.config_options(TRT11, plan, 2**30, 3, None)
+    plan = TR.select_flags(TRT11, "bf16", sparse_weights=True)
+    kwargs, extra = TR.config_options(TRT11, plan, 2**30, 3, None)
     assert not {"fp16", "bf16", "tf32", "int8", "fp8"} & set(kwargs)
     assert kwargs["sparse_weights"] is True and "load_timing_cache" not in kwargs and extra == ()
 
 
 def test_trtexec_line_for_a_weakly_typed_sparse_build():
-    plan = T.select_flags(TRT10, "fp16", sparse_weights=True)
+    plan = TR.select_flags(TRT10, "fp16", sparse_weights=True)
     profiles = {"hidden_states": {"min": [1, 16, 64, 64], "opt": [2, 16, 128, 128], "max": [8, 16, 128, 128]},
                 "timestep": {"min": [1], "opt": [2], "max": [8]}}
-    line = T.trtexec_command("runs/x/onnx/transformer.onnx", "out dir/t.plan", plan, profiles, 8 * 2**30, 3,
+    line = TR.trtexec_command("runs/x/onnx/transformer.onnx", "out dir/t.plan", plan, profiles, 8 * 2**30, 3,
                              "tc.bin")
     assert line == ("trtexec --onnx=runs/x/onnx/transformer.onnx '--saveEngine=out dir/t.plan' --fp16 "
                     "--sparsity=enable --minShapes=hidden_states:1x16x64x64,timestep:1 "
@@ -228,8 +237,8 @@ def test_trtexec_line_for_a_weakly_typed_sparse_build():
 
 
 def test_trtexec_line_for_a_strongly_typed_static_build_names_what_trtexec_lacks():
-    plan = T.select_flags(TRT11, "bf16", sparse_weights=False, strict_nans=True)
-    line = T.trtexec_command("m.onnx", "m.plan", plan, {}, 1.5 * 2**30, 5)
+    plan = TR.select_flags(TRT11, "bf16", sparse_weights=False, strict_nans=True)
+    line = TR.trtexec_command("m.onnx", "m.plan", plan, {}, 1.5 * 2**30, 5)
     assert line.startswith("trtexec --onnx=m.onnx --saveEngine=m.plan --stronglyTyped --builderOptimizationLevel=5 "
                            "--memPoolSize=workspace:1536M")
     assert "--bf16" not in line and "Shapes" not in line and "--sparsity" not in line
@@ -265,7 +274,7 @@ def test_build_log_capture_keeps_tensorrt_info_lines_and_restores_polygraphy():
         G_LOGGER.verbose("(Sparsity) Layers eligible for sparse math: gemm_a, gemm_b")
         G_LOGGER.extra_verbose("a TensorRT VERBOSE line, not kept by default")
         G_LOGGER.error("Could not find any implementation for node gemm_a")
-    assert T.parse_build_log(build_log.lines)["eligible"] == ["gemm_a", "gemm_b"]
+    assert TR.parse_build_log(build_log.lines)["eligible"] == ["gemm_a", "gemm_b"]
     assert len(build_log.lines) == 2 and build_log.errors() == ["Could not find any implementation for node gemm_a"]
     assert (G_LOGGER.module_severity.get(), G_LOGGER.use_python_logging_system) == before
 
@@ -298,13 +307,13 @@ def engine_record(onnx_hashes, **over):
 
 def test_stale_reasons_name_what_changed():
     hashes = {"sha256": "1" * 64, "data_sha256": None}
-    assert T.stale_reasons(engine_record(hashes), ENV, hashes) == []
-    assert T.stale_reasons(engine_record(hashes), ENV, None) == []  # ONNX gone: nothing to compare
-    changed = T.stale_reasons(engine_record(hashes), ENV, {"sha256": "2" * 64, "data_sha256": None})
+    assert ER.stale_reasons(engine_record(hashes), ENV, hashes) == []
+    assert ER.stale_reasons(engine_record(hashes), ENV, None) == []  # ONNX gone: nothing to compare
+    changed = ER.stale_reasons(engine_record(hashes), ENV, {"sha256": "2" * 64, "data_sha256": None})
     assert len(changed) == 1 and "ONNX graph changed" in changed[0]
-    other_trt = T.stale_reasons(engine_record(hashes, tensorrt="10.3.0"), ENV, hashes)
+    other_trt = ER.stale_reasons(engine_record(hashes, tensorrt="10.3.0"), ENV, hashes)
     assert len(other_trt) == 1 and "TensorRT 10.3.0" in other_trt[0] and "10.8.0.43" in other_trt[0]
-    other_gpu = T.stale_reasons(engine_record(hashes, gpu={"name": "NVIDIA A100", "compute_capability": "8.0"}),
+    other_gpu = ER.stale_reasons(engine_record(hashes, gpu={"name": "NVIDIA A100", "compute_capability": "8.0"}),
                                 ENV, hashes)
     assert len(other_gpu) == 1 and "NVIDIA A100" in other_gpu[0] and "H200" in other_gpu[0]
 
@@ -313,23 +322,23 @@ def test_check_engine_refuses_a_stale_engine(tmp_path, onnx_with_sidecar):
     onnx = onnx_with_sidecar()
     plan = tmp_path / "transformer.plan"
     plan.write_bytes(b"engine")
-    record = engine_record(T.onnx_hashes(onnx)) | {"onnx": {"path": str(onnx), **T.onnx_hashes(onnx)}}
-    T.engine_sidecar_path(plan).write_text(json.dumps(record))
-    assert T.check_engine(plan, environment=ENV)["tensorrt"] == ENV["tensorrt"]
+    record = engine_record(ER.onnx_hashes(onnx)) | {"onnx": {"path": str(onnx), **ER.onnx_hashes(onnx)}}
+    ER.engine_sidecar_path(plan).write_text(json.dumps(record))
+    assert ER.check_engine(plan, environment=ENV)["tensorrt"] == ENV["tensorrt"]
     onnx.write_bytes(b"re-exported graph")
-    with pytest.raises(T.StaleEngineError) as err:
-        T.check_engine(plan, environment=ENV | {"tensorrt": "11.0.0"})
+    with pytest.raises(ER.StaleEngineError) as err:
+        ER.check_engine(plan, environment=ENV | {"tensorrt": "11.0.0"})
     msg = str(err.value)
     assert "\n" not in msg and "ONNX graph changed" in msg and "TensorRT 11.0.0" in msg and "--force" in msg
 
 
 def test_check_engine_without_sidecar_or_plan(tmp_path):
-    with pytest.raises(T.EngineError, match="does not exist"):
-        T.check_engine(tmp_path / "none.plan", environment=ENV)
+    with pytest.raises(ER.EngineError, match="does not exist"):
+        ER.check_engine(tmp_path / "none.plan", environment=ENV)
     plan = tmp_path / "foreign.plan"
     plan.write_bytes(b"engine")
-    with pytest.raises(T.StaleEngineError, match="no sidecar foreign.plan.json"):
-        T.check_engine(plan, environment=ENV)
+    with pytest.raises(ER.StaleEngineError, match="no sidecar foreign.plan.json"):
+        ER.check_engine(plan, environment=ENV)
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -355,7 +364,7 @@ def test_an_existing_engine_is_refused_and_its_staleness_named(tmp_path, onnx_wi
     onnx = onnx_with_sidecar()
     plan = tmp_path / "m.plan"
     plan.write_bytes(b"engine")
-    T.engine_sidecar_path(plan).write_text(json.dumps(engine_record(T.onnx_hashes(onnx))))
+    ER.engine_sidecar_path(plan).write_text(json.dumps(engine_record(ER.onnx_hashes(onnx))))
     with pytest.raises(OutputExistsError, match=r"built from this ONNX\); pass --force"):
         T.build_engine(onnx, plan)
     onnx.write_bytes(b"re-exported")
@@ -383,7 +392,7 @@ def test_without_tensorrt_build_says_how_to_install(tmp_path, onnx_with_sidecar)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
 def test_without_a_gpu_build_says_so(tmp_path, onnx_with_sidecar, monkeypatch):
     monkeypatch.setattr(trt_env, "require_tensorrt", lambda: SimpleNamespace(__version__="10.8.0"))
-    with pytest.raises(T.NoGpuError, match="need a CUDA GPU"):
+    with pytest.raises(trt_env.NoGpuError, match="need a CUDA GPU"):
         T.build_engine(onnx_with_sidecar(), tmp_path / "m.plan")
 
 
@@ -395,7 +404,7 @@ def test_without_a_gpu_build_says_so(tmp_path, onnx_with_sidecar, monkeypatch):
 def test_real_tensorrt_flags_match_its_generation():
     import tensorrt
 
-    plan = T.select_flags(tensorrt, "fp16", sparse_weights=True)
+    plan = TR.select_flags(tensorrt, "fp16", sparse_weights=True)
     assert "SPARSE_WEIGHTS" in plan.builder_flags
     assert plan.typing == ("weak" if hasattr(tensorrt.BuilderFlag, "FP16") else "strong")
 
@@ -409,9 +418,10 @@ def test_build_check_and_run_a_tiny_engine(tiny_onnx_dir, tiny_sd3_dir, tmp_path
     plan = tmp_path / "transformer.plan"
     record = T.build_engine(tiny_onnx_dir / "transformer.onnx", plan, T.EngineConfig(sparse_weights=True,
                                                                                      also_dense=True))
-    assert plan.is_file() and T.dense_twin_path(plan).is_file() and record["dense_twin"]["sparse"]["requested"] is False
+    assert plan.is_file() and ER.dense_twin_path(plan).is_file()
+    assert record["dense_twin"]["sparse"]["requested"] is False
     assert record["sparse"]["requested"] and record["profiles"]["hidden_states"]["opt"][0] == 2
-    assert T.check_engine(plan)["onnx"]["sha256"] == record["onnx"]["sha256"]
+    assert ER.check_engine(plan)["onnx"]["sha256"] == record["onnx"]["sha256"]
     model = load_pipeline(str(tiny_sd3_dir), device="cuda")
     runner = make_runner("tensorrt", engine=plan)
     runner.prepare(model)

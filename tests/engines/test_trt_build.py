@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from obsdiff.engines import engine_record as ER
 from obsdiff.engines import trt as T
 from obsdiff.engines import trt_env
 from tests.engines.test_trt import TRT10_BUILDER, TRT10_NETWORK, enum, trt_ns
@@ -105,7 +106,7 @@ def test_build_runs_the_steps_and_writes_engine_sidecar_log(fake_tensorrt, onnx_
     assert set_on_config == [trt.BuilderFlag.STRICT_NANS]  # no CreateConfig argument for it
 
     assert out.read_bytes() == b"serialized engine" and not list(out.parent.glob("*.tmp*"))
-    sidecar = json.loads(T.engine_sidecar_path(out).read_text())
+    sidecar = json.loads(ER.engine_sidecar_path(out).read_text())
     assert sidecar == json.loads(json.dumps(record)) and sidecar["bytes"] == len(b"serialized engine")
     assert sidecar["sparse"]["picked"] == ["gemm_ff"] and sidecar["sparse"]["eligible_count"] == 2
     assert sidecar["sparse"]["inspector_sparse_layers"] == ["gemm_ff"]
@@ -121,7 +122,7 @@ def test_build_runs_the_steps_and_writes_engine_sidecar_log(fake_tensorrt, onnx_
     log_text = (out.parent / "transformer.plan.log").read_text()
     assert "picked sparse implementation for layers: gemm_ff" in log_text
     env = {"tensorrt": "10.8.0.43", "gpu": GPU["name"], "compute_capability": "9.0"}
-    assert T.check_engine(out, environment=env)["file"] == "transformer.plan"
+    assert ER.check_engine(out, environment=env)["file"] == "transformer.plan"
 
 
 def test_dense_twin_is_built_without_sparse_weights(fake_tensorrt, onnx_with_sidecar, tmp_path):
@@ -130,13 +131,13 @@ def test_dense_twin_is_built_without_sparse_weights(fake_tensorrt, onnx_with_sid
     assert record["sparse"]["requested"] and record["dense_twin"]["sparse"]["requested"] is False
     assert "--sparsity=enable" not in record["dense_twin"]["trtexec"]
     assert (tmp_path / "t.dense.plan").read_bytes() == b"serialized engine"
-    assert json.loads(T.engine_sidecar_path(out).read_text())["dense_twin"]["file"] == "t.dense.plan"
+    assert json.loads(ER.engine_sidecar_path(out).read_text())["dense_twin"]["file"] == "t.dense.plan"
 
 
 def test_a_parser_failure_is_one_line_naming_tensorrts_error(fake_tensorrt, onnx_with_sidecar, tmp_path):
     fake_tensorrt.monkeypatch.setattr(trt_env, "require_polygraphy_trt",
                                       lambda: fake_polygraphy(fake_tensorrt.calls, fail_parse=True))
-    with pytest.raises(T.EngineError) as err:
+    with pytest.raises(ER.EngineError) as err:
         T.build_engine(onnx_with_sidecar(), tmp_path / "t.plan")
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("TensorRT could not parse transformer.onnx: ")

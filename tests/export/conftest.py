@@ -2,7 +2,8 @@
 
 import pytest
 
-from obsdiff.export.onnx_export import ExportConfig, export_onnx
+from obsdiff.export.config import ExportConfig
+from obsdiff.export.onnx_export import export_onnx
 from tests.conftest import tiny_flux
 
 

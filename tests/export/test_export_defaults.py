@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 from obsdiff.errors import ConfigError
 from obsdiff.export.cli import cli
-from obsdiff.export.onnx_export import ExportConfig, export_onnx
+from obsdiff.export.config import ExportConfig
+from obsdiff.export.onnx_export import export_onnx
 from obsdiff.models import get_family
 from tests.conftest import tiny_flux, tiny_sd3, tiny_sdxl
 

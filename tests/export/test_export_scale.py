@@ -21,7 +21,8 @@ from obsdiff.config import PruneConfig
 from obsdiff.export import checks as C
 from obsdiff.export import graph as G
 from obsdiff.export import onnx_export as E
-from obsdiff.export.onnx_export import ExportConfig, export_onnx
+from obsdiff.export.config import ExportConfig
+from obsdiff.export.onnx_export import export_onnx
 from obsdiff.pruning.prune import prune_
 from obsdiff.runs.io import save_run
 from obsdiff.runs.loading import load_denoiser, load_pipeline
@@ -44,16 +45,17 @@ def run_without_encoders(tiny_sd3_dir, tmp_path_factory):
 
 
 def test_load_denoiser_loads_the_denoiser_alone_in_the_asked_dtype(run_without_encoders, tiny_sd3_dir):
-    denoiser, family, info = load_denoiser(str(run_without_encoders), "fp16")
-    assert family.name == "sd3" and type(denoiser).__name__ == "SD3Transformer2DModel"
+    found = load_denoiser(str(run_without_encoders), "fp16")
+    denoiser = found.denoiser
+    assert found.family.name == "sd3" and type(denoiser).__name__ == "SD3Transformer2DModel"
     assert {p.dtype for p in denoiser.parameters()} == {torch.float16}
-    assert info["run"]["prune"]["sparsity_type"] == "2:4" and info["tokenizer_max_length"]["tokenizer"] > 0
+    assert found.run.sparsity_type == "2:4" and found.tokenizer_max_length["tokenizer"] > 0
     w = denoiser.transformer_blocks[0].attn.to_q.weight
     assert float((w == 0).float().mean()) == 0.5  # the pruned weights, not the base ones
-    plain, _, info = load_denoiser(str(tiny_sd3_dir), "bf16")
-    assert {p.dtype for p in plain.parameters()} == {torch.bfloat16} and info["run"] is None
-    meta, _, _ = load_denoiser(str(tiny_sd3_dir), weights=False)
-    assert all(p.is_meta for p in meta.parameters())
+    plain = load_denoiser(str(tiny_sd3_dir), "bf16")
+    assert {p.dtype for p in plain.denoiser.parameters()} == {torch.bfloat16} and plain.run is None
+    meta = load_denoiser(str(tiny_sd3_dir), weights=False)
+    assert all(p.is_meta for p in meta.denoiser.parameters())
 
 
 def test_run_exports_without_text_encoders_and_frees_torch_before_onnxruntime(run_without_encoders, tmp_path,

@@ -11,7 +11,8 @@ from obsdiff.errors import ConfigError
 from obsdiff.export import checks as C
 from obsdiff.export import graph as G
 from obsdiff.export.components import example_point, parity_points
-from obsdiff.export.onnx_export import ExportConfig, linear_as_gemm, parse_range
+from obsdiff.export.config import ExportConfig, parse_range
+from obsdiff.export.onnx_export import linear_as_gemm
 from obsdiff.models.registry import OnnxDim, OnnxInput, OnnxIO
 
 
@@ -113,8 +114,10 @@ def test_parse_range_and_points():
     b, h = OnnxDim("batch", 1, 1, 4), OnnxDim("height", 2, 4, 16, multiple=2)
     io = OnnxIO((OnnxInput("x", "x", (b, 3, h)),), ranges=(b, h))
     assert example_point(io) == {"batch": 2, "height": 4}  # never trace at 1 (torch.export specializes it)
-    # minima, the next valid value above each optimum, and the optima (the engine's tuned shape)
-    assert parity_points(io) == [{"batch": 1, "height": 2}, {"batch": 2, "height": 6}, {"batch": 1, "height": 4}]
+    # minima; the next valid value above each optimum but the batch's; another batch at the minima; the optima
+    # (the engine's tuned shape)
+    assert parity_points(io) == [{"batch": 1, "height": 2}, {"batch": 1, "height": 6}, {"batch": 2, "height": 2},
+                                 {"batch": 1, "height": 4}]
     at_min = OnnxIO((), ranges=(OnnxDim("batch", 1, 1, 4),))
     assert parity_points(at_min) == [{"batch": 1}, {"batch": 2}]  # the optima are the minima: checked once
     with pytest.raises(ConfigError, match="too small to stay dynamic"):

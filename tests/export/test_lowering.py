@@ -15,8 +15,9 @@ import onnx
 import pytest
 import torch
 
+from obsdiff.export.config import ExportConfig
 from obsdiff.export.lowering import custom_translations, floor_divide
-from obsdiff.export.onnx_export import ExportConfig, export_onnx
+from obsdiff.export.onnx_export import export_onnx
 from obsdiff.models.registry import get_family
 from obsdiff.runs.loading import LoadedModel
 from obsdiff.testing import SIZED_MODELS

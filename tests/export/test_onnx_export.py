@@ -18,10 +18,11 @@ from click.testing import CliRunner
 from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.export import checks as C
 from obsdiff.export.cli import cli
-from obsdiff.export.onnx_export import ExportCheckError, ExportConfig, export_onnx
+from obsdiff.export.config import ExportConfig
+from obsdiff.export.onnx_export import ExportCheckError, export_onnx
 from obsdiff.pruning.prune import prune_
 from obsdiff.runs.artifacts import sha256_file
-from obsdiff.runs.io import save_run
+from obsdiff.runs.io import RunRecord, save_run
 from obsdiff.runs.loading import as_loaded, load_pipeline
 from tests.conftest import tiny_flux, tiny_sdxl
 
@@ -123,7 +124,8 @@ def test_digits_transformer_sidecar(digits_fp32):
     assert parity["max_rel"] < 1e-4 and parity["reference"] == "torch fp32 on cpu"
     example = {"batch": 2, "height": 8, "width": 8, "text": 16}  # the traced shape, also the tuned one
     assert parity["points"] == [{"batch": 1, "height": 4, "width": 4, "text": 8},
-                                {"batch": 3, "height": 10, "width": 10, "text": 17}, example]
+                                {"batch": 1, "height": 10, "width": 10, "text": 17},
+                                {"batch": 3, "height": 4, "width": 4, "text": 8}, example]
     assert s["graph"]["einsum_to_transpose"] == 1 and s["graph"]["initializers_renamed"] > 0
     model = onnx.load(out / "transformer.onnx")
     assert not [n for n in model.graph.node if n.op_type == "Einsum"]
@@ -225,7 +227,7 @@ def test_sdxl_legacy_dense_and_two_four(tmp_path):
     assert s["checks"]["parity"]["max_rel"] < 1e-4
     report = prune_(pipe, PruneConfig(sparsity_type="2:4"), CalibConfig(num_prompts=2, steps=2, batch_size=2,
                                                                          groups=1, guidance=3.0), progress=False)
-    model = dataclasses.replace(as_loaded(pipe), run=report.to_dict())
+    model = dataclasses.replace(as_loaded(pipe), run=RunRecord.from_dict(report.to_dict()))
     export_onnx(model, tmp_path / "pruned", cfg)
     checks = sidecar(tmp_path / "pruned", "unet")["checks"]
     pruned = checks["pruned_weights"]
@@ -245,7 +247,7 @@ def test_flux_two_four_fp16(tmp_path):
     pipe = tiny_flux()
     report = prune_(pipe, PruneConfig(sparsity_type="2:4"), CalibConfig(num_prompts=2, steps=2, batch_size=2, groups=1,
                                                                          guidance=3.0), progress=False)
-    model = dataclasses.replace(as_loaded(pipe), run=report.to_dict())
+    model = dataclasses.replace(as_loaded(pipe), run=RunRecord.from_dict(report.to_dict()))
     export_onnx(model, tmp_path / "onnx", ExportConfig(dtype="fp16", height=(4, 8, 16), width=(4, 8, 16),
                                                        text_len=(8, 16, 32)))
     checks = sidecar(tmp_path / "onnx")["checks"]

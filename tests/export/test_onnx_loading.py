@@ -6,7 +6,8 @@ import shutil
 import pytest
 
 from obsdiff.errors import ModelLoadError
-from obsdiff.export.onnx_export import ExportConfig, export_onnx
+from obsdiff.export.config import ExportConfig
+from obsdiff.export.onnx_export import export_onnx
 from obsdiff.runs.loading import load_pipeline
 
 

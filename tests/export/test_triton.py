@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from obsdiff.errors import ConfigError, ModelLoadError
 from obsdiff.export.cli import cli
-from obsdiff.export.onnx_export import ExportConfig, export_onnx
+from obsdiff.export.config import ExportConfig
+from obsdiff.export.onnx_export import export_onnx
 from obsdiff.export.triton import (
     PbtxtError,
     check_pbtxt,

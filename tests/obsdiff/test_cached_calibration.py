@@ -190,7 +190,7 @@ def test_a_cache_that_cannot_fit_is_refused_at_the_first_call(monkeypatch):
     assert not any(m._forward_pre_hooks for m in model.denoiser.modules())
 
 
-def test_available_bytes_reads_available_ram():
+def test_free_bytes_reads_available_ram():
     from obsdiff.devices import available_bytes
 
     free = available_bytes(torch.device("cpu"))

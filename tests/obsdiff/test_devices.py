@@ -5,6 +5,8 @@ import torch
 
 from obsdiff.devices import (
     DTYPES,
+    FLOAT_NAMES,
+    SAFETENSORS_DTYPES,
     default_dtype,
     dtype_name,
     empty_cache,
@@ -26,6 +28,13 @@ def test_dtype_names_round_trip():
     assert torch_dtype(torch.float16) is torch.float16
     with pytest.raises(ConfigError, match="unknown dtype 'fp8'; use one of auto, fp32, fp16, bf16"):
         torch_dtype("fp8")
+
+
+def test_every_dtype_table_names_torch_dtypes():
+    assert DTYPES.items() <= FLOAT_NAMES.items()
+    for long in [*FLOAT_NAMES.values(), *SAFETENSORS_DTYPES.values()]:
+        assert isinstance(getattr(torch, long), torch.dtype), long
+    assert set(FLOAT_NAMES.values()) <= set(SAFETENSORS_DTYPES.values())  # every float obsdiff names can be stored
 
 
 def test_auto_dtype_follows_the_device():

@@ -205,7 +205,7 @@ def test_flux_and_sdxl_structured_runs_rebuild_from_shards(family, tmp_path):
                     progress=False)
     run = io.save_run(model, report.to_dict(), tmp_path / "run", max_shard_size="100KB")
     record = io.read_run(run)
-    assert len(record["denoiser_shards"]) > 1 and record["weights_dtype"] == "fp32"  # no base on disk: as in memory
+    assert len(record.denoiser_shards) > 1 and record.weights_dtype == "fp32"  # no base on disk: as in memory
     assert_same_state(model.denoiser, rebuild.build_run_denoiser(run, record, model.family, torch.float32))
 
 

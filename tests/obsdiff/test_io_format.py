@@ -22,12 +22,13 @@ def unstructured_run(tiny_sd3_dir, tmp_path_factory):
 def test_unstructured_single_file_round_trip(unstructured_run):
     model, run = unstructured_run
     record = io.read_run(run)
-    assert record["format"] == io.FORMAT_VERSION and record["family"] == "sd3" and record["weights_dtype"] == "fp32"
-    assert not record.get("shrink_plan") and record["denoiser_file"] == f"denoiser/{io.WEIGHTS_FILE}"
+    assert record.format == io.FORMAT_VERSION and record.family == "sd3" and record.weights_dtype == "fp32"
+    assert not record.shrink_plan and record.denoiser_file == f"denoiser/{io.WEIGHTS_FILE}"
+    assert record.to_dict() == json.loads((run / io.RUN_FILE).read_text())  # the whole record, as stored
     state = rebuild.read_run_weights(run, record)
     ours = model.denoiser.state_dict()
     assert state.keys() == ours.keys() and all(torch.equal(state[k], ours[k]) for k in ours)
-    pruned = [r["name"] for r in record["layers"]]
+    pruned = [r["name"] for r in record.layers]
     assert pruned and all(
         int((state[f"{n}.weight"] == 0).sum()) == round(0.6 * state[f"{n}.weight"].numel()) for n in pruned)
     rebuilt = rebuild.build_run_denoiser(run, record, model.family, torch.float32)

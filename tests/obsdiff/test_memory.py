@@ -149,3 +149,18 @@ def test_prune_refuses_before_loading_when_max_memory_is_too_small(tiny_sd3_dir,
                                  "--out", str(out)])
     assert r.exit_code == 2 and "--max-memory 0.001 GiB is too small" in r.output
     assert not out.exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_component_bytes_come_from_the_safetensors_headers(tmp_path):
+    from safetensors.torch import save_file
+
+    from obsdiff.errors import ModelLoadError
+    from obsdiff.planning.sizes import safetensors_bytes
+
+    save_file({"w": torch.zeros(3, 4), "ids": torch.zeros(5, dtype=torch.int64),
+               "q": torch.zeros(8).to(torch.float8_e4m3fn)}, str(tmp_path / "a.safetensors"))
+    assert safetensors_bytes(tmp_path) == 12 * 4 + 5 * 8 + 8 * 1
+    assert safetensors_bytes(tmp_path, torch.float16) == 12 * 2 + 5 * 8 + 8 * 1  # float8 and integers as stored
+    (tmp_path / "b.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"not json")
+    with pytest.raises(ModelLoadError, match=r"b\.safetensors is not a readable safetensors file"):
+        safetensors_bytes(tmp_path)

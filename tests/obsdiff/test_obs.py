@@ -131,6 +131,11 @@ def test_wanda_prunes_per_row_and_weighs_inputs():
     assert torch.equal(nm_mask(torch.arange(8.0)[None], 2, 4), torch.tensor([[1, 1, 0, 0, 1, 1, 0, 0]]).bool())
 
 
+def test_parse_nm_gives_none_for_the_sparsity_types_that_are_not_n_m():
+    kinds = (None, "unstructured", "structured", "2:4", "1:8")
+    assert [parse_nm(t) for t in kinds] == [None, None, None, (2, 4), (1, 8)]
+
+
 @pytest.mark.parametrize("bad", ["2-4", "4:2", "0:4", "x:y"])
 def test_parse_nm_rejects_bad_patterns(bad):
     with pytest.raises(ValueError, match=rf"N:M pattern .*got {bad!r}"):

@@ -5,11 +5,11 @@ import torch
 
 import obsdiff.calibration.calibrate as C
 import obsdiff.pruning.prune as P
-import obsdiff.pruning.records as R
 from obsdiff.calibration.calibrate import encode_batches, run_pass
 from obsdiff.calibration.hooks import HessianHooks, StepCounter
 from obsdiff.calibration.prompts import calibration_prompts
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
+from obsdiff.pruning.records import PruneError, split_groups
 from obsdiff.runs.io import save_run
 from obsdiff.runs.loading import load_pipeline
 from obsdiff.solver.hessian import HessianAccumulator, timestep_weights
@@ -157,10 +157,10 @@ def test_timestep_weighting_changes_the_hessian(tiny_sd3_dir):
 
 def test_hooks_are_removed_when_pruning_fails(model, monkeypatch):
     def boom(*args, **kwargs):
-        raise R.PruneError("layer x: synthetic failure")
+        raise PruneError("layer x: synthetic failure")
 
     monkeypatch.setattr(P, "_solve_unit", boom)
-    with pytest.raises(R.PruneError, match="layer x: synthetic failure"):
+    with pytest.raises(PruneError, match="layer x: synthetic failure"):
         P.prune_(model, PruneConfig(sparsity=0.5), CALIB, progress=False)
     assert no_hooks_left(model.denoiser)
 
@@ -177,7 +177,7 @@ def test_hooks_are_removed_when_pruning_fails(model, monkeypatch):
 
 def test_non_finite_result_names_the_layer(model, monkeypatch):
     monkeypatch.setattr(P, "prune_layer", lambda W, H, cfg: (torch.full_like(W, float("nan")), 0.01))
-    with pytest.raises(R.PruneError, match=r"layer transformer_blocks\.0\.attn\.to_q: .*non-finite"):
+    with pytest.raises(PruneError, match=r"layer transformer_blocks\.0\.attn\.to_q: .*non-finite"):
         P.prune_(model, PruneConfig(sparsity=0.5), CALIB, progress=False)
 
 
@@ -186,14 +186,14 @@ def test_saved_run_reloads_to_identical_outputs(model, tmp_path):
     run = save_run(model, report.to_dict(), tmp_path / "run")
     expected, got, reloaded = outputs_before_and_after_reload(model, run)
     assert torch.equal(expected, got)
-    assert reloaded.run["prune"]["sparsity_type"] == "2:4" and reloaded.name == "run"
+    assert reloaded.run.sparsity_type == "2:4" and reloaded.name == "run"
 
 
 def test_split_groups_is_contiguous_and_balanced():
     units = [(str(i),) for i in range(10)]
-    chunks = R.split_groups(units, 4)
+    chunks = split_groups(units, 4)
     assert [len(c) for c in chunks] == [3, 3, 2, 2] and sum(chunks, []) == units
-    assert len(R.split_groups(units, 50)) == 10
+    assert len(split_groups(units, 50)) == 10
 
 
 def test_calibration_image_size_option(model):

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from obsdiff.cli import cli
 from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.errors import ConfigError, OutputExistsError
+from obsdiff.pruning.distributed import CheckpointView, SharedCheckpoint, World
 from obsdiff.pruning.prune import open_checkpoint, prune_
-from obsdiff.pruning.resume import Checkpoint, first_difference, staging_dir
+from obsdiff.pruning.resume import Checkpoint, CheckpointLike, first_difference, staging_dir
 from tests.conftest import tiny_flux, tiny_sd3
 
 TIMINGS = {"seconds", "calib_seconds", "prune_seconds", "encode_seconds", "total_seconds", "solve_seconds",
@@ -184,6 +185,16 @@ def test_checkpoint_groups_must_finish_in_order(tmp_path):
     ckpt = Checkpoint.open(tmp_path / "x", {"k": 1})
     with pytest.raises(RuntimeError, match="out of order"):
         ckpt.save_group(1, {}, {})
+
+
+def test_every_checkpoint_a_prune_takes_has_the_whole_interface(tmp_path):
+    ckpt = Checkpoint.open(tmp_path / "x", {"k": 1})
+    view = CheckpointView(World(), {"done": 0, "report": None, "extra": {}})
+    for c in (ckpt, SharedCheckpoint(World(), ckpt), view):
+        assert isinstance(c, CheckpointLike), type(c).__name__
+        assert (c.done, c.report, c.extra) == (0, None, {})
+    assert view.path is None and SharedCheckpoint(World(), ckpt).path == ckpt.path
+    assert not isinstance(object(), CheckpointLike)
 
 
 def test_cli_refuses_a_leftover_staging_directory_before_loading(tmp_path):

@@ -9,12 +9,15 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from obsdiff.errors import ConfigError
 from obsdiff.testing import SIZED_MODELS, sized_config, sized_denoiser
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # Exact parameter counts of the released denoisers (published: 2.03 B, 8.06 B, 11.9 B, 2.57 B).
 PUBLISHED = {
@@ -56,6 +59,50 @@ def test_reduced_depth_keeps_widths():
         sized_config("sd4")
     with pytest.raises(ConfigError, match="num_single_layers"):
         sized_config("sd3-medium", num_single_layers=2)
+
+
+# The only config fields a narrow width may change: the number of heads and the head width (SD3's caption
+# projection is heads x head width; SDXL's heads per level and its channels, which are heads x head width).
+NARROW_CHANGES = {"sd3": {"num_attention_heads", "attention_head_dim", "caption_projection_dim"},
+                  "flux": {"num_attention_heads"}, "sdxl": {"block_out_channels", "attention_head_dim"}}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_narrow_width_keeps_the_published_graph(name):
+    family = SIZED_MODELS[name][1]
+    single = 1 if family == "flux" else None
+    published, narrow = sized_config(name, 1, single), sized_config(name, 1, single, width="narrow")
+    assert set(narrow) == set(published)
+    assert {k for k in published if narrow[k] != published[k]} == NARROW_CHANGES[family]
+    if family == "sd3":  # the model adds the caption projection to the hidden stream: same width
+        assert narrow["caption_projection_dim"] == narrow["num_attention_heads"] * narrow["attention_head_dim"] < 1536
+    elif family == "flux":  # the rotary axes fill the head: the head width stays, fewer heads
+        assert sum(narrow["axes_dims_rope"]) == narrow["attention_head_dim"] == 128
+        assert narrow["num_attention_heads"] in (1, 2)
+    else:  # three levels; GroupNorm's groups and every level's heads divide its channels
+        channels, heads = narrow["block_out_channels"], narrow["attention_head_dim"]
+        assert len(channels) == len(published["block_out_channels"]) == 3 and channels < (320, 640, 1280)
+        assert all(c % narrow["norm_num_groups"] == 0 and c % h == 0 for c, h in zip(channels, heads, strict=True))
+    model = sized_denoiser(name, 1, single, width="narrow")
+    full = sized_denoiser(name, 1, single, device="meta")
+    # the same modules (blocks, qk-norms, dual attention, embedders, resnets), only narrower
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in full.named_modules()]
+    params = sum(p.numel() for p in model.parameters())
+    assert params < 12_000_000 and 50 * params < sum(p.numel() for p in full.parameters())
+    with pytest.raises(ConfigError, match="unknown width 'thin'.*narrow"):
+        sized_config(name, width="thin")
+
+
+def test_sized_pipeline_tool_saves_a_narrow_pipeline(tmp_path):
+    out = tmp_path / "sd35m"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "sized_pipeline.py"), "sd3.5-medium", "--layers", "1",
+                           "--narrow", "--dtype", "fp32", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sd3.5-medium, narrow: StableDiffusion3Pipeline" in proc.stdout
+    saved = json.loads((out / "transformer" / "config.json").read_text())
+    expected = sized_config("sd3.5-medium", 1, width="narrow")
+    assert {k: saved[k] for k in expected} == {k: list(v) if isinstance(v, tuple) else v for k, v in expected.items()}
 
 
 def test_seeded_weights_are_reproducible():
