@@ -50,10 +50,12 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(1)
     from obsdiff.config import CalibConfig, PruneConfig
 
-    try:  # the current layout
-        from obsdiff.pruning.prune import prune_
-        from obsdiff.runs.loading import load_pipeline
-    except ImportError:  # the baseline commit's, before the subpackages
+    # The baseline commit's flat layout is tried first: the editable install would lend a baseline checkout this
+    # tree's subpackages (obsdiff.pruning, ...), which do not work with its other modules.
+    try:
+        from obsdiff.loading import load_pipeline  # old layout
+        from obsdiff.prune import prune_  # old layout
+    except ModuleNotFoundError:
         from obsdiff.pruning.prune import prune_
         from obsdiff.runs.loading import load_pipeline
 
