@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from obsdiff.devices import tensor_bytes
 
@@ -57,6 +58,20 @@ def _allocates(func) -> bool:
     return not any(r.alias_info is not None for r in func._schema.returns)
 
 
+class CountLiveBytes(TorchDispatchMode):
+    """While active, tracks the bytes of every tensor an op allocates: `self.live.peak` is the most alive at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = _LiveBytes()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if _allocates(func):
+            self.live.track(out)
+        return out
+
+
 @dataclass
 class ForwardProfile:
     """What one denoiser forward at the calibration shape needs, measured on the meta device."""
@@ -68,18 +83,10 @@ class ForwardProfile:
 
 def profile_forward(denoiser: nn.Module, inputs: dict, first_block: nn.Module | None = None) -> ForwardProfile:
     """Run `denoiser` (on the meta device, with meta `inputs`) once and measure shapes and live bytes."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     shapes: dict[str, tuple[int, ...]] = {}
     block_bytes = [0]
-    live = _LiveBytes()
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if _allocates(func):
-                live.track(out)
-            return out
+    count = CountLiveBytes()
+    live = count.live
 
     handles = []
     for name, mod in denoiser.named_modules():
@@ -93,7 +100,7 @@ def profile_forward(denoiser: nn.Module, inputs: dict, first_block: nn.Module | 
 
         handles.append(first_block.register_forward_pre_hook(on_block, with_kwargs=True))
     try:
-        with torch.no_grad(), FusedAttention(), Count():
+        with torch.no_grad(), FusedAttention(), count:
             denoiser(**inputs, return_dict=False)
     finally:
         for h in handles:

@@ -14,7 +14,7 @@ from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.errors import ConfigError
 from obsdiff.planning.memory import GiB, check_fits
 from obsdiff.planning.planner import choose_groups, plan_memory, skeleton
-from obsdiff.planning.profile import FusedAttention, _allocates, _LiveBytes, profile_forward
+from obsdiff.planning.profile import CountLiveBytes, FusedAttention, profile_forward
 from obsdiff.planning.sizes import component_bytes
 from obsdiff.pruning.prune import prune_
 from obsdiff.runs.loading import as_loaded
@@ -49,18 +49,9 @@ def test_meta_forward_sees_the_real_input_shapes(make):
 def real_forward_peak(denoiser, inputs) -> int:
     """Most bytes of intermediate tensors alive at once in one real forward (attention as the fused kernels
     run it), counted op by op."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    live = _LiveBytes()
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if _allocates(func):
-                live.track(out)
-            return out
-
-    with torch.no_grad(), FusedAttention(), Count():
+    count = CountLiveBytes()
+    live = count.live
+    with torch.no_grad(), FusedAttention(), count:
         denoiser(**inputs, return_dict=False)
     return live.peak
 

@@ -10,7 +10,6 @@ import re
 import pytest
 import torch
 from click.testing import CliRunner
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import obsdiff.pruning.prune as P
 from obsdiff.cli import cli
@@ -18,7 +17,7 @@ from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.errors import ConfigError
 from obsdiff.planning.memory import SOLVE_COPIES, GiB
 from obsdiff.planning.planner import choose_groups, plan_memory
-from obsdiff.planning.profile import _allocates, _LiveBytes
+from obsdiff.planning.profile import CountLiveBytes
 from obsdiff.planning.sizes import component_bytes
 from obsdiff.runs.loading import as_loaded
 from tests.conftest import tiny_flux, tiny_sd3
@@ -40,14 +39,8 @@ def family_units(model) -> list[tuple[str, ...]]:
 
 def solve_peak(unit, mods, cfg: PruneConfig) -> int:
     """Most bytes the solve of `unit` (on copies of its linears) allocates at once, counted op by op."""
-    live = _LiveBytes()
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if _allocates(func):
-                live.track(out)
-            return out
+    count = CountLiveBytes()
+    live = count.live
 
     copies = {n: copy.deepcopy(mods[n]) for n in unit}
     H = None
@@ -55,7 +48,7 @@ def solve_peak(unit, mods, cfg: PruneConfig) -> int:
         X = torch.randn(4 * mods[unit[0]].in_features, mods[unit[0]].in_features,
                         generator=torch.Generator().manual_seed(0))
         H = 2 * X.T @ X / X.shape[0]
-    with Count():
+    with count:
         P._solve_unit(unit, copies, H, cfg)
     return live.peak
 
