@@ -67,14 +67,10 @@ save_run(model, report.to_dict(), out)
 # the export writes nothing), the seconds, VmHWM, and the RSS peak of each phase (VmRSS sampled every 50 ms).
 EXPORT = r"""
 import json, sys, threading, time
+from obsdiff.devices import current_rss as rss
 from obsdiff.export import onnx_export as E
 source, out, dtype, result = sys.argv[1:5]
 records, phase, peaks, done = {}, ["other"], {}, []
-
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) * 1024
 
 def sample():
     while not done:
