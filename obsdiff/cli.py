@@ -185,7 +185,8 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
               help="OBS-Diff or a baseline (obsdiff.solver.methods)")
 @click.option("--sparsity", type=float, default=None, help="fraction of weights to remove, in (0, 1)")
 @click.option("--sparsity-type", default="unstructured", show_default=True,
-              help="unstructured, 2:4, 4:8 (any N:M) or structured (heads and FFN neurons, physically removed)")
+              help="unstructured, 2:4, 4:8 (any N:M), structured (heads and FFN neurons, physically removed) or "
+                   "none (with --quant)")
 @click.option("--head-ratio", type=float, default=None, help="structured: fraction of heads per block [--sparsity]")
 @click.option("--ffn-ratio", type=float, default=None, help="structured: fraction of FFN neurons [--sparsity]")
 @click.option("--structure-cost", type=click.Choice(["exact", "diag"]), default="exact", show_default=True,
@@ -197,6 +198,22 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
 @click.option("--allocation", type=click.Choice(["uniform", "sensitivity"]), default="uniform", show_default=True,
               help="structured: same ratio in every block, or per-block counts from OBS cost curves "
                    "(same parameter budget)")
+@click.option("--quant", type=LazyChoice("obsdiff.solver.quant", "SCHEMES"), default=None,
+              help="also quantize in the same pass: w8a8 (INT8 weights and activations), fp8 (E4M3), w4a16 (INT4 "
+                   "weights in groups of 128), w8a16; with --sparsity-type none: quantization alone")
+@click.option("--quant-method", type=click.Choice(["obs", "rtn"]), default="obs", show_default=True,
+              help="obs: mask and quantize each column in one OBS sweep; rtn: round to nearest after pruning")
+@click.option("--quant-group-size", type=int, default=None, help="w4a16: inputs per weight scale [128]")
+@click.option("--quant-clip", type=click.Choice(["search", "absmax"]), default="search", show_default=True,
+              help="weight scales: the clipping with the least rounding error, or the plain absmax")
+@click.option("--act-steps", type=click.Choice(["max", "mean", "percentile"]), default="max", show_default=True,
+              help="how the per-denoising-step activation maxima become one static range")
+@click.option("--act-percentile", type=float, default=99.0, show_default=True,
+              help="with --act-steps percentile: the percentile over steps")
+@click.option("--smoothquant", type=float, default=None, metavar="ALPHA",
+              help="SmoothQuant migration strength in [0, 1] (e.g. 0.5): activation outliers move into the weights")
+@click.option("--output-quant", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="output quantizers (TensorRT's condition for sparse INT8 tactics); auto: on N:M + INT8 layers")
 @click.option("--prompts", default="builtin", show_default=True, help="calibration prompts: FILE or builtin")
 @click.option("--num-prompts", type=int, default=None, help="calibration prompts [100; 64 for builtin:digits]")
 @click.option("--steps", type=int, default=None, help="calibration denoising steps [25; 20 for builtin:digits]")
@@ -240,7 +257,8 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
 @DEVICE
 @DTYPE
 def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structure_cost, joint_scoring,
-          ffn_per_round, allocation, prompts, num_prompts, steps, guidance, batch_size, groups,
+          ffn_per_round, allocation, quant, quant_method, quant_group_size, quant_clip, act_steps, act_percentile,
+          smoothquant, output_quant, prompts, num_prompts, steps, guidance, batch_size, groups,
           calibration_mode, cache_device, cache_spill, hessian_device, timestep_weighting, blocks, percdamp,
           block_size, no_compensate, skip_indivisible, max_tokens, height, width, solver_precision, seed, max_memory,
           dry_run, world_size, resume, save_dtype, out, as_json, force, device, dtype) -> None:
@@ -249,11 +267,21 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
     Finished calibration groups are kept in OUT.partial until the run is saved: after a crash, Ctrl-C or a
     kill, the same command with --resume continues where it stopped.
     """
-    from obsdiff.config import CalibConfig, PruneConfig
+    from obsdiff.config import CalibConfig, PruneConfig, QuantConfig
     from obsdiff.job import PruneInterrupted, run_prune
 
     with rank_zero_reports(alike=True):  # every rank parses the same options
-        pcfg = PruneConfig(method=method, sparsity=sparsity, sparsity_type=sparsity_type, percdamp=percdamp,
+        qcfg = None
+        if quant is not None:
+            qcfg = QuantConfig(scheme=quant, method=quant_method, group_size=quant_group_size, clip=quant_clip,
+                               act_steps=act_steps, act_percentile=act_percentile, smoothquant=smoothquant,
+                               output_quant=output_quant)
+        else:
+            given = [flag for flag, changed in (("--quant-group-size", quant_group_size is not None),
+                                                ("--smoothquant", smoothquant is not None)) if changed]
+            if given:
+                raise click.UsageError(f"{given[0]} applies with --quant only; add --quant SCHEME or drop it")
+        pcfg = PruneConfig(quant=qcfg, method=method, sparsity=sparsity, sparsity_type=sparsity_type, percdamp=percdamp,
                            block_size=block_size, compensate=not no_compensate, blocks=parse_span(blocks),
                            on_indivisible="skip" if skip_indivisible else "error", compute_dtype=solver_precision,
                            head_ratio=head_ratio, ffn_ratio=ffn_ratio, structure_cost=structure_cost,
@@ -306,6 +334,9 @@ def summary_rows(result) -> list[list]:
     return [["device, model dtype", f"{report.device}, {report.dtype}"],
             ["layers pruned", len(done)], ["layers skipped", len(report.layers) - len(done)],
             ["sparsity (pruned layers)", report.sparsity],
+            *([["quantized layers, scheme", f"{sum(r.quant is not None for r in done)}, "
+                f"{report.prune['quant']['scheme']} ({report.prune['quant']['method']})"]]
+              if report.prune.get("quant") else []),
             ["mean rel. error, mask only", sum(errs0) / len(errs0) if errs0 else None],
             ["mean rel. error, after OBS", sum(errs) / len(errs) if errs else None],
             ["calibration groups", len(report.groups)],

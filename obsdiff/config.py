@@ -12,7 +12,7 @@ from obsdiff.errors import ConfigError
 from obsdiff.solver.hessian import WEIGHTINGS
 from obsdiff.solver.methods import METHODS, Method, get_method
 
-SPARSITY_TYPES = ("unstructured", "2:4", "4:8", "structured")  # any N:M pattern is accepted too
+SPARSITY_TYPES = ("unstructured", "2:4", "4:8", "structured", "none")  # any N:M pattern is accepted too
 CALIBRATION_MODES = ("rerun", "cached")
 CACHE_SPILL = ("auto", "always", "never")
 
@@ -35,10 +35,66 @@ def _check_device(option: str, name: str | None) -> None:
 def _nm(sparsity_type: str) -> tuple[int, int] | None:
     from obsdiff.solver.obs import parse_nm
 
+    if sparsity_type == "none":
+        return None
     try:
         return parse_nm(sparsity_type)
     except ValueError as exc:
-        raise ConfigError(f"--sparsity-type {sparsity_type!r}: {exc}; use unstructured, 2:4, 4:8 or N:M") from None
+        raise ConfigError(f"--sparsity-type {sparsity_type!r}: {exc}; use unstructured, 2:4, 4:8, N:M, structured "
+                          "or none (with --quant)") from None
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Quantization in the same prune (docs/method.md#quantization): `obsdiff prune --quant SCHEME`."""
+
+    scheme: str = "w8a8"  # obsdiff.solver.quant.SCHEMES
+    method: str = "obs"  # "obs": inside the OBS sweep (joint); "rtn": round to nearest after pruning
+    group_size: int | None = None  # weights in groups of this many inputs (None: the scheme's own, w4a16: 128)
+    clip: str = "search"  # weight scales: "absmax", or "search" (the clipping that minimises the rounding error)
+    act_steps: str = "max"  # per-step activation maxima -> one range: "max", "mean" or "percentile"
+    act_percentile: float = 99.0  # with act_steps "percentile": the percentile over steps
+    smoothquant: float | None = None  # SmoothQuant migration strength alpha in [0, 1]; None: off
+    # output quantizers (the condition for TensorRT's sparse INT8 tactics): "auto" on N:M + INT8 layers, "on", "off"
+    output_quant: str = "auto"
+
+    def __post_init__(self):
+        from obsdiff.solver.quant import SCHEMES, STEP_COMBINE
+
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"unknown --quant {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
+        for flag, value, allowed in (("--quant-method", self.method, ("obs", "rtn")),
+                                     ("--quant-clip", self.clip, ("absmax", "search")),
+                                     ("--act-steps", self.act_steps, STEP_COMBINE),
+                                     ("--output-quant", self.output_quant, ("auto", "on", "off"))):
+            if value not in allowed:
+                raise ConfigError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+        spec = SCHEMES[self.scheme]
+        if self.group_size is not None:
+            if self.group_size < 1:
+                raise ConfigError(f"--quant-group-size {self.group_size} must be positive, e.g. 128")
+            if spec.weights.name != "int4":
+                raise ConfigError(f"--quant-group-size applies to w4a16 only ({self.scheme} scales each output row)")
+        if not 0 < self.act_percentile <= 100:
+            raise ConfigError(f"--act-percentile {self.act_percentile} must be in (0, 100]")
+        if self.smoothquant is not None:
+            if not 0 <= self.smoothquant <= 1:
+                raise ConfigError(f"--smoothquant {self.smoothquant} must be in [0, 1], typically 0.5")
+            if spec.activations is None:
+                raise ConfigError(f"--smoothquant moves activation outliers into the weights; {self.scheme} leaves "
+                                  "activations unquantized: drop it or use w8a8 / fp8")
+        if self.output_quant == "on" and spec.activations is None:
+            raise ConfigError(f"--output-quant on needs quantized activations; {self.scheme} has none")
+
+    @property
+    def spec(self):
+        """The scheme with this config's group size (`obsdiff.solver.quant.Scheme`)."""
+        from obsdiff.solver.qlinear import scheme_for
+
+        return scheme_for(self.scheme, self.group_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -59,6 +115,7 @@ class PruneConfig:
     joint_scoring: str = "sum"  # MMDiT joint heads: "sum" of both streams' costs or reference "rrf"
     ffn_per_round: int = 64  # FFN neurons removed per greedy round (heads: one per round)
     allocation: str = "uniform"  # structured: "uniform" ratio per block, or "sensitivity" (same parameter budget)
+    quant: QuantConfig | None = None  # quantize in the same prune (None: weights stay in the model dtype)
 
     def __post_init__(self):
         for check in PRUNE_CHECKS:  # one sequence for every sparsity type: each check says where it applies
@@ -95,6 +152,8 @@ class PruneConfig:
         d = {k: v for k, v in d.items() if k in known}
         if d.get("blocks") is not None:
             d["blocks"] = tuple(d["blocks"])
+        if isinstance(d.get("quant"), dict):
+            d["quant"] = QuantConfig(**d["quant"])
         return cls(**d)
 
 
@@ -140,7 +199,13 @@ def check_structured_only_options(cfg: PruneConfig) -> None:
 
 def check_sparsity_given(cfg: PruneConfig) -> None:
     nm = cfg.nm
-    if nm is not None:
+    if cfg.sparsity_type == "none":
+        if cfg.quant is None:
+            raise ConfigError("--sparsity-type none prunes nothing; add --quant SCHEME (quantization alone) or "
+                              "choose a sparsity type")
+        if cfg.sparsity is not None:
+            raise ConfigError(f"--sparsity {cfg.sparsity} contradicts --sparsity-type none; drop one of them")
+    elif nm is not None:
         implied = (nm[1] - nm[0]) / nm[1]
         if cfg.sparsity is not None and abs(cfg.sparsity - implied) > 1e-9:
             raise ConfigError(f"--sparsity {cfg.sparsity} contradicts --sparsity-type {cfg.sparsity_type} "
@@ -202,6 +267,22 @@ def check_compensation(cfg: PruneConfig) -> None:
         raise ConfigError(f"--no-compensate: {cfg.method} never updates weights; it applies to {', '.join(able)}")
 
 
+def check_quant(cfg: PruneConfig) -> None:
+    q = cfg.quant
+    if q is None:
+        return
+    if q.method == "obs" and cfg.method_spec.hessian != "full":
+        raise ConfigError(f"--quant-method obs quantizes inside the OBS sweep, which {cfg.method} has not; use "
+                          "--quant-method rtn, or --method obs-diff")
+    if q.spec.activations is not None and not cfg.method_spec.calibration:
+        raise ConfigError(f"--quant {q.scheme} needs activation ranges from calibration, which {cfg.method} skips; "
+                          "use obs-diff, sparsegpt or wanda, or a weight-only scheme (w8a16, w4a16)")
+    if cfg.structured and q.smoothquant is not None:
+        raise ConfigError("--smoothquant with structured pruning is not supported yet; drop one of them")
+    if q.method == "obs" and not cfg.compensate:
+        raise ConfigError("--no-compensate with --quant-method obs: joint OBS compensates; use --quant-method rtn")
+
+
 def check_blocks(cfg: PruneConfig) -> None:
     if cfg.blocks is not None and not (0 <= cfg.blocks[0] < cfg.blocks[1]):
         raise ConfigError(f"--blocks {cfg.blocks[0]}:{cfg.blocks[1]} is empty; use START:END with START < END")
@@ -209,7 +290,8 @@ def check_blocks(cfg: PruneConfig) -> None:
 
 PRUNE_CHECKS = (check_method, check_sparsity_type, check_structured_variant, check_structured_only_options,
                 check_sparsity_given, check_sparsity_range, check_ratios, check_percdamp, check_block_size,
-                check_choices, check_ffn_per_round, check_allocation_method, check_compensation, check_blocks)
+                check_choices, check_ffn_per_round, check_allocation_method, check_compensation, check_quant,
+                check_blocks)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from obsdiff.calibration.caches import MemoryCache, SpillCache
 from obsdiff.calibration.hooks import CallCut, HessianHooks, InputCapture, LastStepCut, StepCounter, StopPass
 from obsdiff.calibration.placement import usable_device
 from obsdiff.calibration.prompts import calibration_prompts
+from obsdiff.calibration.ranges import ActivationRanges
 from obsdiff.config import CalibConfig, PruneConfig
 from obsdiff.devices import available_bytes, synchronize, tensor_bytes
 from obsdiff.errors import ConfigError, UnsupportedModelError
@@ -130,10 +131,14 @@ class Calibrator:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _accumulators(self, linears: list[str]) -> dict[str, HessianAccumulator]:
-        return {name: HessianAccumulator(self.modules[name].in_features, self.hessian_device, self.dtype,
+    def _accumulators(self, linears: list[str], ranges: dict[str, list[str]] | None = None
+                      ) -> dict[str, HessianAccumulator]:
+        accs = {name: HessianAccumulator(self.modules[name].in_features, self.hessian_device, self.dtype,
                                          self.calib.max_tokens, seed=self.calib.seed + i)
                 for i, name in enumerate(linears)}
+        for name, outputs in (ranges or {}).items():
+            accs[name].ranges = ActivationRanges([self.modules[o] for o in outputs])
+        return accs
 
     def _hooks(self, counter: StepCounter, accs: dict[str, HessianAccumulator],
                cut: LastStepCut | CallCut | None = None) -> HessianHooks:
@@ -142,11 +147,15 @@ class Calibrator:
             hooks.watch(self.modules[name], acc)
         return hooks
 
-    def hessians(self, linears: list[str], desc: str) -> tuple[dict[str, HessianAccumulator], float]:
-        """One pass over the current model; returns an accumulator per linear (by name) and the seconds."""
+    def hessians(self, linears: list[str], desc: str, ranges: dict[str, list[str]] | None = None
+                 ) -> tuple[dict[str, HessianAccumulator], float]:
+        """One pass over the current model; returns an accumulator per linear (by name) and the seconds.
+
+        `ranges`: hooked linear -> the linears whose output ranges to record too; those hooked linears' accumulators
+        carry the activation ranges of the same pass (`acc.ranges`)."""
         t0 = time.perf_counter()
         counter = StepCounter()
-        accs = self._accumulators(linears)
+        accs = self._accumulators(linears, ranges)
         with self._hooks(counter, accs, LastStepCut(counter)) as hooks:
             run_pass(self.model, self.batches, self.calib, counter, desc=desc, progress=self.progress)
         self.passes += 1
@@ -279,7 +288,8 @@ class CachedCalibrator(Calibrator):
             kwargs = self.family.next_block_inputs(block.module(**kwargs), kwargs)
         return kwargs
 
-    def hessians(self, linears: list[str], desc: str) -> tuple[dict[str, HessianAccumulator], float]:
+    def hessians(self, linears: list[str], desc: str, ranges: dict[str, list[str]] | None = None
+                 ) -> tuple[dict[str, HessianAccumulator], float]:
         """Move the frontier up to the group's first block, then run the group's blocks with hooks.
 
         Both happen in one sweep over the cached calls, so each call's inputs travel to the model's device
@@ -293,7 +303,7 @@ class CachedCalibrator(Calibrator):
                               "--blocks only")
         first = min(self.block_of[n] for n in linears)
         last = max(self.block_of[n] for n in linears)
-        accs = self._accumulators(linears)
+        accs = self._accumulators(linears, ranges)
         if self.cache is None or first < self.frontier:
             self.capture(first, accs)
         else:

@@ -112,6 +112,8 @@ class HessianHooks:
                 _synchronize(x.device)
             t0 = time.perf_counter()
             acc.add(x, weights[min(counter.step, last)])  # the hooks run under no_grad: no detach needed
+            if acc.ranges is not None:
+                acc.ranges.add(x, counter.step)
             if self.sync:
                 _synchronize(acc.device)
             self.seconds += time.perf_counter() - t0

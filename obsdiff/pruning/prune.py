@@ -16,8 +16,10 @@ import time
 import torch
 from torch import nn
 
+from obsdiff.calibration.ranges import ActivationRanges
 from obsdiff.config import CalibConfig, PruneConfig, resolve_calib
 from obsdiff.errors import ConfigError
+from obsdiff.pruning import quantize
 from obsdiff.pruning.distributed import World
 from obsdiff.pruning.records import LayerRecord, PruneError, PruneReport, Unit, calibration_chunks, select_blocks
 from obsdiff.pruning.resume import Checkpoint, CheckpointLike
@@ -26,6 +28,7 @@ from obsdiff.pruning.structured import StructureStrategy
 from obsdiff.runs.loading import LoadedModel, as_loaded
 from obsdiff.solver import obs
 from obsdiff.solver.hessian import HessianAccumulator
+from obsdiff.solver.qlinear import placeholder_
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ def plan_units(model: LoadedModel, cfg: PruneConfig) -> tuple[list[Unit], dict[s
                         raise ConfigError(f"layer {unit[0]}: {reason}; use another pattern or skip such layers")
                     skipped.update({name: reason for name in unit})
                     continue
+            if cfg.quant is not None:
+                quantize.check_widths(unit, modules, cfg)
             units.append(unit)
     if not units:
         why = f" ({len(skipped)} skipped: {next(iter(skipped.values()))})" if skipped else ""
@@ -75,17 +80,24 @@ def prune_layer(W: torch.Tensor, H: torch.Tensor | None, cfg: PruneConfig) -> tu
     return cfg.method_spec.solve(W, H, sparsity, cfg)  # the method's own solve (obsdiff.solver.methods)
 
 
-def _solve_unit(unit: Unit, modules: dict[str, nn.Module], H: torch.Tensor | None, cfg: PruneConfig
-                ) -> list[LayerRecord]:
+def _solve_unit(unit: Unit, modules: dict[str, nn.Module], H: torch.Tensor | None, cfg: PruneConfig,
+                ranges: ActivationRanges | None = None) -> list[LayerRecord]:
     records = []
     if H is not None:  # once per unit (its linears share H), on the weights' device
         H = H.to(modules[unit[0]].weight.device, torch.float64 if cfg.compute_dtype == "fp64" else torch.float32)
-    for name in unit:
+    prep = None
+    if cfg.quant is not None:
+        prep = quantize.prepare_unit([modules[name].weight for name in unit], H, ranges, cfg)
+        H = prep.H  # of the smoothed input with SmoothQuant
+    for k, name in enumerate(unit):
         lin = modules[name]
         t0 = time.perf_counter()
         W = lin.weight.detach()
         try:
-            W_new, damp = prune_layer(W, H, cfg)
+            if prep is None:
+                W_new, damp = prune_layer(W, H, cfg)
+            else:
+                W_new, scale, damp, W = quantize.solve_layer(W, prep, cfg)
         except obs.CholeskyError as exc:
             raise PruneError(f"layer {name}: {exc}; raise --percdamp or use more calibration prompts") from None
         if not torch.isfinite(W_new).all():  # also waits for an asynchronous device, so the split below is honest
@@ -95,11 +107,15 @@ def _solve_unit(unit: Unit, modules: dict[str, nn.Module], H: torch.Tensor | Non
         if H is not None:
             err0, err = obs.layer_errors(W, W_new, H)
         t_error = time.perf_counter()
-        lin.weight.data.copy_(W_new.to(lin.weight.dtype))
+        quant = None
+        if prep is None:
+            lin.weight.data.copy_(W_new.to(lin.weight.dtype))
+        else:
+            quant = quantize.install_(lin, W_new, scale, prep, k, cfg)
         del W_new
         achieved = float((lin.weight == 0).float().mean())
         records.append(LayerRecord(name, tuple(W.shape), achieved, err0, err, damp, time.perf_counter() - t0,
-                                   solve_seconds=t_solve - t0, error_seconds=t_error - t_solve))
+                                   solve_seconds=t_solve - t0, error_seconds=t_error - t_solve, quant=quant))
     return records
 
 
@@ -126,7 +142,9 @@ class UnitStrategy(Strategy):
         units, modules = group.units, self.modules
 
         def solve(i: int) -> list[LayerRecord]:
-            return _solve_unit(units[i], modules, accs[units[i][0]].H if accs is not None else None, self.prune)
+            acc = accs[units[i][0]] if accs is not None else None
+            return _solve_unit(units[i], modules, acc.H if acc is not None else None, self.prune,
+                               acc.ranges if acc is not None else None)
 
         return Work([list(unit) for unit in units], solve, lambda i: [modules[name].weight for name in units[i]])
 
@@ -134,7 +152,17 @@ class UnitStrategy(Strategy):
         report.layers.extend(record for records in results for record in records)
 
     def changed(self, group: Group) -> dict[str, torch.Tensor]:
-        return {f"{name}.weight": self.modules[name].weight for unit in group.units for name in unit}
+        return {f"{name}.{key}": value for unit in group.units for name in unit
+                for key, value in [("weight", self.modules[name].weight), *self.modules[name].named_buffers()]}
+
+    def ranges(self, group: Group) -> dict[str, list[str]] | None:
+        return quantize.range_requests(group.units, self.prune)
+
+    def resume(self, saved: dict | None, done: int, report: PruneReport) -> None:
+        # the finished groups' quantized linears, rebuilt so that the checkpoint's scales have somewhere to go
+        for record in report.layers:
+            if record.quant is not None:
+                placeholder_(self.modules[record.name], record.quant)
 
 
 def make_strategy(model: LoadedModel, prune: PruneConfig, calib: CalibConfig) -> Strategy:
@@ -161,6 +189,9 @@ def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = N
     t_start = time.perf_counter()
     model = as_loaded(model)
     calib = resolve_calib(calib or CalibConfig(), model.builtin, prune.method)
+    if prune.quant is not None and world is not None and world.distributed:
+        raise ConfigError("--quant under torchrun is not supported yet (activation ranges are per process); "
+                          "run the quantized prune in one process")
     strategy = make_strategy(model, prune, calib)
     return PruningSession(model, prune, calib, strategy, progress, checkpoint, world).run(t_start)
 

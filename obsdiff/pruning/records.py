@@ -34,6 +34,7 @@ class LayerRecord:
     skipped: str | None = None
     solve_seconds: float = 0.0  # the pruning solve (OBS: factorisations, column sweep)
     error_seconds: float = 0.0  # the two reconstruction errors
+    quant: dict | None = None  # quantized: the layer's scheme, scales present, ranges (`pruning.quantize.install_`)
 
 
 @dataclass

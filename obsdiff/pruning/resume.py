@@ -195,7 +195,7 @@ class Checkpoint:
 
     def restore_(self, module: torch.nn.Module) -> None:
         """Apply every finished group to `module`, in order (the model must be the dense base)."""
-        params = dict(module.named_parameters())
+        params = {**dict(module.named_parameters()), **dict(module.named_buffers())}  # quantized: scales too
         for g in range(self.done):
             for name, value in self.load_group(g).items():
                 if name not in params or params[name].shape != value.shape:

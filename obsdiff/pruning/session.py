@@ -83,6 +83,10 @@ class Strategy:
         """Continue after `done` finished groups: `saved` is `state()` after them, `report` the report. Called
         while the model is still dense (the checkpoint is restored right after)."""
 
+    def ranges(self, group: Group) -> dict[str, list[str]] | None:
+        """Activation ranges the group's calibration records (`Calibrator.hessians`); None: Hessians only."""
+        return None
+
     def work(self, group: Group, accs: dict[str, HessianAccumulator] | None) -> Work:
         """The group's work items; `accs` (None without calibration) are the Hessians by hooked linear."""
         raise NotImplementedError
@@ -168,7 +172,7 @@ class PruningSession:
             accs, t_calib = None, 0.0
             if calibrator is not None:
                 with world.failures():
-                    accs, t_calib = calibrator.hessians(group.hooked, f"calibrate {where}")
+                    accs, t_calib = calibrator.hessians(group.hooked, f"calibrate {where}", strategy.ranges(group))
                 world.stats.calib_seconds += t_calib
             t0 = time.perf_counter()
             work = strategy.work(group, accs)

@@ -204,14 +204,16 @@ def _plan_shards(state: dict, itemsize: dict, max_bytes: int) -> list[list[str]]
     return shards
 
 
-def _shard_tensors(state: dict, keys: list[str], dtype) -> dict:
-    """CPU copies of one shard's tensors, floating ones cast to `dtype` (each tensor converted on its own)."""
+def _shard_tensors(state: dict, keys: list[str], dtype, as_stored: frozenset = frozenset()) -> dict:
+    """CPU copies of one shard's tensors, floating ones cast to `dtype` (each tensor converted on its own) except
+    those in `as_stored` (quantized layers' codes and scales)."""
     import torch
 
     out, storages = {}, set()
     for key in keys:
         src = state[key].detach()
-        t = src.to("cpu", dtype) if src.is_floating_point() else src.to("cpu")
+        cast = src.is_floating_point() and key not in as_stored
+        t = src.to("cpu", dtype) if cast else src.to("cpu")
         if t.is_floating_point() and t.dtype != src.dtype and not torch.isfinite(t).all() \
                 and torch.isfinite(src).all():
             raise ConfigError(f"weight {key} overflows {dtype_name(dtype)} (largest |w| "
@@ -225,18 +227,33 @@ def _shard_tensors(state: dict, keys: list[str], dtype) -> dict:
     return out
 
 
-def _write_weights(denoiser, folder: Path, dtype, max_shard_size) -> dict[str, str]:
-    """Write the denoiser's state dict as safetensors shards in `dtype`; {file name: sha256}."""
-    from safetensors.torch import save_file
+def quantized_state(denoiser) -> tuple[dict, frozenset, dict[str, dict]]:
+    """The state dict a run stores: quantized linears' weights as their codes (int8, int4 in int8, float8) next
+    to their float32 scales; the keys stored as they are (not cast); {layer: spec} of the quantized linears."""
+    from obsdiff.solver.qlinear import quantized_layers
 
     state = denoiser.state_dict()  # references, not copies
-    itemsize = {k: (dtype.itemsize if t.is_floating_point() else t.element_size()) for k, t in state.items()}
+    layers = quantized_layers(denoiser)
+    as_stored = set()
+    for name, lin in layers.items():
+        state[f"{name}.weight"] = lin.weight_codes()
+        as_stored |= {f"{name}.weight", *(f"{name}.{b}" for b, _ in lin.named_buffers())}
+    return state, frozenset(as_stored), {name: lin.quant_spec() for name, lin in layers.items()}
+
+
+def _write_weights(denoiser, folder: Path, dtype, max_shard_size) -> tuple[dict[str, str], dict[str, dict]]:
+    """Write the denoiser's state dict as safetensors shards in `dtype`; ({file name: sha256}, quantized layers)."""
+    from safetensors.torch import save_file
+
+    state, as_stored, quantized = quantized_state(denoiser)
+    itemsize = {k: (dtype.itemsize if t.is_floating_point() and k not in as_stored else t.element_size())
+                for k, t in state.items()}
     shards = _plan_shards(state, itemsize, parse_size(max_shard_size))
     names = [WEIGHTS_FILE] if len(shards) == 1 else [SHARD_FILE.format(i + 1, len(shards))
                                                      for i in range(len(shards))]
     hashes = {}
     for name, keys in zip(names, shards, strict=True):
-        tensors = _shard_tensors(state, keys, dtype)
+        tensors = _shard_tensors(state, keys, dtype, as_stored)
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
         del tensors
         hashes[name] = sha256_file(folder / name)
@@ -244,7 +261,7 @@ def _write_weights(denoiser, folder: Path, dtype, max_shard_size) -> dict[str, s
         index = {"metadata": {"total_size": sum(state[k].numel() * itemsize[k] for k in state)},
                  "weight_map": {k: name for name, keys in zip(names, shards, strict=True) for k in keys}}
         write_json(folder / INDEX_FILE, index)
-    return hashes
+    return hashes, quantized
 
 
 def combined_sha256(hashes: dict[str, str]) -> str:
@@ -266,8 +283,8 @@ def save_run(model, report: dict, out: str | Path, force: bool = False, dtype=No
         folder = tmp / DENOISER_DIR
         folder.mkdir()
         model.denoiser.save_config(folder)
-        hashes = {f"{DENOISER_DIR}/{k}": v
-                  for k, v in _write_weights(model.denoiser, folder, target, max_shard_size).items()}
+        written, quantized = _write_weights(model.denoiser, folder, target, max_shard_size)
+        hashes = {f"{DENOISER_DIR}/{k}": v for k, v in written.items()}
         sharded = len(hashes) > 1
         base_model, base = base_reference(model, out)
         record = {
@@ -279,6 +296,7 @@ def save_run(model, report: dict, out: str | Path, force: bool = False, dtype=No
             "denoiser_sha256": combined_sha256(hashes) if sharded else next(iter(hashes.values())),
             "denoiser_shards": hashes,
             "weights_dtype": dtype_name(target),
+            **({"quantized_layers": quantized} if quantized else {}),
             **report,
             "versions": versions(),
             "machine": machine(),
@@ -311,6 +329,7 @@ class RunRecord:
     layers: list[dict] | None = None  # `LayerRecord`s
     structures: list[dict] | None = None  # structured pruning's `StructureRecord`s
     shrink_plan: list[dict] | None = None  # structured pruning's kept slices, replayed when the run loads
+    quantized_layers: dict[str, dict] | None = None  # {linear: `QuantLinear.quant_spec()`}: stored as codes + scales
 
     @classmethod
     def from_dict(cls, record: dict) -> RunRecord:
@@ -321,10 +340,16 @@ class RunRecord:
                    denoiser_sha256=record.get("denoiser_sha256"), denoiser_shards=record.get("denoiser_shards"),
                    weights_dtype=record.get("weights_dtype"), prune=record.get("prune"), calib=record.get("calib"),
                    sparsity=record.get("sparsity"), layers=record.get("layers"),
-                   structures=record.get("structures"), shrink_plan=record.get("shrink_plan"))
+                   structures=record.get("structures"), shrink_plan=record.get("shrink_plan"),
+                   quantized_layers=record.get("quantized_layers"))
 
     def to_dict(self) -> dict:
         return copy.deepcopy(self.raw)
+
+    @property
+    def quant_scheme(self) -> str | None:
+        """The quantization scheme ("w8a8", ...) of a quantized run, None for one in the model dtype."""
+        return ((self.prune or {}).get("quant") or {}).get("scheme") if self.quantized_layers else None
 
     @property
     def sparsity_type(self) -> str | None:

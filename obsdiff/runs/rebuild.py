@@ -98,6 +98,8 @@ def build_run_denoiser(path: str | Path, record: RunRecord, family, dtype):
     import torch
 
     from obsdiff.runs.shrink import replay_plan_
+    from obsdiff.solver.qlinear import placeholder_, quantized_layers
+    from obsdiff.solver.quant import expand_groups
 
     path = Path(path)
     config_file = path / DENOISER_DIR / "config.json"
@@ -116,6 +118,9 @@ def build_run_denoiser(path: str | Path, record: RunRecord, family, dtype):
         if record.shrink_plan:
             groups = [g for b in family.blocks(model) for g in family.structure_groups(b)]
             replay_plan_(model, groups, record.shrink_plan)
+        modules = dict(model.named_modules())
+        for name, spec in (record.quantized_layers or {}).items():
+            placeholder_(modules[name], spec)  # codes and scales load into these
         return model
 
     model = build("meta")
@@ -126,18 +131,30 @@ def build_run_denoiser(path: str | Path, record: RunRecord, family, dtype):
         model = build("cpu")
         expected = model.state_dict()
     loaded: set[str] = set()
+    quantized = quantized_layers(model)
+    scales = {f"{n}.{b}" for n, lin in quantized.items() for b, _ in lin.named_buffers()}
+    codes = {f"{n}.weight" for n in quantized}
     for rel, sha in files.items():
         state = _read_shard(path, rel, sha)
         _check_shapes(state, expected, path)
         _check_keys(loaded | set(state), set(expected), path, missing_too=False)
         for k, v in state.items():  # one tensor at a time: the shard is never held twice
-            if v.is_floating_point() and v.dtype != dtype:
-                state[k] = v.to(dtype)
+            if k in scales:
+                state[k] = v.float()
+            elif (v.is_floating_point() or k in codes) and v.dtype != dtype:
+                state[k] = v.to(dtype)  # codes too: int8, int4 and float8 values are exact in every float dtype
         model.load_state_dict(state, strict=False, assign=True)
         loaded |= set(state)
         del state
     _check_keys(loaded, set(expected), path)
-    if any(t.is_floating_point() and t.dtype != dtype for t in [*model.parameters(), *model.buffers()]):
+    state = model.state_dict(keep_vars=True)
+    scale_ids = {id(state[k]) for k in scales}
+    if any(t.is_floating_point() and t.dtype != dtype and id(t) not in scale_ids
+           for t in [*model.parameters(), *model.buffers()]):
+        kept = {k: state[k].detach().clone() for k in scales}  # float32 scales stay float32
         # nn.Module's own `to`: diffusers' override warns about casting even when nothing must stay fp32
         model = torch.nn.Module.to(model, dtype)
+        model.load_state_dict(kept, strict=False, assign=True)
+    for lin in quantized.values():  # codes -> the dequantized weight the layer computes with
+        lin.weight.data = (lin.weight.float() * expand_groups(lin.weight_scale, lin.in_features)).to(dtype)
     return model.eval()

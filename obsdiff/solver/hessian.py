@@ -83,6 +83,7 @@ class HessianAccumulator:
         self.calls = 0
         self.tokens = 0
         self.max_tokens = max_tokens
+        self.ranges = None  # activation ranges the same hook collects (`obsdiff.calibration.ranges`), if asked
         self._gen = torch.Generator(device="cpu").manual_seed(seed) if max_tokens else None
 
     @property

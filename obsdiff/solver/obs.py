@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from obsdiff.solver.quant import WeightQuantizer
+
 DAMPING_ESCALATION = (1.0, 10.0, 100.0, 1000.0)
 SUB_BLOCK = 32  # columns per rank-1 sweep inside a column block (obs_prune)
 
@@ -118,7 +120,8 @@ def _nm_mask_t(score_t: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, nm: tuple[int, int] | None = None,
-              block_size: int = 128, percdamp: float = 0.01, compensate: bool = True) -> ObsResult:
+              block_size: int = 128, percdamp: float = 0.01, compensate: bool = True,
+              quant: WeightQuantizer | None = None) -> ObsResult:
     """Blocked OBS (SparseGPT solver) for unstructured sparsity or an N:M pattern along the input dim.
 
     Unstructured: exactly `round(sparsity * W.numel())` weights are pruned; each column block gets its share
@@ -133,6 +136,10 @@ def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, n
     product and one rank-1 update per column (and an N:M group's mask at its first column). Results are
     deterministic; they differ from docs/method.md#the-plain-column-loop by float rounding (masks agree except
     at near-ties).
+
+    `quant` (joint mode, SparseGPT section 3.4 / GPTQ): each column is masked, then its kept weights are quantized
+    with the fixed scales, and the error of both is propagated to the columns not yet processed, in the same
+    sweep with the same Hessian. `sparsity=0` quantizes alone (GPTQ with fixed scales).
     """
     if (sparsity is None) == (nm is None):
         raise ValueError("give exactly one of sparsity (unstructured) or nm (N:M)")
@@ -146,6 +153,8 @@ def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, n
     W[:, dead] = 0.0
     U, damp = damped_inverse_cholesky(H, percdamp, dead)
     mask = torch.zeros_like(W, dtype=torch.bool)
+    if quant is not None:
+        quant = quant.to(W.dtype, W.device)
     sub = max(m, SUB_BLOCK // m * m) if nm is not None else SUB_BLOCK  # sub-block: whole N:M groups
     for b in range(0, d_in, block_size):
         e = min(b + block_size, d_in)
@@ -162,7 +171,12 @@ def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, n
             mask1 = _nm_mask_t(W1**2 / d2, n, m)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        if compensate:
+        if quant is not None and compensate:
+            W1, Err1 = _joint_block(W1, mask1, U1, quant, b, nm, sub)
+            if e < d_in:
+                W[:, e:].addmm_(Err1.T, U[b:e, e:], alpha=-1)
+            del Err1
+        elif compensate:
             sel = mask1 / d[:, None]  # err = w * sel: (w - q) / U_jj with q = 0 where pruned, w where kept
             # views made once per block: the column loop is bound by per-call overhead below d_in ~ 4096
             rows, sels, urows = W1.unbind(0), sel.unbind(0), U1.unbind(0)
@@ -184,9 +198,38 @@ def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, n
                 Err1 = W1 * sel
                 W[:, e:].addmm_(Err1.T, U[b:e, e:], alpha=-1)  # lazy batch update of all later columns
                 del Err1
+        elif quant is not None:  # no compensation: every kept weight rounded alone
+            W1 = torch.stack([quant.column_(W1[i], b + i, torch.empty_like(W1[i])) for i in range(e - b)])
         W[:, b:e] = W1.masked_fill_(mask1, 0.0).T
         mask[:, b:e] = mask1.T
     return ObsResult(W, mask, damp)
+
+
+def _joint_block(W1: torch.Tensor, mask1: torch.Tensor, U1: torch.Tensor, quant: WeightQuantizer, b: int,
+                 nm: tuple[int, int] | None, sub: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column block of joint OBS, transposed (W1: (cols, d_out), mask1 likewise, filled here for N:M).
+
+    Column i's target is 0 where masked and `q(w)` elsewhere; its error `(w - target) / U_ii` updates the later
+    columns of the block (rank-1 inside a sub-block, one product per sub-block for the rest, as `obs_prune`).
+    Returns the block's final weights (the targets) and errors, for the lazy update of the columns after it.
+    """
+    d = torch.diagonal(U1)
+    Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+    rows, urows, qrows, cols = W1.unbind(0), U1.unbind(0), Q1.unbind(0), W1.shape[0]
+    for s in range(0, cols, sub):
+        t = min(s + sub, cols)
+        for i in range(s, t):
+            if nm is not None and i % nm[1] == 0:  # the group's mask, on its compensated weights
+                n, m = nm
+                score = W1[i:i + m].square().div_((d[i:i + m] ** 2)[:, None])
+                mask1[i:i + m].scatter_(0, score.topk(m - n, dim=0, largest=False).indices, True)
+            quant.column_(rows[i], b + i, qrows[i]).masked_fill_(mask1[i], 0.0)
+            torch.sub(rows[i], qrows[i], out=Err1[i]).div_(d[i])
+            if i + 1 < t:
+                W1[i + 1:t].addr_(urows[i][i + 1:t], Err1[i], alpha=-1)
+        if t < cols:
+            W1[t:].addmm_(U1[s:t, t:].T, Err1[s:t], alpha=-1)
+    return Q1, Err1
 
 
 def magnitude_mask(W: torch.Tensor, sparsity: float | None = None, nm: tuple[int, int] | None = None) -> torch.Tensor:

@@ -125,6 +125,30 @@ def weight_scales(W: torch.Tensor, fmt: QuantFormat, group_size: int | None = No
     return best
 
 
+@dataclass(frozen=True)
+class WeightQuantizer:
+    """Fixed weight scales (`weight_scales`) for quantizing a layer one input column at a time (joint OBS)."""
+
+    scale: torch.Tensor  # (d_out, 1) or (d_out, d_in / group_size)
+    fmt: QuantFormat
+    group_size: int | None = None
+
+    def to(self, dtype: torch.dtype, device: torch.device | None = None) -> WeightQuantizer:
+        return WeightQuantizer(self.scale.to(device or self.scale.device, dtype), self.fmt, self.group_size)
+
+    def column_(self, w: torch.Tensor, j: int, out: torch.Tensor) -> torch.Tensor:
+        """Column j (d_out,) of the weight, quantized into `out` (w's dtype; the scale must be in that dtype).
+
+        Few kernels per column (the sweep calls this d_in times): codes = w / s on the grid, times s."""
+        s = self.scale[:, 0 if self.group_size is None else j // self.group_size]
+        torch.div(w, s, out=out).clamp_(self.fmt.qmin, self.fmt.qmax)
+        if self.fmt.is_float:
+            out.copy_(out.to(self.fmt.storage))
+        else:
+            out.round_()
+        return out.mul_(s)
+
+
 def rtn(W: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """Round to nearest: every weight of W (d_out, d_in) quantized alone with `scale` (`weight_scales`)."""
     return fake_quant(W, expand_groups(scale, W.shape[1]), fmt)
