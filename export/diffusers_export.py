@@ -187,6 +187,17 @@ def _save_narrowed(denoiser: torch.nn.Module, folder: Path) -> str:
     return name
 
 
+def _dequantize_(denoiser: torch.nn.Module) -> int:
+    """Quantized linears back to plain ones holding their dequantized weights (diffusers has no quantized
+    linear to load them into); returns how many."""
+    from obsdiff.solver.qlinear import dequantize_, quantized_layers
+
+    layers = quantized_layers(denoiser)
+    for lin in layers.values():
+        dequantize_(lin)
+    return len(layers)
+
+
 def export_diffusers(run: str | Path, out: str | Path, dtype: str | None = None, link: bool = False,
                      force: bool = False) -> dict:
     """Write run `run` as a diffusers pipeline folder at `out` (atomically; `force` replaces `out`).
@@ -198,7 +209,7 @@ def export_diffusers(run: str | Path, out: str | Path, dtype: str | None = None,
     stored in}, "plain_dtype": the dtype every component loads in under the plain call, "trust_remote_code":
     whether loading needs it, "load": the loading line}.
     """
-    from obsdiff.devices import torch_dtype
+    from obsdiff.devices import dtype_name, torch_dtype
     from obsdiff.runs import io
     from obsdiff.runs.hub import resolve_run_base
     from obsdiff.runs.loading import load_denoiser
@@ -212,6 +223,7 @@ def export_diffusers(run: str | Path, out: str | Path, dtype: str | None = None,
     base = resolve_run_base(run, record).path
     found = load_denoiser(str(run), target, "cpu")  # reads and checks the base's model_index.json
     denoiser, family = found.denoiser, found.family
+    quantized = _dequantize_(denoiser)
     index = json.loads((base / "model_index.json").read_text())
     structured = bool(record.shrink_plan)
     done, stored = {}, {}
@@ -230,6 +242,10 @@ def export_diffusers(run: str | Path, out: str | Path, dtype: str | None = None,
             else:
                 _place_tree(src, tmp / name, link)
                 done[name] = "linked" if link else "copied"
+            if name == family.denoiser_attr and quantized:
+                done[name] += (f" ({quantized} {record.quant_scheme} layers dequantized: their weights are written in "
+                               f"{dtype_name(target)} and activations are not quantized; obsdiff-export onnx keeps "
+                               "the quantization)")
             if _is_transformers_model(entry, tmp / name) and _pin_plain_dtype(tmp / name, src):
                 done[name] += f" (config dtype {PLAIN_DTYPE})"
             if (precision := io.stored_dtype(tmp / name)) is not None:

@@ -277,8 +277,6 @@ def check_quant(cfg: PruneConfig) -> None:
     if q.spec.activations is not None and not cfg.method_spec.calibration:
         raise ConfigError(f"--quant {q.scheme} needs activation ranges from calibration, which {cfg.method} skips; "
                           "use obs-diff, sparsegpt or wanda, or a weight-only scheme (w8a16, w4a16)")
-    if cfg.structured and q.smoothquant is not None:
-        raise ConfigError("--smoothquant with structured pruning is not supported yet; drop one of them")
     if q.method == "obs" and not cfg.compensate:
         raise ConfigError("--no-compensate with --quant-method obs: joint OBS compensates; use --quant-method rtn")
 

@@ -63,6 +63,7 @@ class PruneReport:
     model_stats: dict = field(default_factory=dict)  # structured: parameters and FLOPs before/after
     warnings: list[str] = field(default_factory=list)
     allocation: dict | None = None  # structured, --allocation sensitivity: per-group counts and seconds
+    quantization: dict | None = None  # structured + --quant: the quantization sweep over the shrunk model
     calibration: dict = field(default_factory=dict)  # mode; cached mode: captures, cache bytes, seconds
     distributed: dict | None = None  # torchrun: world size, per-rank seconds, bytes communicated
     device: str | None = None  # where the model ran ("cuda:0", "cpu"), as resolved from --device

@@ -231,8 +231,11 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
             replay_plan_(model, groups, record.shrink_plan)
         return model
 
-    denoiser = build("meta")
-    if weights:
+    if record is not None and weights:  # the run's own loader: shards, hashes, quantized layers
+        denoiser = build_run_denoiser(run_path, record, family, torch_dtype).to(device)
+    else:
+        denoiser = build("meta")
+    if weights and record is None:
         state = _read_state_cast(files, torch_dtype, getattr(denoiser, "_keep_in_fp32_modules", None) or [])
         expected = denoiser.state_dict()
         bad = sorted(set(expected) ^ set(state)) or [k for k in state if state[k].shape != expected[k].shape]
