@@ -334,7 +334,7 @@ def summary_rows(result) -> list[list]:
     return [["device, model dtype", f"{report.device}, {report.dtype}"],
             ["layers pruned", len(done)], ["layers skipped", len(report.layers) - len(done)],
             ["sparsity (pruned layers)", report.sparsity],
-            *([["quantized layers, scheme", f"{sum(r.quant is not None for r in done)}, "
+            *([["quantized layers, scheme", f"{len(report.quantized)}, "
                 f"{report.prune['quant']['scheme']} ({report.prune['quant']['method']})"]]
               if report.prune.get("quant") else []),
             ["mean rel. error, mask only", sum(errs0) / len(errs0) if errs0 else None],

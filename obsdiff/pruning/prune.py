@@ -216,6 +216,7 @@ def _structured_then_quantized(model: LoadedModel, prune: PruneConfig, calib: Ca
     for record in report.layers:
         if record.name in by_name:
             record.quant = by_name[record.name].quant
+    report.prune = prune.to_dict()  # the settings asked for, quantization included
     report.quantization = {"seconds": time.perf_counter() - t0, "groups": len(quantized.groups),
                            "layers": [asdict(r) for r in quantized.layers]}
     report.total_seconds = time.perf_counter() - t_start

@@ -21,7 +21,7 @@ from obsdiff.errors import ConfigError
 from obsdiff.pruning.records import Unit
 from obsdiff.solver import obs
 from obsdiff.solver.qlinear import quantize_linear_
-from obsdiff.solver.quant import WeightQuantizer, activation_scale, rtn, smooth_factors, weight_scales
+from obsdiff.solver.quant import ScaleRule, activation_scale, rtn, smooth_factors, weight_scales
 
 
 def output_quant(cfg: PruneConfig) -> bool:
@@ -92,10 +92,8 @@ def solve_layer(W: torch.Tensor, prep: UnitQuant, cfg: PruneConfig
     sparsity = None if cfg.nm else (0.0 if cfg.sparsity_type == "none" else cfg.sparsity)
     search = q.clip == "search"
     if q.method == "obs":
-        scale = weight_scales(W, fmt, group, search)
-        res = obs.obs_prune(W, H, sparsity, cfg.nm, cfg.block_size, cfg.percdamp, True,
-                            WeightQuantizer(scale, fmt, group))
-        return res.weight, scale, res.damp, W
+        res = obs.obs_prune(W, H, sparsity, cfg.nm, cfg.block_size, cfg.percdamp, True, ScaleRule(fmt, group, search))
+        return res.weight, res.scale, res.damp, W
     pruned, damp = (W, None) if cfg.sparsity_type == "none" else cfg.method_spec.solve(W, H, sparsity, cfg)
     scale = weight_scales(pruned, fmt, group, search)
     return rtn(pruned, scale.to(pruned.device), fmt), scale, damp, W

@@ -77,6 +77,13 @@ class PruneReport:
         self.peak_hessian_bytes = max(self.peak_hessian_bytes, hessian_bytes)
 
     @property
+    def quantized(self) -> list[str]:
+        """The quantized linears (structured: every linear of the quantization sweep, writers too)."""
+        if self.quantization is not None:
+            return [r["name"] for r in self.quantization["layers"] if r.get("quant")]
+        return [r.name for r in self.layers if r.quant is not None]
+
+    @property
     def pruned_layers(self) -> list[LayerRecord]:
         return [r for r in self.layers if r.skipped is None]
 

@@ -349,7 +349,7 @@ class RunRecord:
     @property
     def quant_scheme(self) -> str | None:
         """The quantization scheme ("w8a8", ...) of a quantized run, None for one in the model dtype."""
-        return ((self.prune or {}).get("quant") or {}).get("scheme") if self.quantized_layers else None
+        return next(iter(self.quantized_layers.values()))["scheme"] if self.quantized_layers else None
 
     @property
     def sparsity_type(self) -> str | None:

@@ -8,6 +8,7 @@ Masks are boolean with True = pruned (set to zero).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ class ObsResult:
     weight: torch.Tensor  # pruned (and compensated) weight, float32 or float64, same shape as W
     mask: torch.Tensor  # True where pruned
     damp: float  # percdamp actually used (after escalation)
+    scale: torch.Tensor | None = None  # joint mode: the weight scales the kept weights are quantized with
 
 
 def parse_nm(pattern: str | None) -> tuple[int, int] | None:
@@ -121,7 +123,7 @@ def _nm_mask_t(score_t: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, nm: tuple[int, int] | None = None,
               block_size: int = 128, percdamp: float = 0.01, compensate: bool = True,
-              quant: WeightQuantizer | None = None) -> ObsResult:
+              quant: WeightQuantizer | Callable[[torch.Tensor], WeightQuantizer] | None = None) -> ObsResult:
     """Blocked OBS (SparseGPT solver) for unstructured sparsity or an N:M pattern along the input dim.
 
     Unstructured: exactly `round(sparsity * W.numel())` weights are pruned; each column block gets its share
@@ -138,8 +140,11 @@ def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, n
     at near-ties).
 
     `quant` (joint mode, SparseGPT section 3.4 / GPTQ): each column is masked, then its kept weights are quantized
-    with the fixed scales, and the error of both is propagated to the columns not yet processed, in the same
-    sweep with the same Hessian. `sparsity=0` quantizes alone (GPTQ with fixed scales).
+    with scales fixed before the sweep, and the error of both is propagated to the columns not yet processed, in
+    the same sweep with the same Hessian. `sparsity=0` quantizes alone (GPTQ with fixed scales). A
+    `WeightQuantizer` fixes the scales itself; a function of the weight returning one (`quant.ScaleRule`) gets the
+    weights as pruning alone leaves them: OBS compensation grows the kept weights (rows of a 2:4 layer by ~8 %),
+    and scales taken from the dense weights would clip them. That costs one more sweep on the same factorisation.
     """
     if (sparsity is None) == (nm is None):
         raise ValueError("give exactly one of sparsity (unstructured) or nm (N:M)")
@@ -152,6 +157,22 @@ def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, n
     W = W.to(H.dtype, copy=True)
     W[:, dead] = 0.0
     U, damp = damped_inverse_cholesky(H, percdamp, dead)
+    if callable(quant):
+        pruned = W.clone()
+        if sparsity != 0:  # something is pruned: scales for the weights pruning leaves
+            _sweep(pruned, U, sparsity, nm, block_size, compensate, None)
+        quant = quant(pruned)
+        del pruned
+    mask = _sweep(W, U, sparsity, nm, block_size, compensate, quant)
+    return ObsResult(W, mask, damp, quant.scale if quant is not None else None)
+
+
+def _sweep(W: torch.Tensor, U: torch.Tensor, sparsity: float | None, nm: tuple[int, int] | None, block_size: int,
+           compensate: bool, quant: WeightQuantizer | None) -> torch.Tensor:
+    """The column sweep of `obs_prune` on W in place (U: the inverse Hessian's upper Cholesky factor); the mask."""
+    d_out, d_in = W.shape
+    if nm is not None:
+        n, m = nm
     mask = torch.zeros_like(W, dtype=torch.bool)
     if quant is not None:
         quant = quant.to(W.dtype, W.device)
@@ -202,7 +223,7 @@ def obs_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, n
             W1 = torch.stack([quant.column_(W1[i], b + i, torch.empty_like(W1[i])) for i in range(e - b)])
         W[:, b:e] = W1.masked_fill_(mask1, 0.0).T
         mask[:, b:e] = mask1.T
-    return ObsResult(W, mask, damp)
+    return mask
 
 
 def _joint_block(W1: torch.Tensor, mask1: torch.Tensor, U1: torch.Tensor, quant: WeightQuantizer, b: int,

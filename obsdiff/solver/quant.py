@@ -149,6 +149,18 @@ class WeightQuantizer:
         return out.mul_(s)
 
 
+@dataclass(frozen=True)
+class ScaleRule:
+    """How a layer's weight scales are chosen; called on the weights to quantize, gives their quantizer."""
+
+    fmt: QuantFormat
+    group_size: int | None = None
+    search: bool = True
+
+    def __call__(self, W: torch.Tensor) -> WeightQuantizer:
+        return WeightQuantizer(weight_scales(W, self.fmt, self.group_size, self.search), self.fmt, self.group_size)
+
+
 def rtn(W: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """Round to nearest: every weight of W (d_out, d_in) quantized alone with `scale` (`weight_scales`)."""
     return fake_quant(W, expand_groups(scale, W.shape[1]), fmt)

@@ -15,11 +15,12 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from obsdiff.cli import cli
-from obsdiff.config import CalibConfig, PruneConfig
+from obsdiff.config import CalibConfig, PruneConfig, QuantConfig
 from obsdiff.errors import ConfigError, OutputExistsError
 from obsdiff.pruning.distributed import CheckpointView, SharedCheckpoint, World
 from obsdiff.pruning.prune import open_checkpoint, prune_
 from obsdiff.pruning.resume import Checkpoint, CheckpointLike, first_difference, staging_dir
+from obsdiff.solver.qlinear import quantized_layers
 from tests.conftest import tiny_flux, tiny_sd3
 
 TIMINGS = {"seconds", "calib_seconds", "prune_seconds", "encode_seconds", "total_seconds", "solve_seconds",
@@ -123,6 +124,9 @@ def interrupted_then_resumed(make_model, prune, calib, out, stop_after: int, mon
     ("cached", PruneConfig(sparsity=0.5)),
     ("rerun", PruneConfig(sparsity_type="structured", sparsity=0.5)),
     ("cached", PruneConfig(sparsity_type="structured", sparsity=0.5, allocation="sensitivity")),
+    ("rerun", PruneConfig(sparsity_type="2:4", quant=QuantConfig("w8a8", smoothquant=0.5))),
+    ("cached", PruneConfig(sparsity_type="none", quant=QuantConfig("w4a16", group_size=8))),
+    ("rerun", PruneConfig(sparsity_type="structured", sparsity=0.5, quant=QuantConfig("fp8"))),
 ])
 def test_interrupted_prune_resumes_to_the_same_model(mode, prune, tmp_path, monkeypatch):
     calib = CalibConfig(num_prompts=4, steps=3, batch_size=2, guidance=2.0, groups=3 if mode == "rerun" else None,
@@ -130,6 +134,8 @@ def test_interrupted_prune_resumes_to_the_same_model(mode, prune, tmp_path, monk
     reference = tiny_sd3(num_layers=3)
     ref_report = prune_(reference, prune, calib, progress=False)
     stop = 2 if prune.allocation == "uniform" else 4  # sensitivity: 3 chunks of cost curves come first
+    if prune.structured and prune.quant is not None:
+        stop = 4  # in the quantization sweep, after the structured groups (3) and its first group
     resumed, report = interrupted_then_resumed(lambda: tiny_sd3(num_layers=3), prune, calib, tmp_path / "r",
                                                stop, monkeypatch)
     ref_state, got_state = reference.transformer.state_dict(), resumed.transformer.state_dict()
@@ -146,8 +152,11 @@ def test_interrupted_prune_resumes_to_the_same_model(mode, prune, tmp_path, monk
             assert all(n == min(round(0.5 * count), count - 1) for n, count in removed.values())
         dense = tiny_sd3(num_layers=3).transformer.state_dict()
         assert sum(v.numel() for v in got_state.values()) < sum(v.numel() for v in dense.values())
-    else:
+    elif prune.quant is None:
         assert len(report.pruned_layers) == 12 + 12 + 9 and all(r.sparsity == 0.5 for r in report.pruned_layers)
+    if prune.quant is not None:  # resumed quantized layers are quantized layers again, scales restored
+        layers = quantized_layers(resumed.transformer)
+        assert len(layers) == 12 + 12 + 9 and sorted(layers) == sorted(report.quantized)
 
 
 def test_flux_cached_resume_across_double_and_single_blocks(tmp_path, monkeypatch):
