@@ -199,8 +199,7 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
               help="structured: same ratio in every block, or per-block counts from OBS cost curves "
                    "(same parameter budget)")
 @click.option("--quant", type=LazyChoice("obsdiff.solver.quant", "SCHEMES"), default=None,
-              help="also quantize in the same pass: w8a8 (INT8 weights and activations), fp8 (E4M3), w4a16 (INT4 "
-                   "weights in groups of 128), w8a16; with --sparsity-type none: quantization alone")
+              help="also quantize: w8a8, fp8 (E4M3), w4a16 (groups of 128), w8a16; --sparsity-type none: only that")
 @click.option("--quant-method", type=click.Choice(["obs", "rtn"]), default="obs", show_default=True,
               help="obs: mask and quantize each column in one OBS sweep; rtn: round to nearest after pruning")
 @click.option("--quant-group-size", type=int, default=None, help="w4a16: inputs per weight scale [128]")
@@ -208,27 +207,24 @@ def eval_cmd(target, model, reference, num_images, steps, guidance, seed, batch_
               help="weight scales: the clipping with the least rounding error, or the plain absmax")
 @click.option("--act-steps", type=click.Choice(["max", "mean", "percentile"]), default="max", show_default=True,
               help="how the per-denoising-step activation maxima become one static range")
-@click.option("--act-percentile", type=float, default=99.0, show_default=True,
-              help="with --act-steps percentile: the percentile over steps")
+@click.option("--act-percentile", type=float, default=99.0, show_default=True, help="for --act-steps percentile")
 @click.option("--smoothquant", type=float, default=None, metavar="ALPHA",
               help="SmoothQuant migration strength in [0, 1] (e.g. 0.5): activation outliers move into the weights")
 @click.option("--output-quant", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="output quantizers (TensorRT's condition for sparse INT8 tactics); auto: on N:M + INT8 layers")
+              help="INT8 output quantizers (for TensorRT's sparse INT8 tactics); auto: N:M + INT8 layers")
 @click.option("--prompts", default="builtin", show_default=True, help="calibration prompts: FILE or builtin")
 @click.option("--num-prompts", type=int, default=None, help="calibration prompts [100; 64 for builtin:digits]")
 @click.option("--steps", type=int, default=None, help="calibration denoising steps [25; 20 for builtin:digits]")
 @click.option("--guidance", type=float, default=None, help="guidance scale [7.0; 3.0 for builtin:digits]")
 @click.option("--batch-size", type=int, default=None, help="prompts per pipeline call [4; 16 for builtin:digits]")
-@click.option("--groups", type=int, default=None,
-              help="sequential calibration groups [4; cached mode: one per block]")
+@click.option("--groups", type=int, default=None, help="sequential calibration groups [4; cached mode: one per block]")
 @click.option("--calibration-mode", type=click.Choice(["rerun", "cached"]), default="rerun", show_default=True,
               help="rerun: every group re-runs the pipeline (the paper's method); cached: one run caches block "
                    "inputs and groups propagate them block by block (faster, dense trajectory; SD3/Flux)")
 @click.option("--cache-device", default=None, help="cached mode: where block inputs are kept, e.g. cpu [model device]")
 @click.option("--cache-spill", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="cached mode: keep block inputs in a memory-mapped file in OUT.partial when they do not fit")
-@click.option("--hessian-device", default=None,
-              help="where Hessians accumulate: cpu keeps them off the accelerator [model device]")
+@click.option("--hessian-device", default=None, help="where Hessians accumulate: cpu keeps them off the accelerator")
 @click.option("--timestep-weighting", type=LazyChoice("obsdiff.solver.hessian", "WEIGHTINGS"), default="log_decrease",
               show_default=True, help="weights of the denoising steps in the Hessians (sparsegpt, wanda: uniform)")
 @click.option("--blocks", default=None, help="block range START:END to prune (END exclusive) [all]")
@@ -271,16 +267,11 @@ def prune(model, method, sparsity, sparsity_type, head_ratio, ffn_ratio, structu
     from obsdiff.job import PruneInterrupted, run_prune
 
     with rank_zero_reports(alike=True):  # every rank parses the same options
-        qcfg = None
-        if quant is not None:
-            qcfg = QuantConfig(scheme=quant, method=quant_method, group_size=quant_group_size, clip=quant_clip,
-                               act_steps=act_steps, act_percentile=act_percentile, smoothquant=smoothquant,
-                               output_quant=output_quant)
-        else:
-            given = [flag for flag, changed in (("--quant-group-size", quant_group_size is not None),
-                                                ("--smoothquant", smoothquant is not None)) if changed]
-            if given:
-                raise click.UsageError(f"{given[0]} applies with --quant only; add --quant SCHEME or drop it")
+        if quant is None and (quant_group_size is not None or smoothquant is not None):
+            raise click.UsageError("--quant-group-size and --smoothquant apply with --quant only; add --quant SCHEME")
+        qcfg = None if quant is None else QuantConfig(
+            scheme=quant, method=quant_method, group_size=quant_group_size, clip=quant_clip, act_steps=act_steps,
+            act_percentile=act_percentile, smoothquant=smoothquant, output_quant=output_quant)
         pcfg = PruneConfig(quant=qcfg, method=method, sparsity=sparsity, sparsity_type=sparsity_type, percdamp=percdamp,
                            block_size=block_size, compensate=not no_compensate, blocks=parse_span(blocks),
                            on_indivisible="skip" if skip_indivisible else "error", compute_dtype=solver_precision,

@@ -12,7 +12,7 @@ from obsdiff.config import PruneConfig
 from obsdiff.models import StructureGroup
 from obsdiff.pruning.distributed import World, share_work
 from obsdiff.runs.shrink import structure_columns
-from obsdiff.solver import obs
+from obsdiff.solver import group_obs
 
 
 def readers_of(chunk: list[tuple[StructureGroup, int]]) -> list[str]:
@@ -48,20 +48,20 @@ def reader_components(items: list[tuple[StructureGroup, int]]) -> list[tuple[lis
     return sorted(comps, key=lambda c: c[0][0])
 
 
-def cost_curve(readers: list[obs.ReaderState], cols: list[torch.Tensor], max_remove: int, per_round: int,
+def cost_curve(readers: list[group_obs.ReaderState], cols: list[torch.Tensor], max_remove: int, per_round: int,
                cfg: PruneConfig) -> list[float]:
     """Relative output error after removing 0, 1, ..., max_remove structures greedily (on copies).
 
     The error is `tr(dW H dW^T) / tr(W H W^T)` summed over the group's readers, measured after each greedy
     round and interpolated linearly in between.
     """
-    states = [obs.ReaderState(r.W.clone(), r.H.clone(), r.damp) for r in readers]
+    states = [group_obs.ReaderState(r.W.clone(), r.H.clone(), r.damp) for r in readers]
     norms = [max(float(((r.W @ r.H) * r.W).sum()), 1e-30) for r in readers]
     gone = torch.zeros(cols[0].shape[0], dtype=torch.bool, device=cols[0].device)
     points = {0: 0.0}
     while int(gone.sum()) < max_remove:
         k = min(per_round, max_remove - int(gone.sum()))
-        removed = obs.remove_structures_(states, cols, k, k, cfg.structure_cost, cfg.joint_scoring,
+        removed = group_obs.remove_structures_(states, cols, k, k, cfg.structure_cost, cfg.joint_scoring,
                                          cfg.compensate, exclude=gone)
         gone[removed] = True
         points[int(gone.sum())] = sum(float((((s.W - r.W) @ r.H) * (s.W - r.W)).sum()) / n
@@ -130,7 +130,7 @@ def sensitivity_allocation(planned: list[tuple[StructureGroup, int]], cfg: Prune
 
         def solve(c: int, part=part, comps=comps, accs=accs) -> dict[str, list[float]]:
             idx, readers = comps[c]
-            states = {name: obs.ReaderState.create(modules[name].weight.detach(), accs[name].H, cfg.percdamp)
+            states = {name: group_obs.ReaderState.create(modules[name].weight.detach(), accs[name].H, cfg.percdamp)
                       for name in readers}
             found = {}
             for g, n in (part[j] for j in idx):

@@ -25,7 +25,7 @@ from obsdiff.pruning.records import LayerRecord, PruneError, PruneReport, calibr
 from obsdiff.pruning.session import Group, Strategy, Work
 from obsdiff.runs.loading import LoadedModel
 from obsdiff.runs.shrink import plan_to_json, shrink_, structure_columns, structure_indices
-from obsdiff.solver import obs
+from obsdiff.solver import group_obs, obs
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,13 @@ class _ComponentResult:
     records: dict[str, LayerRecord] = field(default_factory=dict)
 
 
-def _reader_state(name: str, modules: dict, H: torch.Tensor, cfg: PruneConfig, removed: set[int]) -> obs.ReaderState:
+def _reader_state(name: str, modules: dict, H: torch.Tensor, cfg: PruneConfig, removed: set[int]
+                  ) -> group_obs.ReaderState:
     W = modules[name].weight.detach()
     gone = torch.zeros(W.shape[1], dtype=torch.bool, device=W.device)
     gone[list(removed)] = True
     try:
-        return obs.ReaderState.create(W, H, cfg.percdamp, gone)
+        return group_obs.ReaderState.create(W, H, cfg.percdamp, gone)
     except obs.CholeskyError as exc:
         raise PruneError(f"layer {name}: {exc}; raise --percdamp or use more calibration prompts") from None
 
@@ -122,7 +123,7 @@ def _remove_component_(items: list[tuple[StructureGroup, int]], idx: list[int], 
     readers' compensated weights, in place; what was removed and the layer records."""
     result = _ComponentResult()
     seconds = dict.fromkeys(readers, 0.0)  # each reader's own solve time, for its LayerRecord
-    states: dict[str, obs.ReaderState] = {}
+    states: dict[str, group_obs.ReaderState] = {}
     for name in readers:
         t0 = time.perf_counter()
         if name in accs:
@@ -133,10 +134,10 @@ def _remove_component_(items: list[tuple[StructureGroup, int]], idx: list[int], 
         t1 = time.perf_counter()
         cols = [structure_columns(group, s.offset, device) for s in group.readers]
         if cfg.method_spec.structured == "l1":  # weight norms alone (magnitude)
-            gone = obs.magnitude_structures([modules[s.linear].weight.detach() for s in group.readers], cols, n)
+            gone = group_obs.magnitude_structures([modules[s.linear].weight.detach() for s in group.readers], cols, n)
         else:
             per_round = 1 if group.kind == "heads" else cfg.ffn_per_round
-            gone = obs.remove_structures_([states[s.linear] for s in group.readers], cols, n, per_round,
+            gone = group_obs.remove_structures_([states[s.linear] for s in group.readers], cols, n, per_round,
                                           cfg.structure_cost, cfg.joint_scoring, cfg.compensate)
         for s, c in zip(group.readers, cols, strict=True):
             state.removed_cols.setdefault(s.linear, set()).update(c[gone].flatten().tolist())

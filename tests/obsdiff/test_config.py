@@ -12,6 +12,7 @@ from obsdiff.config import (
     PRUNE_CHECKS,
     CalibConfig,
     PruneConfig,
+    QuantConfig,
     resolve_calib,
 )
 from obsdiff.errors import ConfigError
@@ -51,6 +52,9 @@ BAD_PRUNE = [
      "--allocation sensitivity needs OBS cost curves, which magnitude has not; use it with obs-diff or sparsegpt"),
     ({"method": "wanda", "sparsity": 0.5, "compensate": False},
      "--no-compensate: wanda never updates weights; it applies to obs-diff, sparsegpt"),
+    ({"sparsity": 0.5, "compensate": False, "quant": QuantConfig("w8a8")}, "joint OBS compensates"),
+    ({"method": "magnitude", "sparsity": 0.5, "quant": QuantConfig("fp8", method="rtn")},
+     "--quant fp8 needs activation ranges from calibration, which magnitude skips"),
     ({"sparsity": 0.5, "blocks": (3, 1)}, "--blocks 3:1 is empty"),
     ({"sparsity": 0.5, "blocks": (-1, 2)}, "--blocks -1:2 is empty"),
 ]

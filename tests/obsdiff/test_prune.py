@@ -137,9 +137,9 @@ def test_later_groups_see_the_already_pruned_model(tiny_sd3_dir, monkeypatch, gr
     seen = {}
     real_solve = P._solve_unit
 
-    def spy(unit, modules, H, cfg):
+    def spy(unit, modules, H, cfg, *ranges):
         seen[unit] = H.clone()
-        return real_solve(unit, modules, H, cfg)
+        return real_solve(unit, modules, H, cfg, *ranges)
 
     monkeypatch.setattr(P, "_solve_unit", spy)
     P.prune_(load_pipeline(str(tiny_sd3_dir)), PruneConfig(sparsity=0.7), calib, progress=False)

@@ -244,4 +244,4 @@ def test_cli_refuses_a_group_size_that_does_not_divide_a_width_before_loading(tm
     assert not (tmp_path / "run").exists()
     r = CliRunner().invoke(cli, ["prune", "--model", "builtin:digits", "--sparsity", "0.5", "--smoothquant", "0.5",
                                  "--out", str(tmp_path / "run")])
-    assert r.exit_code == 2 and "--smoothquant applies with --quant only" in r.output
+    assert r.exit_code == 2 and "--smoothquant apply with --quant only" in r.output

@@ -13,7 +13,7 @@ from obsdiff.pruning.prune import prune_
 from obsdiff.runs.io import save_run
 from obsdiff.runs.loading import load_pipeline
 from obsdiff.runs.shrink import removed_indices, shrink_
-from obsdiff.solver import obs
+from obsdiff.solver import group_obs
 from tests.conftest import outputs_before_and_after_reload, tiny_flux, tiny_sd3, tiny_sdxl
 from tests.obsdiff.test_shrink import zeroed_copy
 
@@ -30,12 +30,12 @@ def problem(d_out=5, d_in=12, tokens=80, seed=0):
 
 def test_block_cost_is_the_error_of_the_optimal_update():
     W, H = problem()
-    state = obs.ReaderState.create(W, H, percdamp=0.01)
+    state = group_obs.ReaderState.create(W, H, percdamp=0.01)
     Hd = state.H.clone()  # damped
     cols = torch.arange(12).view(4, 3)  # four "heads" of three columns
-    costs = obs.structure_costs(state.W, state.inverse(), cols)
+    costs = group_obs.structure_costs(state.W, state.inverse(), cols)
     for i in range(4):
-        s = obs.ReaderState(W.clone(), Hd.clone())
+        s = group_obs.ReaderState(W.clone(), Hd.clone())
         s.remove_(cols[i], s.inverse())
         dW = s.W - W
         assert float(((dW @ Hd) * dW).sum()) == pytest.approx(float(costs[i]), rel=1e-9)
@@ -48,22 +48,22 @@ def test_block_cost_is_the_error_of_the_optimal_update():
 
 def test_diag_approximation_is_exact_for_single_columns_and_differs_for_blocks():
     W, H = problem(seed=1)
-    Hi = obs.ReaderState.create(W, H, 0.01).inverse()
+    Hi = group_obs.ReaderState.create(W, H, 0.01).inverse()
     single = torch.arange(12).view(12, 1)
-    assert torch.allclose(obs.structure_costs(W, Hi, single), obs.structure_costs(W, Hi, single, "diag"))
+    assert torch.allclose(group_obs.structure_costs(W, Hi, single), group_obs.structure_costs(W, Hi, single, "diag"))
     heads = torch.arange(12).view(3, 4)
-    assert not torch.allclose(obs.structure_costs(W, Hi, heads), obs.structure_costs(W, Hi, heads, "diag"))
+    assert not torch.allclose(group_obs.structure_costs(W, Hi, heads), group_obs.structure_costs(W, Hi, heads, "diag"))
 
 
 def test_greedy_removal_counts_and_beats_l1():
     W, H = problem(d_out=6, d_in=32, seed=2)
     cols = torch.arange(32).view(32, 1)
-    s = obs.ReaderState.create(W, H, 0.01)
+    s = group_obs.ReaderState.create(W, H, 0.01)
     Hd = s.H.clone()
-    removed = obs.remove_structures_([s], [cols], n_remove=12, per_round=4)
+    removed = group_obs.remove_structures_([s], [cols], n_remove=12, per_round=4)
     assert len(removed) == 12 == len(set(removed))
     assert bool((s.W[:, removed] == 0).all()) and int((s.W == 0).all(0).sum()) == 12
-    l1 = obs.magnitude_structures([W], [cols], 12)
+    l1 = group_obs.magnitude_structures([W], [cols], 12)
     masked = W.clone()
     masked[:, l1] = 0
 
@@ -76,10 +76,10 @@ def test_greedy_removal_counts_and_beats_l1():
 def test_rrf_fusion_ranks():
     a = torch.tensor([1.0, 2.0, 3.0])
     b = torch.tensor([3.0, 1.0, 2.0])
-    fused = obs.fuse_costs([a, b], "rrf")
+    fused = group_obs.fuse_costs([a, b], "rrf")
     # ranks: a -> 0,1,2; b -> 2,0,1; structure 1 is best on average
     assert int(torch.argmin(fused)) == 1
-    assert torch.equal(obs.fuse_costs([a, b], "sum"), a + b)
+    assert torch.equal(group_obs.fuse_costs([a, b], "sum"), a + b)
 
 
 FAMILIES = {
@@ -272,12 +272,12 @@ def test_cost_curve_is_increasing_from_zero():
     from obsdiff.pruning.allocation import cost_curve
 
     W, H = problem(d_out=4, d_in=16, seed=3)
-    state = obs.ReaderState.create(W, H, 0.01)
+    state = group_obs.ReaderState.create(W, H, 0.01)
     curve = cost_curve([state], [torch.arange(16).view(16, 1)], 8, 3, PruneConfig(sparsity_type="structured",
                                                                                 sparsity=0.3))
     assert curve[0] == 0 and len(curve) == 9
     assert all(b >= a - 1e-12 for a, b in zip(curve, curve[1:], strict=False))
-    assert torch.equal(state.W, obs.ReaderState.create(W, H, 0.01).W)  # computed on copies
+    assert torch.equal(state.W, group_obs.ReaderState.create(W, H, 0.01).W)  # computed on copies
 
 
 def test_sensitivity_allocation_keeps_the_parameter_budget(tiny_sd3_dir):
