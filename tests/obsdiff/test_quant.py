@@ -245,3 +245,19 @@ def test_cli_refuses_a_group_size_that_does_not_divide_a_width_before_loading(tm
     r = CliRunner().invoke(cli, ["prune", "--model", "builtin:digits", "--sparsity", "0.5", "--smoothquant", "0.5",
                                  "--out", str(tmp_path / "run")])
     assert r.exit_code == 2 and "--smoothquant apply with --quant only" in r.output
+
+
+@pytest.mark.parametrize("family,prune", [
+    ("flux", PruneConfig(sparsity_type="2:4", quant=QuantConfig("w8a8", smoothquant=0.5))),
+    ("sdxl", PruneConfig(sparsity_type="structured", sparsity=0.5, quant=QuantConfig("fp8"))),
+])
+def test_flux_and_sdxl_prunes_quantize_every_selected_linear(family, prune):
+    from tests.conftest import tiny_flux, tiny_sdxl
+
+    model = tiny_flux() if family == "flux" else tiny_sdxl()
+    report = prune_(model, prune, CalibConfig(num_prompts=2, steps=2, batch_size=2, guidance=2.0, groups=2),
+                    progress=False)
+    denoiser = model.transformer if family == "flux" else model.unet
+    layers = quantized_layers(denoiser)
+    assert sorted(layers) == sorted(report.quantized) and len(layers) == {"flux": 34, "sdxl": 40}[family]
+    assert all(lin.input_scale is not None and float(lin.input_scale) > 0 for lin in layers.values())
