@@ -32,11 +32,16 @@ cli = type(export_cli)(name="obsdiff-export", commands=dict(export_cli.commands)
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="read and update this timing cache file")
 @click.option("--strict-nans", is_flag=True, help="keep NaN/Inf semantics (no x*0 -> 0 rewrites)")
+@click.option("--strongly-typed/--weakly-typed", default=None,
+              help="[strongly typed for a Q/DQ ONNX and on TensorRT 11; weakly typed with precision flags on 10.x]")
 @click.option("--also-dense", is_flag=True, help="also build the dense twin <stem>.dense.plan for comparison")
 @click.option("--json", "as_json", is_flag=True, help="print the engine sidecar as JSON on stdout")
 @FORCE
 def build_engine(onnx_path: Path, out: Path, force: bool, as_json: bool, **kwargs) -> None:
-    """Build a TensorRT engine (sparse weights enabled for N:M models) with <out>.json and <out>.log."""
+    """Build a TensorRT engine (sparse weights enabled for N:M models) with <out>.json and <out>.log.
+
+    A Q/DQ ONNX (QuantizeLinear/DequantizeLinear nodes, found in the graph) builds strongly typed; the sidecar
+    records the equivalent trtexec command line and the build log's sparse-layer counts."""
     from .sidecar import parse_shapes
     from .trt import EngineConfig, build_engine
 
@@ -46,7 +51,7 @@ def build_engine(onnx_path: Path, out: Path, force: bool, as_json: bool, **kwarg
                           max_shapes=parse_shapes(kwargs["max_shapes"], "--max-shapes"),
                           workspace_gib=kwargs["workspace_gib"], opt_level=kwargs["opt_level"],
                           timing_cache=kwargs["timing_cache"], strict_nans=kwargs["strict_nans"],
-                          also_dense=kwargs["also_dense"])
+                          also_dense=kwargs["also_dense"], strongly_typed=kwargs["strongly_typed"])
     record = build_engine(onnx_path, out, config, force=force, progress=True)
     if as_json:
         click.echo(json.dumps(record, indent=2))
@@ -57,6 +62,11 @@ def build_engine(onnx_path: Path, out: Path, force: bool, as_json: bool, **kwarg
                   if sp["requested"] else "sparse weights off")
         click.echo(f"{rec['file']}: TensorRT {rec['tensorrt']}, {rec['gpu']['name']}, {rec['typing']}ly typed, "
                    f"flags {', '.join(rec['builder_flags']) or 'none'}, {rec['build_seconds']:.1f} s; {sparse}")
+    quant = record.get("quantization") or {}
+    if quant.get("qdq"):
+        click.echo(f"Q/DQ graph ({', '.join(quant['types']) or 'types not stated'}; {quant['quantize_linear']} "
+                   f"QuantizeLinear, {quant['dequantize_linear']} DequantizeLinear): strongly typed, no precision "
+                   "flags")
     click.echo(f"profile from {record['profile_source']}")
     click.echo(f"the same build with trtexec: {record['trtexec']}")
     click.echo(f"wrote {out} (sidecar {out.name}.json, build log {out.name}.log)")

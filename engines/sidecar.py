@@ -1,4 +1,5 @@
-"""Read the JSON sidecar that `obsdiff-export onnx` writes next to every `<component>.onnx`.
+"""Read the JSON sidecar that `obsdiff-export onnx` writes next to every `<component>.onnx`, and what the graph
+itself says about quantization (its QuantizeLinear / DequantizeLinear nodes: `read_onnx_quantization`).
 
 Only the few keys the engines need are read, each in one place, so a change of the export format breaks
 here with a message that names the missing key instead of deep inside an engine build:
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from obsdiff.errors import ObsdiffError
+from obsdiff.errors import ConfigError, MissingDependencyError, ObsdiffError, first_line
 from obsdiff.runs.artifacts import read_json
 
 Shape = tuple[int, ...]
@@ -139,8 +140,6 @@ def parse_shapes(value: str | None, flag: str) -> dict[str, Shape]:
     """trtexec-style `name:1x4x64x64,other:1x77x768` -> {name: (1, 4, 64, 64), ...}."""
     if not value:
         return {}
-    from obsdiff.errors import ConfigError
-
     out = {}
     for item in value.split(","):
         name, sep, dims = item.strip().rpartition(":")
@@ -152,3 +151,80 @@ def parse_shapes(value: str | None, flag: str) -> dict[str, Shape]:
             raise ConfigError(f"{flag} {item!r} is not NAME:DxDx...; e.g. {flag} hidden_states:1x16x128x128")
         out[name] = shape
     return out
+
+
+# ------------------------------------------------------------------------------------------------ Q/DQ
+
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+_ONNX_DOMAINS = ("", "ai.onnx")
+
+
+def _nodes(graph):
+    """Every node of `graph`, those of its subgraphs (If / Loop / Scan bodies) included."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _nodes(sub)
+
+
+def _tensor_type_name(data_type: int) -> str:
+    from onnx import TensorProto
+
+    return TensorProto.DataType.Name(data_type).lower()
+
+
+def _quantized_type(node, consts: dict) -> str | None:
+    """The quantized side's element type of a Q/DQ node: QuantizeLinear's `output_dtype` or zero point (uint8 when
+    it has neither, as ONNX defines), DequantizeLinear's input or zero point, where they are constants."""
+    if node.op_type == "QuantizeLinear":
+        out = next((a.i for a in node.attribute if a.name == "output_dtype" and a.i), None)
+        if out:
+            return _tensor_type_name(out)
+        zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        return consts.get(zero) if zero else "uint8"
+    for name in (node.input[0], node.input[2] if len(node.input) > 2 else ""):
+        if name in consts:
+            return consts[name]
+    return None
+
+
+def qdq_summary(model) -> dict:
+    """Q/DQ nodes of an ONNX `ModelProto` (graph, subgraphs and local functions): their counts, the quantized types
+    where the graph states them, and custom-domain quantize ops (Model Optimizer's `trt::TRT_FP8QuantizeLinear`...).
+
+    `qdq` is True when the graph has any: TensorRT then takes each tensor's precision from these nodes (explicit
+    quantization), which a strongly typed network requires.
+    """
+    nodes = [n for g in (model.graph, *model.functions) for n in _nodes(g)]
+    consts = {t.name: _tensor_type_name(t.data_type) for t in model.graph.initializer}
+    consts |= {n.output[0]: _tensor_type_name(a.t.data_type) for n in nodes if n.op_type == "Constant"
+               for a in n.attribute if a.name == "value"}
+    counts = {op: 0 for op in _QDQ_OPS}
+    types, custom = set(), {}
+    for node in nodes:
+        if node.op_type in _QDQ_OPS and node.domain in _ONNX_DOMAINS:
+            counts[node.op_type] += 1
+            t = _quantized_type(node, consts)
+            if t:
+                types.add(t)
+        elif node.op_type.endswith(_QDQ_OPS):
+            key = f"{node.domain}::{node.op_type}"
+            custom[key] = custom.get(key, 0) + 1
+    return {"qdq": bool(sum(counts.values()) or custom), "quantize_linear": counts["QuantizeLinear"],
+            "dequantize_linear": counts["DequantizeLinear"], "types": sorted(types), "custom_ops": custom}
+
+
+def read_onnx_quantization(onnx_path: str | Path) -> dict:
+    """`qdq_summary` of the ONNX file (the graph only: external weight data is not read)."""
+    try:
+        import onnx
+    except ImportError:
+        raise MissingDependencyError('reading the ONNX graph needs the onnx package: pip install "obsdiff[onnx]"'
+                                     ) from None
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ConfigError(f"{onnx_path} is not a readable ONNX model ({first_line(exc)}); export it again with "
+                          "`obsdiff-export onnx`") from None
+    return qdq_summary(model)

@@ -10,22 +10,25 @@ The build is a short sequence of steps, each a function of its own:
     resolve_profiles  the optimization profile {input: (min, opt, max)}, explicit or from the sidecar
     build_targets     what to build: the engine, and its dense twin with `also_dense`
     refuse_existing   outputs that exist without `force` (before TensorRT is touched)
-    -- with TensorRT and a GPU, per target (`_build_one`):
+    -- with TensorRT and a GPU:
+    read_onnx_quantization  the graph's QuantizeLinear/DequantizeLinear nodes (a Q/DQ graph builds strongly typed)
+    -- per target (`_build_one`):
     model_precision   the ONNX precision (the sidecar's, else the parsed network's inputs)
-    select_flags      builder flags for this TensorRT generation (`trt_rules`, by feature detection)
+    select_flags      builder flags for this TensorRT generation and graph (`trt_rules`, by feature detection)
     parse_network     Polygraphy's `network_from_onnx_path`, strongly typed where the flags say
     network_profile   the profile checked against the parsed network's inputs
     config_options    Polygraphy's `CreateConfig` arguments (`trt_rules`): sparse weights, profile, timing
                       cache, optimization level, workspace pool
     build             `engine_from_network` with the log captured and a progress line (`build_monitor`)
     sparse_report     the build log's eligible / picked sparse layers, cross-checked by the engine inspector
-    engine_record     the sidecar, with the equivalent `trtexec` command line
+    engine_record     the sidecar, with the equivalent `trtexec` command line (every build, Q/DQ or not)
     write_outputs     `<engine>`, `<engine>.json`, `<engine>.log`, staged then renamed together
 
 Versions are told apart by what the `tensorrt` module offers, never by its version string: TensorRT 10
 has precision flags (`BuilderFlag.FP16`/`BF16`) for weakly typed networks; TensorRT 11 dropped them and
-builds strongly typed networks whose precision is the ONNX file's. `trt_runtime.TrtEngine` runs a built
-engine with Polygraphy's `TrtRunner`.
+builds strongly typed networks whose precision is the ONNX file's. A graph with Q/DQ nodes builds strongly typed
+on both (TensorRT 10: `NetworkDefinitionCreationFlag.STRONGLY_TYPED`), never with FP16/INT8 flags.
+`trt_runtime.TrtEngine` runs a built engine with Polygraphy's `TrtRunner`.
 """
 
 from __future__ import annotations
@@ -44,12 +47,13 @@ from obsdiff.runs.artifacts import check_writable, machine, staged_file, version
 from . import trt_env
 from .build_monitor import build_progress, captured_build_log
 from .engine_record import EngineError, dense_twin_path, engine_sidecar_path, onnx_hashes
-from .sidecar import OnnxSpec, Shape, format_shape, read_onnx_sidecar, sidecar_path
+from .sidecar import OnnxSpec, Shape, format_shape, read_onnx_quantization, read_onnx_sidecar, sidecar_path
 from .trt_rules import (
     TRT_DTYPE_NAMES,
     FlagPlan,
     config_options,
     dtype_from_network_inputs,
+    network_profile,
     parse_build_log,
     select_flags,
     sparse_layers_from_inspector,
@@ -58,7 +62,7 @@ from .trt_rules import (
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: built through Polygraphy; records the trtexec command line and engine I/O
+FORMAT_VERSION = 3  # 2: built through Polygraphy, with the trtexec line and engine I/O; 3: the ONNX's Q/DQ nodes
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -68,8 +72,8 @@ FORMAT_VERSION = 2  # 2: built through Polygraphy; records the trtexec command l
 class EngineConfig:
     """How to build. Shapes are {input name: shape}; explicit shapes override the export sidecar's profile.
 
-    `sparse_weights` None: on when the sidecar says the model was N:M pruned. `strongly_typed` None: weakly
-    typed with precision flags where TensorRT still has them (10.x), strongly typed otherwise (11.x).
+    `sparse_weights` None: on when the sidecar says the model was N:M pruned. `strongly_typed` None: strongly
+    typed for a Q/DQ graph and where TensorRT has no precision flags (11.x), else weakly typed with them (10.x).
     """
 
     sparse_weights: bool | None = None
@@ -207,7 +211,8 @@ def build_engine(onnx_path: str | Path, out: str | Path, config: EngineConfig | 
     gpu = trt_env.require_cuda_gpu()
     poly = trt_env.require_polygraphy_trt()
     hashes = onnx_hashes(onnx_path)
-    records = [_build_one(trt, poly, gpu, onnx_path, path, spec, profiles, cfg, sparse, hashes, progress)
+    quant = read_onnx_quantization(onnx_path)
+    records = [_build_one(trt, poly, gpu, onnx_path, path, spec, profiles, cfg, sparse, (hashes, quant), progress)
                for path, sparse in targets]
     main = records[0]
     if cfg.also_dense:
@@ -227,25 +232,6 @@ def _staleness(plan: Path, onnx_path: Path) -> str:
     if all(built.get(k) == v for k, v in now.items()):
         return " (built from this ONNX)"
     return " and is stale (built from another version of the ONNX)"
-
-
-def network_profile(inputs: list[tuple[str, tuple[int, ...]]], profiles: dict, onnx_name: str) -> dict:
-    """{input: {"min", "opt", "max"}} for the parsed network's `inputs` [(name, shape with -1 for dynamic)].
-
-    Every dynamic input needs a profile, and a profile's rank must be the input's.
-    """
-    used = {}
-    for name, shape in inputs:
-        if name in profiles:
-            lo, opt, hi = profiles[name]
-            if len(opt) != len(shape):
-                raise ConfigError(f"input {name} has rank {len(shape)} in the ONNX, the profile gives "
-                                  f"{format_shape(opt)}")
-            used[name] = {"min": list(lo), "opt": list(opt), "max": list(hi)}
-        elif any(d < 0 for d in shape):
-            raise ConfigError(f"input {name} of {onnx_name} is dynamic {shape} and has no profile; "
-                              "give it in --opt-shapes")
-    return used
 
 
 def _polygraphy_error(what: str, onnx_path: Path, build_log, exc: BaseException) -> EngineError:
@@ -271,14 +257,15 @@ def parse_network(poly, onnx_path: Path, plan: FlagPlan):
 
 
 def _build_one(trt, poly, gpu: dict, onnx_path: Path, out: Path, spec: OnnxSpec | None, profiles: dict,
-               cfg: EngineConfig, sparse: bool, hashes: dict, progress: bool) -> dict:
+               cfg: EngineConfig, sparse: bool, graph: tuple[dict, dict], progress: bool) -> dict:
+    """One engine; `graph` is (the ONNX's hashes, its Q/DQ summary)."""
     from polygraphy.exception import PolygraphyException
 
     t0 = time.perf_counter()
     with captured_build_log(cfg.verbose_log) as build_log:
         try:
             model_dtype = model_precision(poly, spec, onnx_path)
-            plan = select_flags(trt, model_dtype, sparse, cfg.strict_nans, cfg.strongly_typed)
+            plan = select_flags(trt, model_dtype, sparse, cfg.strict_nans, cfg.strongly_typed, qdq=graph[1])
             builder, network, parser = parse_network(poly, onnx_path, plan)
         except PolygraphyException as exc:
             raise _polygraphy_error("parse", onnx_path, build_log, exc) from None
@@ -297,7 +284,7 @@ def _build_one(trt, poly, gpu: dict, onnx_path: Path, out: Path, spec: OnnxSpec 
             raise _polygraphy_error("build", onnx_path, build_log, exc) from None
     build_seconds = time.perf_counter() - t0
     report = sparse_report(trt, engine, build_log.lines, sparse)
-    record = engine_record(trt, gpu, onnx_path, out, spec, hashes, cfg, plan, model_dtype, used, report,
+    record = engine_record(trt, gpu, onnx_path, out, spec, graph, cfg, plan, model_dtype, used, report,
                            build_seconds, engine_io(trt, engine))
     write_outputs(poly, engine, out, record, build_log.lines)
     return record
@@ -343,7 +330,7 @@ def engine_io(trt, engine) -> dict:
     return io
 
 
-def engine_record(trt, gpu: dict, onnx_path: Path, out: Path, spec: OnnxSpec | None, hashes: dict,
+def engine_record(trt, gpu: dict, onnx_path: Path, out: Path, spec: OnnxSpec | None, graph: tuple[dict, dict],
                   cfg: EngineConfig, plan: FlagPlan, model_dtype: str, used: dict, sparse: dict,
                   build_seconds: float, io: dict) -> dict:
     """The engine sidecar: what it was built from, with what, how, and the trtexec line that repeats it."""
@@ -354,7 +341,7 @@ def engine_record(trt, gpu: dict, onnx_path: Path, out: Path, spec: OnnxSpec | N
         "format": FORMAT_VERSION,
         "artifact": "tensorrt-engine",
         "file": out.name,
-        "onnx": {"path": str(onnx_path.resolve()), **hashes,
+        "onnx": {"path": str(onnx_path.resolve()), **graph[0],
                  "sidecar": str(sidecar_path(onnx_path).resolve()) if spec is not None else None,
                  "source_run_sparsity": spec.sparsity_type if spec is not None else None},
         "tensorrt": getattr(trt, "__version__", "unknown"),
@@ -362,6 +349,7 @@ def engine_record(trt, gpu: dict, onnx_path: Path, out: Path, spec: OnnxSpec | N
         "builder": "polygraphy",
         "trtexec": command,
         "typing": plan.typing,
+        "quantization": graph[1],
         "model_dtype": model_dtype,
         "builder_flags": list(plan.builder_flags),
         "network_flags": list(plan.network_flags),

@@ -1,6 +1,8 @@
-"""GPU validation: dense vs 2:4 vs structured latency of an SD3-shaped denoiser at a realistic width.
+"""GPU validation: dense vs 2:4 vs structured latency of an SD3-shaped denoiser at a realistic width, and what
+each quantized format (INT8, FP8, with and without 2:4) buys at SD3-Medium and Flux width.
 
-    python tools/gpu_check.py [--out DIR] [--blocks 4] [--iters 30]     # one NVIDIA GPU, < 8 min on an H200
+    python tools/gpu_check.py [--out DIR] [--blocks 4] [--iters 30]     # one NVIDIA GPU, < 8 min on an H100
+    python tools/gpu_check.py --quant-only --out DIR                     # the format section alone (~1 min)
     python tools/gpu_check.py --dry-run --out /tmp/x                     # tiny sizes, CPU backends only
 
 Builds `SD3Transformer2DModel` with random weights (hidden 1536 = 24 heads x 64, as SD3-medium; a few
@@ -10,6 +12,10 @@ full pipeline would not fit the time budget. Then times one denoiser forward (ba
 CFG, 1024 px = 128x128 latents, 333 text tokens) with `obsdiff.engines.bench.run_bench`: PyTorch eager
 and 2:4 sparse tensor cores, TensorRT where installed, then torch.compile if the time budget allows.
 Writes gpu_check.json (+ .md) under --out ($OUT by default) and prints a short table last.
+
+The format section runs first (tools/gpu_quant.py: GEMMs and one transformer block, bf16 dense vs 2:4 bf16, INT8
+via torch._int_mm, 2:4 INT8, FP8 via torch._scaled_mm, 2:4 FP8) and writes gpu_check_quant.json (+ .md) on its
+own; it needs no diffusers. GPU name, torch version and date are recorded with it.
 """
 
 from __future__ import annotations
@@ -129,31 +135,53 @@ def main(argv=None) -> int:
                                                      " (+onnxruntime in a dry run)]")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile phase")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip torch.compile when past this much time")
+    quant = ap.add_mutually_exclusive_group()
+    quant.add_argument("--quant-only", action="store_true", help="only the quantized-format section")
+    quant.add_argument("--no-quant", action="store_true", help="skip the quantized-format section")
+    ap.add_argument("--quant-rounds", type=int, default=None, help="timed samples per format [30; dry run 3]")
+    ap.add_argument("--quant-reps", type=int, default=None, help="calls per sample (one CUDA graph) [10; dry run 1]")
+    ap.add_argument("--quant-batch", type=int, default=1, help="images per GEMM (2 = one image with CFG) [1]")
+    ap.add_argument("--quant-budget-s", type=float, default=150.0, help="skip the next width when past this much time")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     _import_obsdiff()
     import torch
 
-    from obsdiff.devices import torch_dtype
-    from obsdiff.engines.bench import BenchConfig, run_bench
-    from obsdiff.engines.report import format_bench
+    from obsdiff.errors import first_line
     from obsdiff.runs.artifacts import machine, versions, write_json
 
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
         print("error: no CUDA GPU visible to PyTorch; run with --dry-run for the CPU smoke test", file=sys.stderr)
         return 2
+    if dry:  # a busy 2-core machine makes multi-threaded PyTorch erratic: one thread for steady numbers
+        torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"environment: {json.dumps(environment())}", flush=True)
+    quant = None
+    if not args.no_quant:
+        try:
+            quant = run_quant_section(args, dry, versions, machine, write_json)
+        except Exception as exc:  # the denoiser section below still has something to say
+            if args.quant_only:
+                raise
+            quant = {"error": f"{type(exc).__name__}: {first_line(exc)}"}
+            print(f"quant section failed: {quant['error']}", file=sys.stderr, flush=True)
+    if args.quant_only:
+        print(f"wrote {args.out / 'gpu_check_quant.json'} in {time.perf_counter() - t_start:.0f} s")
+        return 0
+
+    from obsdiff.devices import torch_dtype
+    from obsdiff.engines.bench import BenchConfig, run_bench
+    from obsdiff.engines.report import format_bench
+
     size = SIZES["dry" if dry else "gpu"]
     blocks = args.blocks or (2 if dry else 4)
     warmup = args.warmup if args.warmup is not None else (1 if dry else 5)
     iters = args.iters or (3 if dry else 30)
     device = "cpu" if dry else "cuda"
-    if dry:  # a busy 2-core machine makes multi-threaded PyTorch erratic: one thread for steady numbers
-        torch.set_num_threads(1)
     backends = args.backends or ("torch,onnxruntime,torch-sparse24,tensorrt" if dry
                                  else "torch,torch-sparse24,tensorrt")
-    args.out.mkdir(parents=True, exist_ok=True)
-    print(f"environment: {json.dumps(environment())}", flush=True)
 
     t0 = time.perf_counter()
     dense = build_denoiser(size, blocks, device, torch_dtype(size["dtype"]))
@@ -177,7 +205,7 @@ def main(argv=None) -> int:
         res["phase"] = name
         results.append(res)
         print(f"\nphase {name} ({time.perf_counter() - t0:.1f} s)\n{format_bench(res)}", flush=True)
-        _write(args.out, results, prune_info, size, blocks, t_start, versions, machine, write_json)
+        _write(args.out, results, prune_info, size, blocks, t_start, versions, machine, write_json, quant)
     print("\npruning: magnitude scores (timing does not depend on which weights are zero); "
           f"SD3-shaped, hidden {size['heads'] * size['head_dim']}, {blocks} blocks, {size['dtype']}, "
           f"batch {size['batch']}, {size['height']}x{size['width']} px, device {device}")
@@ -186,10 +214,29 @@ def main(argv=None) -> int:
     return 0
 
 
-def _write(out: Path, results, prune_info, size, blocks, t_start, versions, machine, write_json) -> None:
+def run_quant_section(args, dry: bool, versions, machine, write_json) -> dict:
+    """The quantized-format section (tools/gpu_quant.py): gpu_check_quant.json and .md, its tables printed."""
+    here = str(Path(__file__).resolve().parent)  # gpu_quant and gpu_quant_formats sit next to this script
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import gpu_quant
+
+    rounds = args.quant_rounds or (3 if dry else 30)
+    reps = args.quant_reps or (1 if dry else 10)
+    result = gpu_quant.run_quant(dry, rounds, reps, warmup=1 if dry else 3, batch=args.quant_batch,
+                                 budget_s=args.quant_budget_s, log=lambda line: print(line, flush=True))
+    data = {"artifact": "gpu-check-quant", **result, "versions": versions(), "machine": machine()}
+    write_json(args.out / "gpu_check_quant.json", data)
+    text = gpu_quant.markdown(result)
+    (args.out / "gpu_check_quant.md").write_text(text)
+    print(text, flush=True)
+    return result
+
+
+def _write(out: Path, results, prune_info, size, blocks, t_start, versions, machine, write_json, quant) -> None:
     data = {"artifact": "gpu-check", "dry_run": size is SIZES["dry"], "sizes": size, "blocks": blocks,
             "pruning": prune_info, "pruning_note": "magnitude scores: latency does not depend on which weights "
-            "are zero", "environment": environment(), "phases": results,
+            "are zero", "environment": environment(), "phases": results, "quant": quant,
             "seconds": time.perf_counter() - t_start, "versions": versions(), "machine": machine()}
     write_json(out / "gpu_check.json", data)
     (out / "gpu_check.md").write_text(short_table(results) + "\n")

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # GPU validation of obsdiff's deployment path on one NVIDIA GPU with PyTorch and no internet:
-# an SD3-shaped denoiser (hidden 1536, bf16, random weights) dense vs 2:4 vs structured 30 %, timed with
-# PyTorch eager, 2:4 sparse tensor cores (torch.sparse.to_sparse_semi_structured), torch.compile and
-# TensorRT where installed. Under 8 minutes on an H200. Results: $OUT/gpu_check.json (+ .md).
+# what each quantized format buys (GEMMs and one transformer block at SD3-Medium and Flux width: bf16 dense,
+# 2:4 bf16, INT8, 2:4 INT8, FP8, 2:4 FP8), then an SD3-shaped denoiser (hidden 1536, bf16, random weights) dense
+# vs 2:4 vs structured 30 %, timed with PyTorch eager, 2:4 sparse tensor cores (torch.sparse.to_sparse_semi_structured),
+# torch.compile and TensorRT where installed. Under 8 minutes on an H100. Results: $OUT/gpu_check_quant.json and
+# $OUT/gpu_check.json (+ .md each).
 #
 #   tools/gpu_check.sh                  # on the GPU machine; OUT=DIR or --out DIR sets where results go
+#   tools/gpu_check.sh --quant-only     # the format section alone (~1 min; needs no diffusers)
 #   tools/gpu_check.sh --dry-run        # tiny sizes, CPU backends only (what the test suite runs)
 #   WHEELS=DIR tools/gpu_check.sh       # install missing pure-Python packages from DIR first [tools/wheels]
 #
@@ -24,12 +27,17 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-tools/wheels}
 
-if [ -d "$WHEELS" ] && ! "$PYTHON" -c "import diffusers, click" 2>/dev/null; then
+needs_diffusers=1
+for arg in "$@"; do
+    if [ "$arg" = "--quant-only" ]; then needs_diffusers=0; fi  # the format section is torch alone
+done
+
+if [ "$needs_diffusers" = 1 ] && [ -d "$WHEELS" ] && ! "$PYTHON" -c "import diffusers, click" 2>/dev/null; then
     echo "installing missing packages from $WHEELS (no index)"
     # only what is missing: pip keeps installed packages that satisfy the requirements
     "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" diffusers click tqdm safetensors
 fi
-if ! "$PYTHON" -c "import diffusers, click" 2>/dev/null; then
+if [ "$needs_diffusers" = 1 ] && ! "$PYTHON" -c "import diffusers, click" 2>/dev/null; then
     echo "error: diffusers and click are needed; put their wheels in $WHEELS (see the header of $0)" >&2
     exit 2
 fi

@@ -34,6 +34,7 @@ def test_the_entry_point_has_every_command_and_the_export_group_stays_engine_fre
 def test_commands_list_their_options():
     assert "--sparse-weights" in run("build-engine", "--help").output
     assert "--no-profile-from-sidecar" in run("build-engine", "--help").output
+    assert "--strongly-typed / --weakly-typed" in run("build-engine", "--help").output
     help_text = "".join(run("bench", "--help").output.split())
     assert "torch-sparse24" in help_text and "--reference" in help_text and "--onnx" in help_text
 

@@ -53,6 +53,41 @@ TRT11 = trt_ns(TRT11_BUILDER, ("STRONGLY_TYPED", "PREFER_AOT_PYTHON_PLUGINS", "P
 TRT11_ALWAYS_STRONG = trt_ns(TRT11_BUILDER, ("PREFER_AOT_PYTHON_PLUGINS", "PREFER_JIT_PYTHON_PLUGINS"))
 
 
+def tiny_onnx(quant: str | None = None, opset: int = 19):
+    """A real ONNX model: X @ W, plain (None), with INT8 Q/DQ on the activation and a DQ'd int8 weight ("int8"),
+    with FP8 E4M3 Q/DQ ("fp8"), or with Model Optimizer's custom FP8 ops ("trt-fp8")."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes, inits = [], [helper.make_tensor("s", TensorProto.FLOAT, [], [0.05])]
+    if quant == "int8":
+        inits += [helper.make_tensor("zp", TensorProto.INT8, [], [0]),
+                  helper.make_tensor("W_q", TensorProto.INT8, [8, 4], [1, -2] * 16),
+                  helper.make_tensor("s_w", TensorProto.FLOAT, [4], [0.01] * 4)]
+        nodes += [helper.make_node("QuantizeLinear", ["X", "s", "zp"], ["X_q"]),
+                  helper.make_node("DequantizeLinear", ["X_q", "s", "zp"], ["X_dq"]),
+                  helper.make_node("DequantizeLinear", ["W_q", "s_w"], ["W"], axis=1)]
+    elif quant == "fp8":
+        inits += [helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], [0.0]),
+                  helper.make_tensor("W", TensorProto.FLOAT, [8, 4], [0.5] * 32)]
+        nodes += [helper.make_node("QuantizeLinear", ["X", "s", "zp"], ["X_q"], saturate=1),
+                  helper.make_node("DequantizeLinear", ["X_q", "s", "zp"], ["X_dq"])]
+    elif quant == "trt-fp8":
+        inits += [helper.make_tensor("W", TensorProto.FLOAT, [8, 4], [0.5] * 32)]
+        nodes += [helper.make_node("TRT_FP8QuantizeLinear", ["X", "s"], ["X_q"], domain="trt"),
+                  helper.make_node("TRT_FP8DequantizeLinear", ["X_q", "s"], ["X_dq"], domain="trt")]
+    else:
+        inits += [helper.make_tensor("W", TensorProto.FLOAT, [8, 4], [0.5] * 32)]
+    nodes.append(helper.make_node("MatMul", ["X_dq" if quant else "X", "W"], ["Y"]))
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 8])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 4])], inits)
+    imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("trt", 1)] if quant == "trt-fp8" else [])
+    model = helper.make_model(graph, opset_imports=imports)
+    if quant != "trt-fp8":
+        onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 # ------------------------------------------------------------------------------------------ flags
 
 
@@ -87,6 +122,29 @@ def test_flags_a_tensorrt_lacks_are_one_line_errors():
     no_sparse = trt_ns([f for f in TRT10_BUILDER if f != "SPARSE_WEIGHTS"], TRT10_NETWORK)
     with pytest.raises(ConfigError, match="--no-sparse-weights"):
         TR.select_flags(no_sparse, "fp16", sparse_weights=True)
+
+
+INT8_QDQ = {"qdq": True, "quantize_linear": 1, "dequantize_linear": 2, "types": ["int8"], "custom_ops": {}}
+
+
+@pytest.mark.parametrize("ns", [TRT10, TRT11, TRT11_ALWAYS_STRONG], ids=["10", "11-with-flag", "11-always-strong"])
+def test_a_qdq_graph_builds_strongly_typed_without_precision_flags(ns):
+    plan = TR.select_flags(ns, "fp16", sparse_weights=True, qdq=INT8_QDQ)
+    assert plan.typing == "strong" and plan.builder_flags == ("SPARSE_WEIGHTS",)  # no FP16, INT8, TF32
+    assert plan.network_flags == (() if ns is TRT11_ALWAYS_STRONG else ("STRONGLY_TYPED",))
+    assert any("Q/DQ graph (1 QuantizeLinear, 2 DequantizeLinear; int8)" in n for n in plan.notes)
+    assert any("INT8 in and out" in n for n in plan.notes)  # why sparse INT8 kernels may still not be picked
+    dense = TR.select_flags(ns, "fp16", sparse_weights=False, qdq=INT8_QDQ)
+    assert dense.builder_flags == () and not any("INT8 in and out" in n for n in dense.notes)
+    assert TR.select_flags(ns, "fp16", False, qdq={"qdq": False}).typing == ("weak" if ns is TRT10 else "strong")
+
+
+def test_a_qdq_graph_refuses_weak_typing_and_a_tensorrt_without_strong_typing():
+    with pytest.raises(ConfigError, match="QuantizeLinear/DequantizeLinear nodes.*drop --weakly-typed"):
+        TR.select_flags(TRT10, "fp16", sparse_weights=True, strongly_typed=False, qdq=INT8_QDQ)
+    trt8 = trt_ns(TRT10_BUILDER, ("EXPLICIT_BATCH",))  # precision flags, no strongly typed networks (TensorRT 8.x)
+    with pytest.raises(ConfigError, match="a Q/DQ ONNX needs TensorRT 10 or newer"):
+        TR.select_flags(trt8, "fp16", sparse_weights=False, qdq=INT8_QDQ)
 
 
 def test_precision_from_network_input_types():
@@ -126,6 +184,64 @@ def test_build_log_from_the_python_logger_without_prefix_and_with_nothing_picked
     assert report["reported"] and report["eligible"] == ["node_MatMul_12", "node_MatMul_40"]
     assert report["picked"] == [] and report["picked_count"] == 0
     assert not TR.parse_build_log(["[I] Engine built in 3.2 seconds"])["reported"]
+
+
+# TensorRT's developer guide (structured sparsity), as trtexec prints it
+GUIDE_LOG = ["[03/23/2021-00:14:05] [I] [TRT] (Sparsity) Layers eligible for sparse math: conv1, conv2, conv3",
+             "[03/23/2021-00:14:05] [I] [TRT] (Sparsity) TRT inference plan picked sparse implementation for layers: "
+             "conv2, conv3"]
+# TensorRT 8 through its Python logger (NVIDIA/TensorRT#1403), nothing picked
+PYTHON_LOGGER_LOG = ["[TensorRT] INFO: (Sparsity) Layers eligible for sparse math: Conv_0",
+                     "[TensorRT] INFO: (Sparsity) TRT inference plan picked sparse implementation for layers:"]
+# fused layer names (NVIDIA/TensorRT#4054, shortened)
+FUSED_LOG = ["[08/05/2024-12:06:54] [I] [TRT] (Sparsity) Layers eligible for sparse math: MatMul_401, "
+             "Conv_619 + Relu_620, Conv_621 + Add_627 + Relu_628",
+             "[08/05/2024-12:06:54] [I] [TRT] (Sparsity) TRT inference plan picked sparse implementation for layers: "
+             "Conv_621 + Add_627 + Relu_628"]
+# TensorRT 10's Myelin wording: counts only (a public Jetson build log, trtexec --sparsity=enable)
+COUNT_LOG = ["[05/02/2026-09:12:40] [I] [TRT] (Sparsity) Found 39 layer(s) eligible to use sparse tactics",
+             "[05/02/2026-09:12:40] [I] [TRT] (Sparsity) Chose 0 layer(s) using sparse tactics"]
+
+
+@pytest.mark.parametrize("lines, eligible, picked", [
+    (GUIDE_LOG, ["conv1", "conv2", "conv3"], ["conv2", "conv3"]),
+    (PYTHON_LOGGER_LOG, ["Conv_0"], []),
+    (FUSED_LOG, ["MatMul_401", "Conv_619 + Relu_620", "Conv_621 + Add_627 + Relu_628"],
+     ["Conv_621 + Add_627 + Relu_628"]),
+], ids=["developer-guide", "python-logger", "fused-names"])
+def test_build_log_layer_lists(lines, eligible, picked):
+    report = TR.parse_build_log(lines)
+    assert report["reported"] and report["eligible"] == eligible and report["picked"] == picked
+    assert (report["eligible_count"], report["picked_count"]) == (len(eligible), len(picked))
+    assert report["eligible_not_picked"] == [n for n in eligible if n not in picked]
+
+
+def test_build_log_counts_of_the_myelin_wording():
+    report = TR.parse_build_log(["[V] [TRT] a verbose line", *COUNT_LOG, "[I] [TRT] Engine built"])
+    assert report["reported"] and (report["eligible_count"], report["picked_count"]) == (39, 0)
+    assert report["eligible"] == [] and report["reports"] == [{"eligible_count": 39, "eligible": [],
+                                                               "picked_count": 0, "picked": []}]
+
+
+def test_build_log_myelin_wording_with_lists_and_one_pair_per_subgraph():
+    """Model Optimizer documents the wording as `Found N layer(s) eligible to use sparse tactics: ...`; Myelin
+    prints a pair per compiled subgraph, with bracketed names whose commas are not separators."""
+    lines = ["[I] [TRT] (Sparsity) Found 2 layer(s) eligible to use sparse tactics: /l.0/attn/to_q/MatMul, "
+             "{ForeignNode[/l.0/ff/net.0/proj/MatMul.../l.0/ff/net.2/MatMul]}",
+             "[I] [TRT] (Sparsity) Chose 1 layer(s) using sparse tactics: "
+             "{ForeignNode[/l.0/ff/net.0/proj/MatMul.../l.0/ff/net.2/MatMul]}",
+             "[I] [TRT] (Sparsity) Found 3 layer(s) eligible to use sparse tactics: [/l.1/a, /l.1/b[0, 1], /l.1/c].",
+             "[I] [TRT] (Sparsity) Chose 2 layer(s) using sparse tactics: '/l.1/a', '/l.1/c'"]
+    report = TR.parse_build_log(lines)
+    assert report["eligible"] == ["/l.0/attn/to_q/MatMul", "{ForeignNode[/l.0/ff/net.0/proj/MatMul.../l.0/ff/"
+                                  "net.2/MatMul]}", "/l.1/a", "/l.1/b[0, 1]", "/l.1/c"]
+    assert report["picked"][1:] == ["/l.1/a", "/l.1/c"] and report["eligible_not_picked"] == [
+        "/l.0/attn/to_q/MatMul", "/l.1/b[0, 1]"]
+    assert (report["eligible_count"], report["picked_count"]) == (5, 3)
+    assert [(r["eligible_count"], r["picked_count"]) for r in report["reports"]] == [(2, 1), (3, 2)]
+    # counts larger than the names listed (a truncated list) win
+    assert TR.parse_build_log(["(Sparsity) Found 7 layer(s) eligible to use sparse tactics: a, b"])[
+        "eligible_count"] == 7
 
 
 def test_inspector_json_lists_layers_with_sparse_weights():
@@ -245,14 +361,99 @@ def test_trtexec_line_for_a_strongly_typed_static_build_names_what_trtexec_lacks
     assert line.endswith("# also set BuilderFlag STRICT_NANS (no trtexec option)")
 
 
+def test_trtexec_line_for_a_qdq_sparse_build():
+    plan = TR.select_flags(TRT10, "fp16", sparse_weights=True, qdq=INT8_QDQ)
+    profiles = {"hidden_states": {"min": [1, 16, 64, 64], "opt": [2, 16, 128, 128], "max": [4, 16, 128, 128]}}
+    line = TR.trtexec_command("q/transformer.onnx", "q/t.plan", plan, profiles, 8 * 2**30, 3)
+    assert line == ("trtexec --onnx=q/transformer.onnx --saveEngine=q/t.plan --stronglyTyped --sparsity=enable "
+                    "--minShapes=hidden_states:1x16x64x64 --optShapes=hidden_states:2x16x128x128 "
+                    "--maxShapes=hidden_states:4x16x128x128 --builderOptimizationLevel=3 "
+                    "--memPoolSize=workspace:8192M --profilingVerbosity=detailed --skipInference")
+
+
+@pytest.mark.parametrize("quant, expected", [
+    (None, {"qdq": False, "quantize_linear": 0, "dequantize_linear": 0, "types": []}),
+    ("int8", {"qdq": True, "quantize_linear": 1, "dequantize_linear": 2, "types": ["int8"]}),
+    ("fp8", {"qdq": True, "quantize_linear": 1, "dequantize_linear": 1, "types": ["float8e4m3fn"]}),
+])
+def test_qdq_detection_reads_the_graph_not_its_external_data(tmp_path, quant, expected):
+    import onnx
+    from onnx import numpy_helper
+
+    from obsdiff.engines.sidecar import read_onnx_quantization
+
+    path = tmp_path / "m.onnx"
+    model = tiny_onnx(quant)
+    for init in model.graph.initializer:  # as raw bytes: only those move to the external file
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init), init.name))
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.onnx.data", size_threshold=0)
+    (tmp_path / "m.onnx.data").unlink()  # the graph alone says whether it is quantized
+    summary = read_onnx_quantization(path)
+    assert {k: summary[k] for k in expected} == expected and summary["custom_ops"] == {}
+
+
+def test_qdq_detection_in_subgraphs_and_custom_quantize_ops():
+    from onnx import TensorProto, helper
+
+    from obsdiff.engines.sidecar import qdq_summary
+
+    custom = qdq_summary(tiny_onnx("trt-fp8"))
+    assert custom["qdq"] and custom["custom_ops"] == {"trt::TRT_FP8QuantizeLinear": 1,
+                                                      "trt::TRT_FP8DequantizeLinear": 1}
+    body = tiny_onnx("int8").graph
+    branch = helper.make_graph(list(body.node), "then", [], [helper.make_tensor_value_info("Y", TensorProto.FLOAT,
+                                                                                           None)])
+    outer = helper.make_graph([helper.make_node("If", ["c"], ["Y"], then_branch=branch, else_branch=branch)],
+                              "outer", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                        helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 8])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], list(body.initializer))
+    nested = qdq_summary(helper.make_model(outer, opset_imports=[helper.make_opsetid("", 19)]))
+    assert nested["qdq"] and (nested["quantize_linear"], nested["dequantize_linear"]) == (2, 4)
+    assert nested["types"] == ["int8"]
+
+
+def test_qdq_detection_of_a_torch_exported_fake_quant_linear(tmp_path):
+    """torch's exporter writes fake quantization as QuantizeLinear/DequantizeLinear with Constant zero points."""
+    from obsdiff.engines.sidecar import read_onnx_quantization
+
+    class FakeQuantLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            x = torch.fake_quantize_per_tensor_affine(x, 0.1, 0, -128, 127)
+            w = torch.fake_quantize_per_channel_affine(self.lin.weight, torch.full((8,), 0.01),
+                                                       torch.zeros(8, dtype=torch.int32), 0, -128, 127)
+            return torch.nn.functional.linear(x, w, self.lin.bias)
+
+    path = tmp_path / "fq.onnx"
+    with pytest.warns(DeprecationWarning):  # the legacy exporter: dynamo has no fake-quant export
+        torch.onnx.export(FakeQuantLinear(), (torch.randn(2, 16),), str(path), dynamo=False, opset_version=13)
+    summary = read_onnx_quantization(path)
+    assert summary["qdq"] and (summary["quantize_linear"], summary["dequantize_linear"]) == (2, 2)
+    assert summary["types"] == ["int8"]
+
+
+def test_qdq_detection_of_a_file_that_is_not_onnx_is_one_line(tmp_path):
+    from obsdiff.engines.sidecar import read_onnx_quantization
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07 not a protobuf \xff\xff")
+    with pytest.raises(ConfigError, match=r"bad.onnx is not a readable ONNX model \(.*\); export it again") as err:
+        read_onnx_quantization(bad)
+    assert "\n" not in str(err.value)
+
+
 def test_network_profile_checks_ranks_and_dynamic_inputs():
     profiles = {"x": ((1, 4), (2, 4), (8, 4))}
-    assert T.network_profile([("x", (-1, 4)), ("y", (3,))], profiles, "m.onnx") == {
+    assert TR.network_profile([("x", (-1, 4)), ("y", (3,))], profiles, "m.onnx") == {
         "x": {"min": [1, 4], "opt": [2, 4], "max": [8, 4]}}
     with pytest.raises(ConfigError, match="input x has rank 3 in the ONNX"):
-        T.network_profile([("x", (-1, 4, 4))], profiles, "m.onnx")
+        TR.network_profile([("x", (-1, 4, 4))], profiles, "m.onnx")
     with pytest.raises(ConfigError, match="input y of m.onnx is dynamic .*--opt-shapes"):
-        T.network_profile([("x", (-1, 4)), ("y", (-1,))], profiles, "m.onnx")
+        TR.network_profile([("x", (-1, 4)), ("y", (-1,))], profiles, "m.onnx")
 
 
 def test_build_targets_follow_the_run_and_the_dense_twin(onnx_with_sidecar, tmp_path):
@@ -430,3 +631,20 @@ def test_build_check_and_run_a_tiny_engine(tiny_onnx_dir, tiny_sd3_dir, tmp_path
     with torch.no_grad():
         ref = model.denoiser(**kw, return_dict=False)[0]
     assert float((runner(**kw) - ref).abs().max()) < 1e-2
+
+
+@pytest.mark.tensorrt
+@needs_trt
+def test_real_tensorrt_builds_a_qdq_onnx_strongly_typed(tmp_path):
+    import onnx
+    import tensorrt
+
+    path = tmp_path / "q.onnx"
+    onnx.save(tiny_onnx("int8"), str(path))
+    cfg = T.EngineConfig(min_shapes={"X": (1, 8)}, opt_shapes={"X": (4, 8)}, max_shapes={"X": (16, 8)})
+    record = T.build_engine(path, tmp_path / "q.plan", cfg)
+    assert record["typing"] == "strong" and record["quantization"]["types"] == ["int8"]
+    assert not {"FP16", "BF16", "INT8", "FP8"} & set(record["builder_flags"])
+    assert ("--stronglyTyped" in record["trtexec"]) == hasattr(tensorrt.NetworkDefinitionCreationFlag,
+                                                                "STRONGLY_TYPED")
+    assert "--fp16" not in record["trtexec"] and "--int8" not in record["trtexec"]
