@@ -8,7 +8,7 @@
     engine_record  engine sidecars and stale-engine detection (check_engine)
     build_monitor  the build log through Polygraphy's logger, a progress line while TensorRT builds
     trt_runtime    TrtEngine: run a built engine with Polygraphy's TrtRunner on PyTorch CUDA tensors
-    sidecar        read_onnx_sidecar: graph inputs, dtypes, profiles and sparsity of an exported ONNX
+    sidecar        read_onnx_sidecar: graph inputs, dtypes, profiles and sparsity of an exported ONNX; its Q/DQ nodes
     runner_base    the Runner interface and registry; runners: torch, torch-compile, torch-sparse24 and
                    make_runner; graph_runners: onnxruntime, tensorrt
     bench          run_bench (BenchConfig in bench_config): denoiser or whole-pipeline latency, interleaved,
