@@ -200,6 +200,32 @@ class World:
             self._collective("all_reduce", t)
         return t
 
+    def reduce_ranges_(self, accs: dict) -> None:
+        """Make every rank's activation ranges (`acc.ranges`) the maxima over all ranks' calls, per step, in place.
+
+        A maximum is exact in any order, so the ranges equal the single-process ones. A rank that saw no call of
+        some step contributes zeros (every range is a maximum of absolute values)."""
+        if not self.distributed:
+            return
+        for name in sorted(n for n, acc in accs.items() if acc.ranges is not None):
+            ranges, d_in = accs[name].ranges, accs[name].d_in
+            steps = sorted(set().union(*self.all_gather(ranges.steps)))
+            stacked = torch.stack([ranges.channels.get(k, torch.zeros(d_in)).to(self.device) for k in steps])
+            outputs = torch.stack([torch.stack([m.get(k, torch.zeros(())).to(self.device) for k in steps])
+                                   for m in ranges.output_max]) if ranges.outputs else None
+            for t in (stacked, outputs):
+                if t is not None:
+                    self._max_(t)
+            ranges.channels = dict(zip(steps, stacked.unbind(0), strict=True))
+            if outputs is not None:
+                ranges.output_max = [dict(zip(steps, row.unbind(0), strict=True)) for row in outputs]
+
+    def _max_(self, t: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        self._collective("all_reduce", t, op=dist.ReduceOp.MAX)
+        self.stats.bytes_sent += t.numel() * t.element_size()
+
     def reduce_hessians_(self, accs: dict, owners: dict[str, int]) -> None:
         """Combine every rank's partial accumulators into the full Hessian on each one's owner, in place.
 
@@ -286,6 +312,7 @@ def share_work(world: World, work: Sequence[Sequence[str]], modules: dict, solve
     """
     owners = owners_by_cost(work, modules, world.size)
     if accs:
+        world.reduce_ranges_(accs)
         world.reduce_hessians_(accs, {name: owner for names, owner in zip(work, owners, strict=True)
                                       for name in names})
     mine: dict[int, T] = {}

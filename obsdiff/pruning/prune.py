@@ -29,7 +29,7 @@ from obsdiff.pruning.structured import StructureStrategy
 from obsdiff.runs.loading import LoadedModel, as_loaded
 from obsdiff.solver import obs
 from obsdiff.solver.hessian import HessianAccumulator
-from obsdiff.solver.qlinear import placeholder_
+from obsdiff.solver.qlinear import QuantLinear, placeholder_
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,14 @@ class UnitStrategy(Strategy):
             return _solve_unit(units[i], modules, acc.H if acc is not None else None, self.prune,
                                acc.ranges if acc is not None else None)
 
-        return Work([list(unit) for unit in units], solve, lambda i: [modules[name].weight for name in units[i]])
+        def tensors(i: int) -> list[torch.Tensor]:  # what the owner's solve changed, to broadcast to every rank
+            if self.prune.quant is not None:  # ranks that did not solve it quantize it too, scales to be received
+                for name in units[i]:
+                    if not isinstance(modules[name], QuantLinear):
+                        placeholder_(modules[name], quantize.layer_spec(modules[name], self.prune))
+            return [t for name in units[i] for t in (modules[name].weight, *modules[name].buffers())]
+
+        return Work([list(unit) for unit in units], solve, tensors)
 
     def apply_(self, index: int, group: Group, results: list[list[LayerRecord]], report: PruneReport) -> None:
         report.layers.extend(record for records in results for record in records)
@@ -190,9 +197,6 @@ def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = N
     t_start = time.perf_counter()
     model = as_loaded(model)
     calib = resolve_calib(calib or CalibConfig(), model.builtin, prune.method)
-    if prune.quant is not None and world is not None and world.distributed:
-        raise ConfigError("--quant under torchrun is not supported yet (activation ranges are per process); "
-                          "run the quantized prune in one process")
     if prune.structured and prune.quant is not None:
         return _structured_then_quantized(model, prune, calib, progress, checkpoint, world, t_start)
     strategy = make_strategy(model, prune, calib)

@@ -52,6 +52,14 @@ def check_widths(unit: Unit, modules: dict[str, nn.Module], cfg: PruneConfig) ->
                           "use a divisor such as 64 or 32")
 
 
+def layer_spec(lin: nn.Linear, cfg: PruneConfig) -> dict:
+    """The `QuantLinear.quant_spec()` every linear of this prune gets, known before its solve (from the settings)."""
+    q = cfg.quant
+    spec = q.spec
+    return {"scheme": spec.name, "group_size": spec.group_size, "smooth": q.smoothquant is not None,
+            "input": spec.activations is not None, "output": output_quant(cfg)}
+
+
 @dataclass
 class UnitQuant:
     """What a unit's linears share: the smoothing factors, the (smoothed) Hessian, the input range."""

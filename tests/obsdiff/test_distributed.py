@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from obsdiff.config import CalibConfig, PruneConfig
+from obsdiff.config import CalibConfig, PruneConfig, QuantConfig
 from obsdiff.errors import ConfigError
 from obsdiff.pruning.distributed import (
     RankFailed,
@@ -47,6 +47,9 @@ CASES = {
                                                        allocation="sensitivity", compute_dtype="fp64"), CALIB),
     "flux-structured": ("flux", PruneConfig(sparsity_type="structured", sparsity=0.3), CALIB),
     "magnitude": ("sd3", PruneConfig(method="magnitude", sparsity=0.5), None),
+    # activation ranges are maxima over both ranks' calls: exact, so with fp64 solves the codes and every scale match
+    "2:4-w8a8-fp64": ("sd3", PruneConfig(sparsity_type="2:4", compute_dtype="fp64",
+                                         quant=QuantConfig("w8a8", smoothquant=0.5)), CALIB),
 }
 
 def _free_port() -> int:
