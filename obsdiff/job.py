@@ -199,7 +199,7 @@ def _prune_and_save(ref: str | None, loaded: LoadedModel | None, prune: PruneCon
     # module attributes looked up at call time (not imported names): tests and tools patch them
     from obsdiff.devices import dtype_name, measured_peaks
     from obsdiff.pruning import prune as pruning
-    from obsdiff.pruning.distributed import share_checkpoint
+    from obsdiff.pruning.resume import share_checkpoint
     from obsdiff.runs import loading
     from obsdiff.runs.io import save_run
 

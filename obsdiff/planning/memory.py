@@ -40,6 +40,9 @@ GiB = 2**30
 #   the bool mask: 1 + 1 + 3 + 0.25 at most (the pruned copy is made once the scores are freed). Counted the same
 #   way: 2.75 at sparsity 0.5 on fp32 weights, 4.95 at 0.9 on bf16 ones.
 SOLVE_COPIES: dict[str | None, tuple[float, float]] = {"full": (4, 4), "diag": (2, 7), None: (0, 5.25)}
+# --quant adds copies of d_out * d_in: the smoothed weight, and joint OBS's pruning-only sweep that fixes the scales
+# (`obs.obs_prune` with a scale rule); the column quantizer's buffers are one column block each.
+QUANT_COPIES = 2
 
 
 # ----------------------------------------------------------------------------------------------- the plan
@@ -98,7 +101,8 @@ def plan_groups(groups: list[list[Sequence[str]]], profile: ForwardProfile, line
                 calls_per_pass: int, weights: dict[str, int], denoiser_name: str, device: str, hessian_device: str,
                 cache_device: str | None = None, solver_bytes: int = 4, max_tokens: int | None = None,
                 baseline_bytes: int = 0, save_shard_bytes: int = 0, load_extra_bytes: int = 0,
-                hessian: str | None = "full", held_bytes: list[int] | None = None) -> MemoryPlan:
+                hessian: str | None = "full", held_bytes: list[int] | None = None, quant: bool = False,
+                output_ranges: bool = False) -> MemoryPlan:
     """Predicted peak bytes per device for a prune that runs `groups`: per group its units, the linears that read
     one input, whose first is hooked (one Hessian per unit) and all of which are solved with that Hessian.
 
@@ -111,7 +115,9 @@ def plan_groups(groups: list[list[Sequence[str]]], profile: ForwardProfile, line
     at all (no Hessians, no forward, and the text encoders stay where they were loaded: nothing parks them);
     "diag" plans the full matrices, which the calibrator accumulates for every method, and a lighter solve
     (`SOLVE_COPIES`). `held_bytes`: per group, what its solves hold besides (structured: its readers' dense
-    weights, kept for the error records).
+    weights, kept for the error records). `quant`: the prune also quantizes (`QUANT_COPIES` more weight copies per
+    solve); `output_ranges`: its hooks also compute each hooked unit's outputs (in the solver dtype, planned
+    like the converted input).
     """
     denoiser_bytes = weights.get(denoiser_name, 0)
     others = sum(v for k, v in weights.items() if k != denoiser_name)
@@ -119,6 +125,7 @@ def plan_groups(groups: list[list[Sequence[str]]], profile: ForwardProfile, line
     cache_device = cache_device if calibrates else None  # nothing is cached without a calibration pass
     cache_bytes = profile.block_input_bytes * calls_per_pass if cache_device else 0
     h_copies, w_copies = SOLVE_COPIES[hessian]
+    w_copies += QUANT_COPIES if quant else 0
     host = "cpu"
 
     def add(peaks: dict, where: str, n: int) -> None:
@@ -134,6 +141,8 @@ def plan_groups(groups: list[list[Sequence[str]]], profile: ForwardProfile, line
             if shape is not None:
                 tokens = max(1, _prod(shape[:-1]))
                 hook = max(hook, min(tokens, max_tokens or tokens) * shape[-1] * solver_bytes)
+                if output_ranges:  # the unit's outputs, one linear at a time, at every token
+                    hook = max(hook, tokens * (shape[-1] + linear_shapes[n][0]) * solver_bytes)
         solve = max((math.ceil((h_copies * d_in**2 + w_copies * d_out * d_in) * solver_bytes)
                      for d_out, d_in in (linear_shapes[n] for u in units for n in u)), default=0)
         held = held_bytes[i] if held_bytes else 0

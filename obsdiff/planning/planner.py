@@ -23,6 +23,7 @@ from obsdiff.planning.memory import GiB, MemoryPlan, plan_groups
 from obsdiff.planning.profile import ForwardProfile, meta_twin, profile_forward
 from obsdiff.planning.sizes import component_bytes, disk_component_bytes, largest_file_bytes
 from obsdiff.pruning.prune import make_strategy
+from obsdiff.pruning.quantize import output_quant
 from obsdiff.pruning.records import select_blocks
 from obsdiff.runs.loading import LoadedModel
 
@@ -132,7 +133,8 @@ def plan_memory(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | Non
         baseline_bytes = max(current_rss() - (sum(weights.values()) if loaded else 0), 0)
     plan = plan_groups(groups, profile, shapes, calls, weights, model.family.denoiser_attr, dev, h_dev, cache_device,
                        8 if prune.compute_dtype == "fp64" else 4, calib.max_tokens, baseline_bytes,
-                       save_shard_bytes(model), load_extra_bytes(model, dev, loaded), prune.method_spec.hessian, held)
+                       save_shard_bytes(model), load_extra_bytes(model, dev, loaded), prune.method_spec.hessian, held,
+                       quant=prune.quant is not None, output_ranges=output_quant(prune))
     plan.world_size = world_size
     return plan
 

@@ -192,7 +192,7 @@ def prune_(model: LoadedModel, prune: PruneConfig, calib: CalibConfig | None = N
 
     With a distributed `world` (`obsdiff.pruning.distributed.init_from_env`), every rank calls this with the same
     arguments and its own copy of the model; rank 0's `checkpoint` goes through
-    `distributed.share_checkpoint`. Every rank ends with the same pruned model and report.
+    `resume.share_checkpoint`. Every rank ends with the same pruned model and report.
     """
     t_start = time.perf_counter()
     model = as_loaded(model)

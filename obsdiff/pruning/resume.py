@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from obsdiff.errors import ConfigError, ModelLoadError, OutputExistsError
+from obsdiff.pruning.distributed import World
 from obsdiff.runs.artifacts import staged_file
 
 log = logging.getLogger(__name__)
@@ -213,3 +214,60 @@ def _peek_done(path: Path) -> str:
         return str(json.loads((path / STATE_FILE).read_text())["groups_done"])
     except (OSError, ValueError, KeyError, TypeError):
         return "unknown number of"
+
+
+# ------------------------------------------------------------------ one checkpoint for every torchrun rank
+
+
+class CheckpointView:
+    """A non-zero rank's view of rank 0's checkpoint (a `resume.CheckpointLike`): its progress and state, and the
+    restored weights."""
+
+    path = None  # block-input spills stay off other machines' disks
+
+    def __init__(self, world: World, state: dict):
+        self.world, self.done, self.report, self.extra = world, state["done"], state["report"], state["extra"]
+
+    def restore_(self, module: torch.nn.Module) -> None:
+        self.world.agree(None)  # rank 0 reads its checkpoint; wait for its outcome
+        self.world.broadcast_(_module_tensors(module), src=0)
+
+    def save_group(self, index: int, tensors: dict, report: dict, extra: dict | None = None) -> None:
+        self.world.agree(None)  # rank 0 writes; wait for its outcome
+
+
+class SharedCheckpoint:
+    """Rank 0's checkpoint in a distributed prune (a `resume.CheckpointLike`): it alone writes; restores are
+    broadcast to every rank. Everything else is the wrapped `Checkpoint`'s."""
+
+    def __init__(self, world: World, checkpoint: Checkpoint):
+        self.world, self.checkpoint = world, checkpoint
+
+    def __getattr__(self, name):
+        return getattr(self.checkpoint, name)
+
+    def restore_(self, module: torch.nn.Module) -> None:
+        with self.world.failures():
+            self.checkpoint.restore_(module)
+        self.world.broadcast_(_module_tensors(module), src=0)
+
+    def save_group(self, index: int, tensors: dict, report: dict, extra: dict | None = None) -> None:
+        with self.world.failures():
+            self.checkpoint.save_group(index, tensors, report, extra)
+
+
+def share_checkpoint(world: World, checkpoint: Checkpoint | None) -> CheckpointLike | None:
+    """The checkpoint object every rank passes to the prune: rank 0's own, wrapped, or a view of it."""
+    if not world.distributed:
+        return checkpoint
+    state = None
+    if world.is_main and checkpoint is not None:
+        state = {"done": checkpoint.done, "report": checkpoint.report, "extra": checkpoint.extra}
+    state = world.broadcast_object(state)
+    if state is None:
+        return None
+    return SharedCheckpoint(world, checkpoint) if world.is_main else CheckpointView(world, state)
+
+
+def _module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [t for _, t in sorted(module.state_dict(keep_vars=True).items())]

@@ -26,10 +26,10 @@ from obsdiff.pruning.distributed import (
     balance,
     init_from_env,
     launched_by_torchrun,
-    share_checkpoint,
     share_work,
 )
 from obsdiff.pruning.prune import open_checkpoint, prune_
+from obsdiff.pruning.resume import share_checkpoint
 from obsdiff.runs.loading import load_pipeline
 from tests.conftest import tiny_flux
 

@@ -17,9 +17,16 @@ from safetensors.torch import load_file
 from obsdiff.cli import cli
 from obsdiff.config import CalibConfig, PruneConfig, QuantConfig
 from obsdiff.errors import ConfigError, OutputExistsError
-from obsdiff.pruning.distributed import CheckpointView, SharedCheckpoint, World
+from obsdiff.pruning.distributed import World
 from obsdiff.pruning.prune import open_checkpoint, prune_
-from obsdiff.pruning.resume import Checkpoint, CheckpointLike, first_difference, staging_dir
+from obsdiff.pruning.resume import (
+    Checkpoint,
+    CheckpointLike,
+    CheckpointView,
+    SharedCheckpoint,
+    first_difference,
+    staging_dir,
+)
 from obsdiff.solver.qlinear import quantized_layers
 from tests.conftest import tiny_flux, tiny_sd3
 
