@@ -49,7 +49,8 @@ def cli() -> None:
 @click.option("--component-dtype", multiple=True, metavar="COMPONENT=DTYPE",
               help="force one component's precision, e.g. vae-decoder=fp16 (kept fp32 by default when fp16 is asked)")
 @click.option("--opset", type=OpsetType(), default="auto", show_default=True,
-              help="ONNX opset; auto: the lowest the precision needs (18, 22 for bf16)")
+              help="ONNX opset; auto: the lowest the precision needs (18, 22 for bf16) and its quantized layers need "
+                   "(19 for fp8, 21 for int4 or per-group scales)")
 @click.option("--batch", default=None,
               help="denoiser batch rows MIN:OPT:MAX (VAE and text encoders: images) [TensorRT demo: 1:1:4 images, "
                    "x2 rows with classifier-free guidance]")
@@ -60,6 +61,9 @@ def cli() -> None:
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True)
 @click.option("--linear-as-gemm", is_flag=True, help="export transformer linears as Gemm with named weights")
 @click.option("--external-data", is_flag=True, help="weights in <component>.onnx.data [only above 2 GB]")
+@click.option("--no-output-quant", is_flag=True,
+              help="quantized models: no QuantizeLinear/DequantizeLinear on layer outputs (TensorRT needs them to "
+                   "pick sparse INT8 tactics)")
 @click.option("--device", default="auto", show_default=True, callback=device_option,
               help="where the model runs while exporting: auto (CUDA when available, else the CPU), cpu, cuda:N")
 @click.option("--json", "as_json", is_flag=True, help="print the export record as JSON on stdout")
@@ -70,12 +74,14 @@ def onnx(model_or_run: str, out: Path, force: bool, as_json: bool, **kwargs) -> 
 
     from .config import ExportConfig
     from .onnx_export import export_onnx
+    from .qdq import describe
 
     config = ExportConfig(component=kwargs["component"], dtype=kwargs["dtype"], opset=kwargs["opset"],
                           batch=kwargs["batch"], height=kwargs["height"], width=kwargs["width"],
                           text_len=kwargs["text_len"], exporter=kwargs["exporter"],
                           linear_as_gemm=kwargs["linear_as_gemm"], external_data=kwargs["external_data"],
-                          component_dtypes=tuple(kwargs["component_dtype"]), device=kwargs["device"])
+                          component_dtypes=tuple(kwargs["component_dtype"]), device=kwargs["device"],
+                          output_quant=not kwargs["no_output_quant"])
     report = export_onnx(model_or_run, out, config, force=force)
     if as_json:
         import json
@@ -88,6 +94,9 @@ def onnx(model_or_run: str, out: Path, force: bool, as_json: bool, **kwargs) -> 
         rows.append([name, c["file"], c["bytes"] / 2**20, c["dtype"], c["export_seconds"],
                      ", ".join(f"{k} {v}" for k, v in failed_or_run.items())])
     click.echo(format_table(["component", "file", "MiB", "dtype", "export s", "checks"], rows))
+    for name, c in report["components"].items():
+        if c.get("quantization"):
+            click.echo(f"{name}: {describe(c['quantization'])}")
     for line in choice_lines(report["choices"]):
         click.echo(line)
     click.echo(f"wrote {out} (sidecars: <component>.json; serve with obsdiff-export triton {out} --out REPO)")

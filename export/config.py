@@ -65,7 +65,9 @@ class ExportConfig:
     (("vae-decoder", "fp16"),) to override the VAE's fp32 policy. `external_data`: always write weights
     to a `.data` file (otherwise only above 2 GB). `polygraphy_max_weights`: the N:M cross-check runs
     polygraphy's own pure-Python per-tensor check up to this many candidate weights, a streamed numpy scan
-    of the same rule above it (the sidecar's `nm_crosscheck.tool` says which).
+    of the same rule above it (the sidecar's `nm_crosscheck.tool` says which). `output_quant`: quantized
+    layers with an output scale get an output QuantizeLinear/DequantizeLinear pair (`--no-output-quant` drops
+    them; TensorRT needs them to keep a GEMM INT8 in and out, the condition for its sparse INT8 tactics).
     """
 
     component: str = "transformer"
@@ -83,6 +85,7 @@ class ExportConfig:
     seed: int = 0
     parity: bool = True
     polygraphy_max_weights: int = 20_000_000
+    output_quant: bool = True
 
     def __post_init__(self):
         comp = ALIASES.get(self.component, self.component)
@@ -131,12 +134,14 @@ class ExportConfig:
         """Whether dtype and opset are values (no `auto` left)."""
         return AUTO not in (self.dtype, self.opset)
 
-    def resolve(self, model_dtype: tuple[str, str] | None = None) -> tuple[ExportConfig, dict]:
+    def resolve(self, model_dtype: tuple[str, str] | None = None, quant_opset: tuple[int, str] | None = None
+                ) -> tuple[ExportConfig, dict]:
         """This config with `auto` dtype and opset replaced, and why each has its value:
         {"dtype": {"value", "requested", "why"}, "opset": {...}}.
 
-        `model_dtype`: (dtype, why) of the model (`ModelFamily.onnx_dtype`), used when dtype is auto. An
-        explicit opset too low for the precision the model picked is refused in one line.
+        `model_dtype`: (dtype, why) of the model (`ModelFamily.onnx_dtype`), used when dtype is auto.
+        `quant_opset`: (opset, why) its quantized layers' QDQ formats need (`qdq.required_opset`). An explicit
+        opset too low for the precision the model picked, or for its quantized layers, is refused in one line.
         """
         if self.dtype == AUTO:
             if model_dtype is None:
@@ -144,6 +149,8 @@ class ExportConfig:
             dtype, dtype_why = model_dtype
         else:
             dtype, dtype_why = self.dtype, "given (--dtype)"
+        if quant_opset is not None and dtype != "fp32":  # the scales are in the graph's float type
+            quant_opset = max(quant_opset, (19, f"QuantizeLinear/DequantizeLinear take {dtype} scales from opset 19"))
         need = needed_opset({dtype, *(d for _, d in self.component_dtypes)})
         lo, hi = OPSETS[self.exporter]
         if self.opset == AUTO:
@@ -155,8 +162,17 @@ class ExportConfig:
             opset_why = (f"the lowest opset that writes bf16 (ONNX Conv, Sin and Cos take bfloat16 from "
                          f"{BF16_MIN_OPSET})" if need == BF16_MIN_OPSET else
                          f"the lowest opset the dynamo exporter writes correctly; {dtype} needs no newer one")
+            if quant_opset is not None and quant_opset[0] > opset:
+                if quant_opset[0] > hi:
+                    raise ConfigError(f"this quantized model needs opset {quant_opset[0]} ({quant_opset[1]}); the "
+                                      f"{self.exporter} exporter stops at opset {hi}: use --exporter dynamo")
+                opset, opset_why = quant_opset[0], f"the lowest opset for its quantized layers: {quant_opset[1]}"
         else:
             opset, opset_why = self.opset, "given (--opset)"
+            if quant_opset is not None and opset < quant_opset[0]:
+                raise ConfigError(f"--opset {opset} cannot write this quantized model: {quant_opset[1]}; leave "
+                                  f"--opset out (auto picks {max(need, quant_opset[0])}) or pass --opset "
+                                  f"{max(need, quant_opset[0])}")
             if opset < need:  # an explicit dtype was checked on construction: the model picked bf16
                 raise ConfigError(f"--opset {opset} cannot write bf16, the precision this model exports in by "
                                   f"default ({dtype_why}); leave --opset out (auto picks {need}), pass "

@@ -77,25 +77,6 @@ def all_graphs(graph):
 # ---------------------------------------------------------------------------------------------- passes
 
 
-def strip_initializer_prefix(model, prefix: str) -> int:
-    """Rename initializers `prefix + name` to `name` (the wrapper module's attribute), in every use."""
-    renames = {t.name: t.name[len(prefix):] for t in model.graph.initializer if t.name.startswith(prefix)}
-    taken = {t.name for t in model.graph.initializer} - set(renames)
-    renames = {old: new for old, new in renames.items() if new and new not in taken}
-    if not renames:
-        return 0
-    for t in model.graph.initializer:
-        t.name = renames.get(t.name, t.name)
-    for g in all_graphs(model.graph):
-        for node in g.node:
-            for i, name in enumerate(node.input):
-                if name in renames:
-                    node.input[i] = renames[name]
-        for vi in g.value_info:
-            vi.name = renames.get(vi.name, vi.name)
-    return len(renames)
-
-
 def einsum_permutations_to_transpose(model) -> int:
     """Rewrite single-input Einsums that only permute axes (SD3's unpatchify) as Transpose.
 
@@ -119,41 +100,6 @@ def einsum_permutations_to_transpose(model) -> int:
             g.node.insert(i, new)
             count += 1
     return count
-
-
-def rename_dims(model, input_dims: dict[str, list[str | None]]) -> dict[str, str]:
-    """Give the graph's symbolic dimensions the profile names (`batch`, `height`, ...).
-
-    `input_dims[input][axis]` is the wanted name of a dynamic axis (None: static). Exporters name dims
-    after their own symbols (`s0`, `2*height_div2`); each such symbol seen on an input is renamed
-    wherever it appears (outputs, value_info). Returns {old: new}.
-    """
-    mapping: dict[str, str] = {}
-    for vi in model.graph.input:
-        wanted = input_dims.get(vi.name)
-        if wanted is None:
-            continue
-        for dim, name in zip(vi.type.tensor_type.shape.dim, wanted, strict=False):
-            if name is not None and dim.dim_param and dim.dim_param != name:
-                mapping.setdefault(dim.dim_param, name)
-    if not mapping:
-        return mapping
-    for g in all_graphs(model.graph):
-        for vi in [*g.input, *g.output, *g.value_info]:
-            if vi.type.HasField("tensor_type"):
-                for dim in vi.type.tensor_type.shape.dim:
-                    if dim.dim_param in mapping:
-                        dim.dim_param = mapping[dim.dim_param]
-    return mapping
-
-
-def copy_shape(model, source: str, target: str) -> None:
-    """Give graph output `target` the declared shape of graph input `source` (same rank only)."""
-    src = next(vi for vi in model.graph.input if vi.name == source).type.tensor_type.shape
-    dst = next(vi for vi in model.graph.output if vi.name == target).type.tensor_type.shape
-    if len(src.dim) == len(dst.dim):
-        for s, d in zip(src.dim, dst.dim, strict=True):
-            d.CopyFrom(s)
 
 
 def save_graph(model, path: str | Path, external_data: bool) -> None:
@@ -233,8 +179,9 @@ def linear_weights(model, prefix: str) -> dict[str, WeightRef]:
     """Map torch linear module paths to the initializer holding their weight in MatMul/Gemm nodes.
 
     The module comes from node metadata; the weight is the B input, followed back through Cast /
-    Identity / Transpose producers to an initializer. `prefix` is the export wrapper's attribute (with a
-    trailing dot). Modules used by several nodes keep the first.
+    Identity / Transpose producers to an initializer, and through a DequantizeLinear to its codes (a
+    quantized layer: the initializer then holds the integer or float8 codes). `prefix` is the export
+    wrapper's attribute (with a trailing dot). Modules used by several nodes keep the first.
     """
     inits = {t.name for t in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -247,7 +194,8 @@ def linear_weights(model, prefix: str) -> dict[str, WeightRef]:
             continue
         out_in = node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
         name = node.input[1]
-        while name not in inits and name in producer and producer[name].op_type in ("Cast", "Identity", "Transpose"):
+        while name not in inits and name in producer and producer[name].op_type in ("Cast", "Identity", "Transpose",
+                                                                                    "DequantizeLinear"):
             p = producer[name]
             if p.op_type == "Transpose":
                 perm = next((list(a.ints) for a in p.attribute if a.name == "perm"), [1, 0])
@@ -286,6 +234,14 @@ def read_initializer(tensor, base_dir: str | Path):
     from onnx import numpy_helper
 
     dims = tuple(tensor.dims)
+    packed = tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)  # two values per byte
+    if packed and tensor.data_location == onnx.TensorProto.EXTERNAL:
+        from onnx.external_data_helper import load_external_data_for_tensor
+
+        tensor, stored = onnx.TensorProto(), tensor
+        tensor.CopyFrom(stored)
+        load_external_data_for_tensor(tensor, str(base_dir))
+        tensor.data_location = onnx.TensorProto.DEFAULT
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         arr = numpy_helper.to_array(tensor)
         return arr.astype("float32") if tensor.data_type == onnx.TensorProto.BFLOAT16 else arr

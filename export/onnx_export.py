@@ -13,13 +13,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import io
 import logging
-import os
-import sys
-import tempfile
 import time
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,6 +29,9 @@ from obsdiff.runs.artifacts import check_writable, machine, sha256_file, staged_
 
 from . import checks as C
 from . import graph as G
+from . import passes as P
+from . import qdq as Q
+from . import qdq_checks as QC
 from .components import (
     BUILDERS,
     Component,
@@ -45,6 +43,7 @@ from .components import (
 )
 from .config import AUTO, ExportConfig
 from .lowering import custom_translations
+from .quiet import quiet
 
 log = logging.getLogger(__name__)
 
@@ -88,45 +87,6 @@ def linear_as_gemm(module: nn.Module, enabled: bool = True):
             del m.forward
 
 
-@contextlib.contextmanager
-def _fd_stdout_to(file):
-    """Point file descriptor 1 at `file`: the TorchScript exporter prints whole graphs from C++ on failure."""
-    try:
-        saved = os.dup(1)
-    except OSError:  # no real stdout (embedded interpreters)
-        yield
-        return
-    try:
-        os.dup2(file.fileno(), 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The exporters print progress to stdout and warn about unrelated things: keep library output clean."""
-    buf = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "torch.fx")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    sys.stdout.flush()
-    with tempfile.TemporaryFile(mode="w+") as native:
-        try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(buf), _fd_stdout_to(native):
-                warnings.simplefilter("ignore")
-                yield
-        finally:
-            for lg, level in zip(loggers, levels, strict=True):
-                lg.setLevel(level)
-            native.seek(0)
-            output = buf.getvalue() + native.read()
-            if output:
-                log.debug("exporter output:\n%s", output)
-
-
 def _torch_dims(io_spec: OnnxIO) -> tuple:
     """torch.export dynamic shapes (one dict per positional input); inputs sharing a dim share the symbol."""
     symbols = {}
@@ -168,7 +128,8 @@ def _run_exporter(comp: Component, cfg: ExportConfig, path: Path) -> None:
     names = [i.name for i in comp.io.inputs]
     outputs = list(comp.io.outputs)
     try:
-        with torch.no_grad(), comp.context(), linear_as_gemm(wrapper, cfg.linear_as_gemm), _quiet():
+        with torch.no_grad(), comp.context(), linear_as_gemm(wrapper, cfg.linear_as_gemm), quiet(), \
+                Q.plain_linears(wrapper):
             if cfg.exporter == "dynamo":
                 G.require("onnxscript", "the dynamo ONNX exporter")
                 program = torch.onnx.export(wrapper, args, dynamic_shapes=(_torch_dims(comp.io),), input_names=names,
@@ -201,21 +162,27 @@ def _run_exporter(comp: Component, cfg: ExportConfig, path: Path) -> None:
 
 
 def _finalize(comp: Component, cfg: ExportConfig, path: Path) -> dict:
-    """Graph passes after export: readable initializer and dim names, permutation Einsums as Transpose."""
+    """Graph passes after export: readable initializer and dim names, permutation Einsums as Transpose, quantized
+    linears as QuantizeLinear/DequantizeLinear (`qdq.quantize_graph`)."""
     model = G.load_graph(path)
-    renamed = G.strip_initializer_prefix(model, WRAPPER_ATTR + ".")
+    renamed = P.strip_initializer_prefix(model, WRAPPER_ATTR + ".")
     einsums = G.einsum_permutations_to_transpose(model)
     dims = {i.name: [d.name if isinstance(d, OnnxDim) and not d.static else None for d in i.shape]
             for i in comp.io.inputs}
-    dim_names = G.rename_dims(model, dims)
+    dim_names = P.rename_dims(model, dims)
     if comp.kind == "transformer" and cfg.exporter == "legacy":
-        G.copy_shape(model, comp.io.inputs[0].name, comp.io.outputs[0])
+        P.copy_shape(model, comp.io.inputs[0].name, comp.io.outputs[0])
+    quant = Q.quantize_graph(model, WRAPPER_ATTR + ".", comp.module, cfg.output_quant)
     onnx = G.require("onnx")
     meta = {"obsdiff.component": comp.name, "obsdiff.dtype": comp.dtype, "obsdiff.version": versions()["obsdiff"]}
     for key, value in meta.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=str(value)))
-    G.save_graph(model, path, external_data=cfg.external_data)
-    return {"initializers_renamed": renamed, "einsum_to_transpose": einsums, "dims_renamed": dim_names}
+    if quant is not None and G.has_external_data(model):
+        Q.save_compacted(model, path)  # the replaced float weights' bytes leave the data file
+    else:
+        G.save_graph(model, path, external_data=cfg.external_data)
+    return {"initializers_renamed": renamed, "einsum_to_transpose": einsums, "dims_renamed": dim_names,
+            "quantization": quant}
 
 
 def _io_records(comp: Component, model) -> tuple[list, list]:
@@ -293,8 +260,9 @@ def _run_checks(comp: Component, loaded, cfg: ExportConfig, path: Path, referenc
             if missing:
                 raise ExportCheckError(f"the run lists pruned layer {missing[0]} that the denoiser does not have; "
                                        "the run directory does not match its model")
-            weights = {n: mods[n].weight.detach() for n in names}
+            weights = {n: QC.graph_weight(mods[n]) for n in names}  # the codes of quantized layers
             checks["pruned_weights"] = C.check_pruned_weights(model, path.parent, prefix, weights, nm)
+            QC.add_layer_patterns(checks["pruned_weights"], model, path.parent, prefix, mods, names, nm)
             if nm is not None:
                 expected = sum(1 for w in weights.values() if w.shape[1] % nm[1] == 0)
             del weights, mods
@@ -305,11 +273,14 @@ def _run_checks(comp: Component, loaded, cfg: ExportConfig, path: Path, referenc
                                                                     _dense_shapes(comp.module, linears))
             del linears
         del model
+    bound = QC.parity_bound(comp.module, comp.dtype, C.TOLERANCES[comp.dtype], cfg.output_quant)  # None: no QDQ
     if owned:
         _release(comp, loaded)
     if cfg.parity:
         cases, refs = references
-        checks["parity"] = C.check_parity(path, refs, cases, comp.dtype, output_names=comp.io.outputs)
+        checks["parity"] = C.check_parity(path, refs, cases, comp.dtype, output_names=comp.io.outputs,
+                                          slack=bound["quantization_abs"] if bound else 0.0)
+        checks["parity"] |= {"bound": bound} if bound else {}
     else:
         checks["parity"] = {"status": "skipped", "reason": "skipped: parity=False"}
     if nm is not None:
@@ -348,8 +319,9 @@ def _source(loaded, comp: Component) -> dict:
 
 def _resolve(model, cfg: ExportConfig) -> tuple[ExportConfig, dict]:
     """`cfg.resolve` for `model`: `auto` dtype is the family's precision for the denoiser (`onnx_dtype`), read
-    off its config before any weight loads (they load in the resolved precision)."""
-    if cfg.dtype != AUTO:
+    off its config before any weight loads (they load in the resolved precision); the opset is at least what the
+    denoiser's quantized layers need (`qdq.required_opset`)."""
+    if cfg.dtype != AUTO and "transformer" not in cfg.components():
         return cfg.resolve()
     from obsdiff.runs.loading import LoadedModel, as_loaded, load_denoiser
 
@@ -359,7 +331,7 @@ def _resolve(model, cfg: ExportConfig) -> tuple[ExportConfig, dict]:
     else:
         loaded = model if isinstance(model, LoadedModel) else as_loaded(model)
         denoiser, family = loaded.denoiser, loaded.family
-    return cfg.resolve(family.onnx_dtype(denoiser))
+    return cfg.resolve(family.onnx_dtype(denoiser) if cfg.dtype == AUTO else None, Q.required_opset(denoiser))
 
 
 def _load(model, cfg: ExportConfig):
@@ -447,7 +419,8 @@ def export_onnx(model, out_dir: str | Path, config: ExportConfig | None = None, 
             sidecar = _export_component(comp, loaded, cfg, tmp, owned, bar, choices)
             bar.update()
             report["components"][comp.name] = {k: sidecar[k] for k in ("file", "bytes", "dtype", "export_seconds")} | {
-                "checks": {k: v["status"] for k, v in sidecar["checks"].items()}}
+                "checks": {k: v["status"] for k, v in sidecar["checks"].items()},
+                "quantization": {k: v for k, v in (sidecar["quantization"] or {}).items() if k != "layers"} or None}
         report |= {"seconds": time.perf_counter() - t_start, "versions": versions(), "machine": machine(),
                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         write_json(tmp / "export.json", report)
@@ -485,13 +458,15 @@ def _export_component(comp: Component, loaded, cfg: ExportConfig, out: Path, own
     if cfg.parity:
         stage("torch reference outputs")
         cases = [(p, comp.inputs_at(p, cfg.seed + 1 + k)) for k, p in enumerate(parity_points(comp.io))]
-        references = (cases, C.torch_references(_reference(comp), cases))
+        with Q.output_quantizers(comp.module, keep=cfg.output_quant):
+            references = (cases, C.torch_references(_reference(comp), cases))
     ref_seconds = time.perf_counter() - t_ref
     t0 = time.perf_counter()
     stage(f"{cfg.exporter} export")
     _run_exporter(comp, cfg, path)
     gc.collect()  # the exporter's program (and its tensors) is garbage now
     passes = _finalize(comp, cfg, path)
+    quantization = passes.pop("quantization")
     export_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     stage("checks (onnx checker, pruned weights, parity)")
@@ -523,6 +498,7 @@ def _export_component(comp: Component, loaded, cfg: ExportConfig, out: Path, own
                  for d in (*comp.io.ranges, *comp.io.dims().values())},
         "module": comp.info,
         "choices": _component_choices(comp, cfg, choices) if choices else None,
+        "quantization": quantization,
         "source": _source(loaded, comp),
         "graph": {"nodes": len(model.graph.node), "initializers": len(model.graph.initializer)} | passes,
         "checks": checks,

@@ -219,6 +219,7 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
         import diffusers
 
         from obsdiff.runs.shrink import replay_plan_
+        from obsdiff.solver.qlinear import placeholder_
 
         try:
             cls = getattr(diffusers, config["_class_name"])
@@ -229,6 +230,9 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
         if record is not None and record.shrink_plan:
             groups = [g for b in family.blocks(model) for g in family.structure_groups(b)]
             replay_plan_(model, groups, record.shrink_plan)
+        modules = dict(model.named_modules())
+        for name, spec in ((record.quantized_layers if record is not None else None) or {}).items():
+            placeholder_(modules[name], spec)  # the skeleton of a quantized run is quantized too
         return model
 
     if record is not None and weights:  # the run's own loader: shards, hashes, quantized layers
