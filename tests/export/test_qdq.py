@@ -347,3 +347,33 @@ def test_int4_codes_pack_two_per_byte_low_nibble_first():
 def test_cli_has_the_no_output_quant_flag():
     r = CliRunner().invoke(cli, ["onnx", "--help"])
     assert r.exit_code == 0 and "--no-output-quant" in r.output
+
+
+def test_digits_prune_24_w8a8_then_export_gives_int8_24_graph_that_onnxruntime_runs(tmp_path):
+    """The command pair a user runs: `obsdiff prune --sparsity-type 2:4 --quant w8a8` on builtin:digits, then the
+    default `obsdiff-export onnx` (fp16): Q/DQ on every pruned layer's input and output, 2:4 int8 weights, and
+    onnxruntime's output within the bound of the torch fake-quant module."""
+    from obsdiff.cli import cli as obsdiff_cli
+    from obsdiff.runs.loading import load_pipeline
+
+    run, out = tmp_path / "run", tmp_path / "onnx"
+    r = CliRunner().invoke(obsdiff_cli, ["prune", "--model", "builtin:digits", "--sparsity-type", "2:4", "--quant",
+                                         "w8a8", "--num-prompts", "4", "--steps", "2", "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    assert "69, w8a8 (obs)" in r.output
+    r = CliRunner().invoke(cli, ["onnx", str(run), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    model = onnx.load(str(out / "transformer.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == 2 * 69 and ops.count("DequantizeLinear") == 3 * 69  # in, out, weight
+    codes = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer
+             if i.data_type == TensorProto.INT8 and len(i.dims) == 2}  # zero points are scalars
+    assert len(codes) == 69
+    # MatMul weights are stored (d_in, d_out): 2:4 runs along the first axis; Gemm keeps torch's (d_out, d_in)
+    assert all(holds_nm(c.T, (2, 4)) or holds_nm(c, (2, 4)) for c in codes.values())
+    sidecar = json.loads((out / "transformer.json").read_text())
+    parity = sidecar["checks"]["parity"]
+    assert parity["status"] == "passed" and parity["max_abs"] <= parity["slack_abs"]
+    assert sidecar["quantization"]["output_quantizers"] == 69
+    denoiser = load_pipeline(str(run), dtype="fp32").denoiser
+    assert len(qlinear.quantized_layers(denoiser)) == 69
