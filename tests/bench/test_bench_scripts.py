@@ -135,3 +135,25 @@ def test_export_matrix_bench(tmp_path):
         assert pruned["nm_sparse_tensors"] >= pruned["pruned_weights_checked"] > 0
     table = (tmp_path / "matrix.md").read_text()
     assert table.count("| sd3-medium | narrow |") == 4 and "FAIL" not in table
+
+
+def test_quant_quality_bench(tmp_path):
+    """The goals' rows, pruned and quantized with one calibration, each goal judged from the same run's rows."""
+    data = run_script("quant_quality.py", tmp_path / "quant.json")
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert list(rows) == ["dense", "2:4 (obs-diff)", "2:4 then w8a8 rtn", "2:4 + w8a8 joint", "w4a16 rtn",
+                          "w4a16 obs"]
+    assert data["quick"] and data["calib"]["num_prompts"] == 16
+    assert {r["prune"]["quant"]["method"] for k, r in rows.items() if "w4a16" in k} == {"rtn", "obs"}
+    for name in ("2:4 (obs-diff)", "2:4 then w8a8 rtn", "2:4 + w8a8 joint"):
+        assert 0.5 <= rows[name]["sparsity"] < 0.51  # quantization keeps the 2:4 zeros (and rounds a few to 0)
+    drift = {k: r["latent_rel_mse_vs_reference"] for k, r in rows.items()}
+    assert all(r["digit_accuracy"] > 0.8 and r["prune_seconds"] >= 0 for r in rows.values())
+    # INT4 inside the sweep compensates its rounding: far less drift than rounding alone (~4x in this run)
+    assert 0 < drift["w4a16 obs"] < 0.6 * drift["w4a16 rtn"]
+    a, b = data["goals"]
+    assert a["drift_ratio_vs_2_4"] == pytest.approx(drift["2:4 + w8a8 joint"] / drift["2:4 (obs-diff)"])
+    assert b["drift_ratio"] == pytest.approx(drift["w4a16 obs"] / drift["w4a16 rtn"]) and b["verdict"] == "PASS"
+    assert a["verdict"] == ("PASS" if all(a["checks"].values()) else "FAIL")
+    table = (tmp_path / "quant.md").read_text()
+    assert "goal (a)" in table and f"**{a['verdict']}**" in table and "| w4a16 obs " in table
