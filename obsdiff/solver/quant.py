@@ -61,6 +61,7 @@ STEP_COMBINE = ("max", "mean", "percentile")  # how per-step activation maxima b
 CLIP_GRID = 20  # shrink factors tried by the clipping search, from 1 down to CLIP_MIN
 CLIP_MIN = 0.5
 CLIP_NORM = 2.4  # GPTQ's error norm for the search: between MSE and max error
+SEARCH_ROWS = 32  # rows per chunk of the clipping search (a chunk of a 6144-wide layer stays in cache)
 SCALE_FLOOR = 1e-12  # an all-zero row/tensor gets this scale (its codes are zero anyway)
 
 
@@ -113,15 +114,22 @@ def weight_scales(W: torch.Tensor, fmt: QuantFormat, group_size: int | None = No
     if not search:
         return base
     G = W.reshape(d_out, -1, group_size or d_in)  # (rows, groups, members)
-    best_err = torch.full_like(base, math.inf)
     best = base.clone()
-    for k in range(CLIP_GRID):
-        p = 1.0 - (1.0 - CLIP_MIN) * k / (CLIP_GRID - 1)
-        s = base * p
-        err = (fake_quant(G, s[..., None], fmt) - G).abs_().pow_(CLIP_NORM).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, s, best)
+    # a few rows at a time, with one scratch buffer: every shrink of the grid then reads them from cache
+    for r0 in range(0, d_out, SEARCH_ROWS):
+        g, b = G[r0:r0 + SEARCH_ROWS], base[r0:r0 + SEARCH_ROWS, :, None]
+        scratch, best_err = torch.empty_like(g), torch.full(b.shape[:2], math.inf, device=W.device)
+        for k in range(CLIP_GRID):
+            s = b * (1.0 - (1.0 - CLIP_MIN) * k / (CLIP_GRID - 1))
+            torch.div(g, s, out=scratch).clamp_(fmt.qmin, fmt.qmax)
+            if fmt.is_float:
+                scratch.copy_(scratch.to(fmt.storage))
+            else:
+                scratch.round_()
+            err = scratch.mul_(s).sub_(g).abs_().pow_(CLIP_NORM).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best[r0:r0 + SEARCH_ROWS] = torch.where(better, s[..., 0], best[r0:r0 + SEARCH_ROWS])
     return best
 
 
