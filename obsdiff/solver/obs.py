@@ -32,9 +32,9 @@ class ObsResult:
 
 
 def parse_nm(pattern: str | None) -> tuple[int, int] | None:
-    """'2:4' -> (2, 4): keep N of every M consecutive input weights. None, 'unstructured' and 'structured' (the
+    """'2:4' -> (2, 4): keep N of every M consecutive input weights. None, 'unstructured', 'structured' and 'none' (the
     sparsity types that are not N:M) -> None. ValueError for anything else that is not N:M with 0 < N < M."""
-    if pattern in (None, "unstructured", "structured"):
+    if pattern in (None, "unstructured", "structured", "none"):
         return None
     try:
         n, m = (int(v) for v in pattern.split(":"))

@@ -43,12 +43,13 @@ class QuantLinear(nn.Linear):
 
     def quant_spec(self) -> dict:
         """What a run records to rebuild this layer: the scheme and which optional scales it has."""
-        return {"scheme": self.scheme.name, "group_size": self.scheme_group_size,
+        return {"scheme": self.scheme.name, "group_size": self.scheme.group_size,
                 "smooth": self.pre_quant_scale is not None, "input": self.input_scale is not None,
                 "output": self.output_scale is not None}
 
     @property
     def scheme_group_size(self) -> int | None:
+        """Inputs per weight scale as stored: None when one scale covers the row (also a single group)."""
         groups = self.weight_scale.shape[1]
         return None if groups == 1 else self.in_features // groups
 
