@@ -15,8 +15,8 @@ one thread, random weights and a random SPD Hessian `H = 2 X^T X / N` (X: N > d_
 - the per-layer error report (`obs.layer_errors`: both relative errors, float32) and, up to
   `--legacy-max-width`, the float64 `reconstruction_error` called twice as the report did before.
 Medians over `--repeats` interleaved rounds (one round from d_in 9728 up). Up to 12288 by default (about
-20 minutes on a 2-core CPU); `--max-width 15360` adds Flux's single-block proj_out (H 15360^2, ~5 GB peak,
-about 12 more minutes); `--quick` stops at 6144. Results are written after every width.
+16 minutes on a 2-core CPU); `--max-width 15360` adds Flux's single-block proj_out (H 15360^2, ~5 GB peak,
+more than 12 more minutes); `--quick` stops at 6144. Results are written after every width.
 Peak memory stays under 3 GB up to 12288 (recorded per row); 15360 runs holding `/tmp/obsdiff-bigmem.lock`,
 so it never overlaps another big job. `--min-width W --append` adds widths to an earlier run's results.
 """
