@@ -9,6 +9,10 @@ The public API is importable from the package root; heavy modules load on first 
     model = obsdiff.load_pipeline("builtin:digits")  # or step by step, in memory
     report = obsdiff.prune_(model, obsdiff.PruneConfig(sparsity=0.5), obsdiff.CalibConfig())
     obsdiff.save_run(model, report.to_dict(), "runs/digits-50-in-memory")
+
+    # 2:4 and INT8 in one OBS pass
+    obsdiff.run_prune("builtin:digits", obsdiff.PruneConfig(sparsity_type="2:4", quant=obsdiff.QuantConfig("w8a8")),
+                      obsdiff.CalibConfig(), "runs/digits-24-w8a8")
 """
 
 from importlib import import_module
@@ -20,6 +24,7 @@ _API = {
     "LoadedModel": "obsdiff.runs.loading",
     "PruneConfig": "obsdiff.config",
     "CalibConfig": "obsdiff.config",
+    "QuantConfig": "obsdiff.config",
     "prune_": "obsdiff.pruning.prune",
     "PruneReport": "obsdiff.pruning.records",
     "save_run": "obsdiff.runs.io",
