@@ -294,6 +294,13 @@ PRUNE = ["prune", "--sparsity-type", "2:4", "--num-prompts", "4", "--steps", "3"
          "1", "--groups", "2", "--device", "cpu", "--dtype", "fp32"]
 
 
+def _failure_lines(stderr: str) -> str:
+    """What a failed torchrun printed that says why: each rank's own error lines (a native abort's message comes
+    long before torchrun's summary, which alone would fill the tail), then the tail."""
+    said = [line for line in stderr.splitlines() if any(w in line for w in ("Error", "error:", "terminate", "what()"))]
+    return "\n".join(said[:20]) + "\n...\n" + stderr[-1500:]
+
+
 def _env(tmp_path: Path, fault: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_"))}
     env["OMP_NUM_THREADS"] = "1"
@@ -317,7 +324,7 @@ def test_torchrun_prune_writes_one_run_like_a_single_process(tiny_sd3_dir, tmp_p
     for launcher, name in ((TORCHRUN, "two"), ([sys.executable], "one")):
         cmd = [*launcher, "-m", "obsdiff", *PRUNE, "--model", str(tiny_sd3_dir), "--out", str(tmp_path / name)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.returncode == 0, _failure_lines(proc.stderr)
         assert "Traceback" not in proc.stderr
         assert proc.stdout.count("| layers pruned") == 1  # only rank 0 prints
         proc_two_stdout = proc.stdout if name == "two" else proc_two_stdout
