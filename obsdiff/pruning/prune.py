@@ -209,6 +209,7 @@ def _structured_then_quantized(model: LoadedModel, prune: PruneConfig, calib: Ca
     shrunk linears are quantized with joint OBS at zero sparsity, on Hessians and activation ranges calibrated on
     the shrunk model, so quantization sees the structures' error. The checkpoint covers the structured part; an
     interrupted quantization sweep is re-run whole on resume."""
+    make_strategy(model, prune, calib)  # its checks of the quantization against the shrunk widths, before any work
     structured = replace(prune, quant=None)
     report = PruningSession(model, structured, calib, make_strategy(model, structured, calib), progress, checkpoint,
                             world).run(t_start)

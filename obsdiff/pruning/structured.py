@@ -49,6 +49,23 @@ def plan_structures(model: LoadedModel, cfg: PruneConfig) -> tuple[list[tuple[St
     return planned, warnings
 
 
+def _check_shrunk_widths(planned: list[tuple[StructureGroup, int]], modules: dict, group_size: int | None) -> None:
+    """Refuse a quantization group size that will not divide a reader's input width once structures are removed
+    (the quantization sweep after structured pruning would meet it only after the structured part)."""
+    if group_size is None:
+        return
+    removed: dict[str, int] = {}
+    for g, n in planned:
+        for s in g.readers:
+            removed[s.linear] = removed.get(s.linear, 0) + n * g.size
+    for name, gone in removed.items():
+        width = modules[name].in_features - gone
+        if width % group_size:
+            raise ConfigError(f"layer {name}: --quant-group-size {group_size} does not divide its input width after "
+                              f"structured pruning ({width}); choose ratios that keep multiples of it or a smaller "
+                              "group size")
+
+
 def model_stats(model: LoadedModel) -> dict:
     d = model.denoiser
     msl = model.generation_defaults.get("max_sequence_length")
@@ -191,6 +208,8 @@ class StructureStrategy(Strategy):
     def __init__(self, model: LoadedModel, prune: PruneConfig, calib: CalibConfig):
         super().__init__(model, prune, calib)
         self.planned, self.warnings = plan_structures(model, prune)
+        if prune.quant is not None and prune.allocation == "uniform":  # known now: refuse before any work
+            _check_shrunk_widths(self.planned, self.modules, prune.quant.spec.group_size)
         self.loop = _LoopState()
         self.groups: list[Group] = []
         self.before: dict = {}

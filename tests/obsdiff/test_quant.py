@@ -261,3 +261,13 @@ def test_flux_and_sdxl_prunes_quantize_every_selected_linear(family, prune):
     layers = quantized_layers(denoiser)
     assert sorted(layers) == sorted(report.quantized) and len(layers) == {"flux": 34, "sdxl": 40}[family]
     assert all(lin.input_scale is not None and float(lin.input_scale) > 0 for lin in layers.values())
+
+
+def test_structured_w4a16_refuses_a_group_size_the_shrunk_widths_break_before_calibrating(monkeypatch):
+    import obsdiff.calibration.calibrate as C
+
+    monkeypatch.setattr(C.Calibrator, "hessians", lambda *a, **k: pytest.fail("calibrated before refusing"))
+    prune = PruneConfig(sparsity_type="structured", sparsity=0.5, quant=QuantConfig("w4a16", group_size=16))
+    with pytest.raises(ConfigError, match=r"to_out.0: --quant-group-size 16 does not divide its input width after "
+                                          r"structured pruning \(8\)"):
+        prune_(tiny_sd3(num_layers=2), prune, CALIB, progress=False)
