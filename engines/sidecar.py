@@ -159,15 +159,6 @@ _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 _ONNX_DOMAINS = ("", "ai.onnx")
 
 
-def _nodes(graph):
-    """Every node of `graph`, those of its subgraphs (If / Loop / Scan bodies) included."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _nodes(sub)
-
-
 def _tensor_type_name(data_type: int) -> str:
     from onnx import TensorProto
 
@@ -196,7 +187,9 @@ def qdq_summary(model) -> dict:
     `qdq` is True when the graph has any: TensorRT then takes each tensor's precision from these nodes (explicit
     quantization), which a strongly typed network requires.
     """
-    nodes = [n for g in (model.graph, *model.functions) for n in _nodes(g)]
+    from obsdiff.export.graph import all_graphs
+
+    nodes = [n for g in (model.graph, *model.functions) for sub in all_graphs(g) for n in sub.node]
     consts = {t.name: _tensor_type_name(t.data_type) for t in model.graph.initializer}
     consts |= {n.output[0]: _tensor_type_name(a.t.data_type) for n in nodes if n.op_type == "Constant"
                for a in n.attribute if a.name == "value"}

@@ -142,11 +142,12 @@ def zero_point(name: str, fmt_name: str):
 # ------------------------------------------------------------------------------------------- rewrite
 
 
-def _trace_weight(name: str, inits: dict, producer: dict, out_in: bool) -> tuple[str | None, bool, int | None]:
-    """Follow a GEMM's B input back to its initializer: (initializer, its layout is (out, in), the float type the
-    GEMM sees when a Cast sits in between)."""
+def _trace_weight(name: str, inits: dict, producer: dict, out_in: bool, through: tuple[str, ...] = FOLLOWED
+                  ) -> tuple[str | None, bool, int | None]:
+    """Follow a GEMM's B input back to its initializer through `through` ops: (initializer, its layout is (out, in),
+    the float type the GEMM sees when a Cast sits in between)."""
     cast_to = None
-    while name not in inits and name in producer and producer[name].op_type in FOLLOWED:
+    while name not in inits and name in producer and producer[name].op_type in through:
         p = producer[name]
         if p.op_type == "Transpose":
             if next((list(a.ints) for a in p.attribute if a.name == "perm"), [1, 0]) != [1, 0]:
@@ -158,16 +159,16 @@ def _trace_weight(name: str, inits: dict, producer: dict, out_in: bool) -> tuple
     return (name if name in inits else None), out_in, cast_to
 
 
-def _gemm_weights(model) -> dict[int, tuple[str, bool, int | None]]:
+def gemm_weights(model, through: tuple[str, ...] = FOLLOWED) -> dict[int, tuple[str, bool, int | None]]:
     """{index of a MatMul/Gemm node: (its weight initializer, layout (out, in), cast type)} for every GEMM whose
-    B input is an initializer."""
+    B input is an initializer, reached through `through` ops."""
     inits = {t.name for t in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     found = {}
     for i, node in enumerate(model.graph.node):
         if node.op_type in GEMMS and len(node.input) >= 2:
             out_in = node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
-            name, out_in, cast_to = _trace_weight(node.input[1], inits, producer, out_in)
+            name, out_in, cast_to = _trace_weight(node.input[1], inits, producer, out_in, through)
             if name is not None:
                 found[i] = (name, out_in, cast_to)
     return found
@@ -282,7 +283,7 @@ def quantize_graph(model, prefix: str, module: nn.Module, output_quant: bool = T
     refs = G.linear_weights(model, prefix)
     inits = {t.name: t for t in model.graph.initializer}
     owner = {refs[name].initializer: name for name in layers if name in refs}
-    gemms = {i: w for i, w in _gemm_weights(model).items() if w[0] in owner}
+    gemms = {i: w for i, w in gemm_weights(model).items() if w[0] in owner}
     layout = {w[0]: w[1] for w in gemms.values()}
     missing = [name for name in layers if name not in refs or refs[name].initializer not in layout]
     if missing:

@@ -40,6 +40,7 @@ from obsdiff.solver.obs import holds_nm
 from obsdiff.solver.qlinear import QuantLinear, quantized_layers
 
 from . import graph as G
+from .qdq import gemm_weights
 
 GEMM_WEIGHT_OPS = ("Cast", "Identity", "Transpose", "DequantizeLinear")
 # per format: codes below the largest value in steps (r), largest step in codes (m); see the module docstring
@@ -73,21 +74,10 @@ def code_weights(model) -> list:
     over (where an N:M pattern runs): [namespace(name, axis)]. Polygraphy's walk finds them but skips
     non-float types; this is the same walk for the codes."""
     inits = {t.name: t for t in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
     found = {}
-    for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
-            continue
-        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
-        axis, name = 1 if trans_b else 0, node.input[1]
-        while name in producer and producer[name].op_type in GEMM_WEIGHT_OPS:
-            p = producer[name]
-            if p.op_type == "Transpose":
-                perm = next((list(a.ints) for a in p.attribute if a.name == "perm"), [1, 0])
-                axis = perm[axis]
-            name = p.input[0]
-        if name in inits and is_codes(inits[name]) and len(inits[name].dims) == 2:
-            found[name] = SimpleNamespace(name=name, axis=axis)
+    for name, out_in, _ in gemm_weights(model, GEMM_WEIGHT_OPS).values():
+        if is_codes(inits[name]) and len(inits[name].dims) == 2:
+            found[name] = SimpleNamespace(name=name, axis=1 if out_in else 0)
     return list(found.values())
 
 

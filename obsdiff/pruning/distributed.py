@@ -202,11 +202,13 @@ class World:
 
         A maximum is exact in any order, so the ranges equal the single-process ones. A rank that saw no call of
         some step contributes zeros (every range is a maximum of absolute values)."""
-        if not self.distributed:
+        named = sorted(n for n, acc in accs.items() if acc.ranges is not None)
+        if not self.distributed or not named:
             return
-        for name in sorted(n for n, acc in accs.items() if acc.ranges is not None):
+        seen = self.all_gather({name: accs[name].ranges.steps for name in named})  # one exchange for the group
+        for name in named:
             ranges, d_in = accs[name].ranges, accs[name].d_in
-            steps = sorted(set().union(*self.all_gather(ranges.steps)))
+            steps = sorted(set().union(*(rank[name] for rank in seen)))
             stacked = torch.stack([ranges.channels.get(k, torch.zeros(d_in)).to(self.device) for k in steps])
             outputs = torch.stack([torch.stack([m.get(k, torch.zeros(())).to(self.device) for k in steps])
                                    for m in ranges.output_max]) if ranges.outputs else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -209,9 +209,8 @@ def _structured_then_quantized(model: LoadedModel, prune: PruneConfig, calib: Ca
     shrunk linears are quantized with joint OBS at zero sparsity, on Hessians and activation ranges calibrated on
     the shrunk model, so quantization sees the structures' error. The checkpoint covers the structured part; an
     interrupted quantization sweep is re-run whole on resume."""
-    make_strategy(model, prune, calib)  # its checks of the quantization against the shrunk widths, before any work
-    structured = replace(prune, quant=None)
-    report = PruningSession(model, structured, calib, make_strategy(model, structured, calib), progress, checkpoint,
+    # the structure strategy leaves quantization to the sweep (it only checks the group size against shrunk widths)
+    report = PruningSession(model, prune, calib, make_strategy(model, prune, calib), progress, checkpoint,
                             world).run(t_start)
     t0 = time.perf_counter()
     sweep = PruneConfig(method=prune.method, sparsity_type="none", quant=prune.quant, percdamp=prune.percdamp,
@@ -221,7 +220,6 @@ def _structured_then_quantized(model: LoadedModel, prune: PruneConfig, calib: Ca
     for record in report.layers:
         if record.name in by_name:
             record.quant = by_name[record.name].quant
-    report.prune = prune.to_dict()  # the settings asked for, quantization included
     report.quantization = {"seconds": time.perf_counter() - t0, "groups": len(quantized.groups),
                            "layers": [asdict(r) for r in quantized.layers]}
     report.total_seconds = time.perf_counter() - t_start

@@ -20,8 +20,8 @@ from obsdiff.errors import ModelLoadError, first_line
 from obsdiff.models import ModelFamily, family_for_pipeline
 from obsdiff.models.registry import ImageSizeRule
 from obsdiff.runs.hub import ModelSource, cached_snapshot, parse_hub_id, resolve_model, resolve_run_base
-from obsdiff.runs.io import DENOISER_DIR, RUN_FILE, RunRecord, is_run_dir, read_run, read_safetensors_header
-from obsdiff.runs.rebuild import build_run_denoiser, check_base_matches
+from obsdiff.runs.io import DENOISER_DIR, RunRecord, is_run_dir, read_run, read_safetensors_header
+from obsdiff.runs.rebuild import build_run_denoiser, check_base_matches, run_skeleton
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,6 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
     import json
 
     from obsdiff.models import get_family
-    from obsdiff.runs.artifacts import sha256_file
 
     device = resolve_device(device)
     torch_dtype = devices.torch_dtype(dtype, device)  # "auto" follows the device
@@ -202,13 +201,7 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
     if record is not None:
         family = get_family(record.family)
         check_base_matches(run_path, path / family.denoiser_attr, record.base_model)
-        folder = run_path / DENOISER_DIR
-        files = [run_path / record.denoiser_file]
-        if weights and not files[0].is_file():
-            raise ModelLoadError(f"run {ref!r} lacks its weights {record.denoiser_file}; re-run obsdiff prune")
-        if weights and record.denoiser_sha256 and sha256_file(files[0]) != record.denoiser_sha256:
-            raise ModelLoadError(f"{files[0]} does not match the hash in {RUN_FILE}: the file is corrupt or was "
-                                 "replaced; re-run obsdiff prune")
+        folder = run_path / DENOISER_DIR  # its weight files are checked (present, hashes) by build_run_denoiser
     else:
         family = _index_family(index, ref)
         folder = path / family.denoiser_attr
@@ -218,22 +211,11 @@ def load_denoiser(ref: str, dtype: str | torch.dtype = "fp32", device: str | tor
     def build(where: str):
         import diffusers
 
-        from obsdiff.runs.shrink import replay_plan_
-        from obsdiff.solver.qlinear import placeholder_
-
         try:
             cls = getattr(diffusers, config["_class_name"])
         except (KeyError, AttributeError):
             raise ModelLoadError(f"{folder / 'config.json'} does not name a diffusers model class") from None
-        with torch.device(where):
-            model = cls.from_config(config)
-        if record is not None and record.shrink_plan:
-            groups = [g for b in family.blocks(model) for g in family.structure_groups(b)]
-            replay_plan_(model, groups, record.shrink_plan)
-        modules = dict(model.named_modules())
-        for name, spec in ((record.quantized_layers if record is not None else None) or {}).items():
-            placeholder_(modules[name], spec)  # the skeleton of a quantized run is quantized too
-        return model
+        return run_skeleton(cls, config, record, family, where)
 
     if record is not None and weights:  # the run's own loader: shards, hashes, quantized layers
         denoiser = build_run_denoiser(run_path, record, family, torch_dtype).to(device)

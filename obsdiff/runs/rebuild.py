@@ -86,6 +86,26 @@ def check_base_matches(run: Path, base_denoiser_dir: Path, base_ref: str) -> Non
                              "fit this base model")
 
 
+def run_skeleton(cls, config: dict, record: RunRecord | None, family, device: str):
+    """The denoiser class `cls` built from `config` on `device` (no weights read), then shaped as the run `record`
+    left it: its shrink plan replayed and its quantized linears made `QuantLinear`s with empty scales, for
+    `load_state_dict` to fill. `record` None: the plain base architecture."""
+    import torch
+
+    from obsdiff.runs.shrink import replay_plan_
+    from obsdiff.solver.qlinear import placeholder_
+
+    with torch.device(device):
+        model = cls.from_config(config)
+    if record is not None and record.shrink_plan:
+        groups = [g for b in family.blocks(model) for g in family.structure_groups(b)]
+        replay_plan_(model, groups, record.shrink_plan)
+    modules = dict(model.named_modules())
+    for name, spec in ((record.quantized_layers if record is not None else None) or {}).items():
+        placeholder_(modules[name], spec)
+    return model
+
+
 def build_run_denoiser(path: str | Path, record: RunRecord, family, dtype):
     """Rebuild a run's denoiser: base config on the meta device, shrink plan replayed, weights loaded strictly.
 
@@ -97,8 +117,7 @@ def build_run_denoiser(path: str | Path, record: RunRecord, family, dtype):
     import diffusers
     import torch
 
-    from obsdiff.runs.shrink import replay_plan_
-    from obsdiff.solver.qlinear import placeholder_, quantized_layers
+    from obsdiff.solver.qlinear import quantized_layers
     from obsdiff.solver.quant import expand_groups
 
     path = Path(path)
@@ -113,15 +132,7 @@ def build_run_denoiser(path: str | Path, record: RunRecord, family, dtype):
     _check_files(path, files)
 
     def build(device: str):
-        with torch.device(device):
-            model = cls.from_config(config)
-        if record.shrink_plan:
-            groups = [g for b in family.blocks(model) for g in family.structure_groups(b)]
-            replay_plan_(model, groups, record.shrink_plan)
-        modules = dict(model.named_modules())
-        for name, spec in (record.quantized_layers or {}).items():
-            placeholder_(modules[name], spec)  # codes and scales load into these
-        return model
+        return run_skeleton(cls, config, record, family, device)
 
     model = build("meta")
     expected = model.state_dict()
@@ -147,14 +158,12 @@ def build_run_denoiser(path: str | Path, record: RunRecord, family, dtype):
         loaded |= set(state)
         del state
     _check_keys(loaded, set(expected), path)
-    state = model.state_dict(keep_vars=True)
-    scale_ids = {id(state[k]) for k in scales}
+    scale_ids = {id(b) for lin in quantized.values() for b in lin.buffers()}
     if any(t.is_floating_point() and t.dtype != dtype and id(t) not in scale_ids
            for t in [*model.parameters(), *model.buffers()]):
-        kept = {k: state[k].detach().clone() for k in scales}  # float32 scales stay float32
-        # nn.Module's own `to`: diffusers' override warns about casting even when nothing must stay fp32
+        # nn.Module's own `to`: diffusers' override warns about casting even when nothing must stay fp32; quantized
+        # linears keep their scales float32 through it
         model = torch.nn.Module.to(model, dtype)
-        model.load_state_dict(kept, strict=False, assign=True)
     for lin in quantized.values():  # codes -> the dequantized weight the layer computes with
         lin.weight.data = (lin.weight.float() * expand_groups(lin.weight_scale, lin.in_features)).to(dtype)
     return model.eval()

@@ -37,6 +37,16 @@ class QuantLinear(nn.Linear):
             y = fake_quant(y, self.output_scale, act)
         return y
 
+    def _apply(self, fn, recurse: bool = True):
+        # a cast of the model (`.to(torch.float16)`) moves the scales but keeps them float32: they are the deployed
+        # graph's constants, and rounded ones would change every dequantized value
+        scales = {name: b for name, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for name, before in scales.items():
+            after = self._buffers[name]
+            self._buffers[name] = after.float() if before.is_meta else before.to(after.device)
+        return self
+
     def weight_codes(self) -> torch.Tensor:
         """The stored weight codes (d_out, d_in) in the format's storage dtype (int4 codes in int8)."""
         return codes(self.weight, expand_groups(self.weight_scale, self.in_features), self.scheme.weights)
